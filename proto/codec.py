@@ -1,0 +1,134 @@
+"""Wire format: a message <-> msgpack bytes, validated field by field on decode.
+
+Envelope: a msgpack map {"v": PROTOCOL_VERSION, "type": TYPE, "fields": {...}}.
+Nested messages (GuestConfig inside Create) are plain field maps, typed by the
+annotation.  decode() raises only ProtocolError, whatever the bytes: every
+peer's input is untrusted.
+"""
+import dataclasses
+import functools
+import types
+import typing
+
+import msgpack
+
+from proto.errors import ProtocolError
+from proto.messages import MESSAGES
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20      # also the sockets' ZMQ_MAXMSGSIZE
+_PLAIN_SCALARS = (type(None), bool, int, float, str)
+
+
+def encode(msg):
+    """msgpack bytes for the message instance `msg`."""
+    if type(msg).__name__ not in MESSAGES or MESSAGES[type(msg).__name__] is not type(msg):
+        raise TypeError(f"not a protocol message: {msg!r}")
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.TYPE, "fields": _to_plain(msg)})
+
+
+def _to_plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def decode(data, expect=None):
+    """The message in `data`; with `expect` (a class or tuple of classes) also check its type."""
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True,
+                              max_buffer_size=MAX_MESSAGE_BYTES)
+    except Exception as e:   # msgpack raises many unrelated types for garbage
+        raise ProtocolError(f"not a msgpack message ({type(e).__name__})") from None
+    if not isinstance(raw, dict) or set(raw) != {"v", "type", "fields"}:
+        raise ProtocolError("not a protocol envelope (expected keys v, type, fields)")
+    if type(raw["v"]) is not int or raw["v"] != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {_short(raw['v'])} is not supported"
+                            f" (this side speaks {PROTOCOL_VERSION})")
+    cls = MESSAGES.get(raw["type"]) if isinstance(raw["type"], str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {_short(raw['type'])}")
+    msg = _build(cls, raw["fields"], cls.TYPE)
+    if expect is not None and not isinstance(msg, expect):
+        raise ProtocolError(f"unexpected message {cls.TYPE}")
+    return msg
+
+
+def _build(cls, fields, where):
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"{where}: fields must be a map, not {type(fields).__name__}")
+    hints, names = _schema(cls)
+    missing = [n for n in names if n not in fields]
+    extra = [k for k in fields if k not in names]
+    if missing:
+        raise ProtocolError(f"{where}: missing field {missing[0]}")
+    if extra:
+        raise ProtocolError(f"{where}: unknown field {_short(extra[0])}")
+    return cls(**{n: _check(fields[n], hints[n], f"{where}.{n}") for n in names})
+
+
+@functools.cache
+def _schema(cls):
+    return typing.get_type_hints(cls), tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _check(value, tp, where):
+    """`value` converted to annotation `tp`, or ProtocolError."""
+    if isinstance(tp, types.UnionType):
+        if value is None and type(None) in tp.__args__:
+            return None
+        (tp,) = [a for a in tp.__args__ if a is not type(None)]
+        return _check(value, tp, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _wrong(where, "list", value)
+        (item,) = typing.get_args(tp)
+        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _wrong(where, "map", value)
+        kt, vt = typing.get_args(tp)
+        return {_check(k, kt, where): _check(v, vt, f"{where}[{k!r}]") for k, v in value.items()}
+    if tp is dict:
+        if not isinstance(value, dict) or not _is_plain(value):
+            raise _wrong(where, "map of plain values", value)
+        return value
+    if tp is float:
+        if type(value) not in (int, float):
+            raise _wrong(where, "float", value)
+        return float(value)
+    if type(value) is not tp:    # exact: a bool is not an int here
+        raise _wrong(where, tp.__name__, value)
+    return value
+
+
+def _is_plain(value):
+    """Only nil/bool/int/float/str/list/map with str keys, checked without recursion."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            if not all(isinstance(k, str) for k in v):
+                return False
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif type(v) not in _PLAIN_SCALARS:
+            return False
+    return True
+
+
+def _wrong(where, expected, value):
+    return ProtocolError(f"{where}: expected {expected}, got {type(value).__name__}")
+
+
+def _short(value):
+    r = repr(value)
+    return r if len(r) <= 40 else r[:37] + "..."

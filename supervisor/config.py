@@ -1,0 +1,95 @@
+"""Guest configuration from user options: size parsing, GuestConfig building, validation.
+
+Used by `hvctl run`/`create` (before anything is spawned) and again by the
+supervisor on Create, since a request may come from anywhere.  Every failure
+is a ConfigError with one line that names the option and the fix.  No
+msgpack/zmq import here: `hvctl run` must start fast.
+"""
+import os
+import re
+
+from devices.guest_memory import ram_regions
+from proto.messages import BOOT_MODES, DEFAULT_MEM_BYTES, GuestConfig
+
+MIN_MEM, MAX_MEM = 1 << 20, 64 << 30
+MAX_VCPUS = 64                  # KVM allows more; our hosts have 2 cores
+PAGE = 4096
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+_SIZE_RE = re.compile(r"(\d+)([KMG]?)\Z", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+class ConfigError(ValueError):
+    """A guest option is unusable; the message is the one line hvctl prints (exit 2)."""
+
+
+def parse_size(text):
+    """Bytes in "128M", "1G", "65536", "512k" (K/M/G are powers of 1024)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise ConfigError(f"--mem: cannot parse size {text!r} (use a number with an optional K, M or G suffix, e.g. 128M)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def parse_int(text, option):
+    """An integer in decimal or 0x hex, for --load-addr and --vcpus."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r} is not an integer") from None
+
+
+def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdline=None,
+                 mem=None, vcpus=None, disks=(), timeout=None):
+    """A validated GuestConfig from option strings as argparse gives them (None = default)."""
+    if disks:
+        raise ConfigError("--disk is not supported yet")
+    try:
+        t = None if timeout is None else float(timeout)
+    except ValueError:
+        raise ConfigError(f"--timeout: {timeout!r} is not a number of seconds") from None
+    config = GuestConfig(
+        name=name,
+        kernel=os.path.abspath(kernel),
+        boot=boot,
+        load_addr=None if load_addr is None else parse_int(load_addr, "--load-addr"),
+        initrd=None if initrd is None else os.path.abspath(initrd),
+        cmdline="" if cmdline is None else cmdline,
+        mem_bytes=DEFAULT_MEM_BYTES if mem is None else parse_size(mem),
+        vcpus=1 if vcpus is None else parse_int(vcpus, "--vcpus"),
+        timeout=t,
+    )
+    validate(config)
+    return config
+
+
+def validate(config):
+    """Raise ConfigError unless `config` can be handed to a worker (files included)."""
+    c = config
+    if not NAME_RE.match(c.name):
+        raise ConfigError(f"bad guest name {c.name!r}: use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit")
+    if c.boot not in BOOT_MODES:
+        raise ConfigError(f"--boot: {c.boot!r} is not one of {', '.join(BOOT_MODES)}")
+    if not MIN_MEM <= c.mem_bytes <= MAX_MEM:
+        raise ConfigError(f"--mem: {c.mem_bytes} bytes is out of range (1M .. 64G)")
+    if c.mem_bytes % PAGE:
+        raise ConfigError(f"--mem: {c.mem_bytes} bytes is not a multiple of 4K")
+    if not 1 <= c.vcpus <= MAX_VCPUS:
+        raise ConfigError(f"--vcpus: {c.vcpus} is out of range (1 .. {MAX_VCPUS})")
+    if c.load_addr is not None and not any(gpa <= c.load_addr < gpa + size
+                                           for gpa, size, _ in ram_regions(c.mem_bytes)):
+        raise ConfigError(f"--load-addr: 0x{c.load_addr:x} is outside guest RAM ({c.mem_bytes >> 20} MiB)")
+    if c.timeout is not None and not c.timeout > 0:
+        raise ConfigError(f"--timeout: {c.timeout:g} is not a positive number of seconds")
+    if c.disks:
+        raise ConfigError("--disk is not supported yet")
+    _check_file(c.kernel, "kernel")
+    if c.initrd is not None:
+        _check_file(c.initrd, "initrd")
+
+
+def _check_file(path, what):
+    if not os.path.isfile(path):
+        raise ConfigError(f"no such {what} file: {path}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{what} file is not readable: {path}")

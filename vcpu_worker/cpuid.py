@@ -1,0 +1,39 @@
+"""The CPUID a vCPU sees: KVM's supported set, per-vCPU topology, and the masks these machines need.
+
+On the nested (kvm_pvm) machines guest kernel code runs through KVM's
+instruction emulator, which cannot execute some instructions the CPU
+advertises (see docs/kvm-notes.md).  Of the CPUID bits that would steer a
+guest away from them, only some are honoured here; those are cleared.
+"""
+from vcpu_worker._kvm import ffi
+
+# (leaf, subleaf or None, register, bit, why)
+COMPAT_MASKS = (
+    (1, None, "ecx", 13, "CX16: lock cmpxchg16b cannot be emulated"),
+)
+
+
+def _clear(entries, leaf, subleaf, reg, bit):
+    for e in entries:
+        if e.function == leaf and (subleaf is None or e.index == subleaf):
+            setattr(e, reg, getattr(e, reg) & ~(1 << bit))
+
+
+def vcpu_cpuid(supported, index, count, compat=True):
+    """A fresh copy of `supported` adjusted for vCPU `index` of `count`."""
+    entries = []
+    for src in supported:
+        e = ffi.new("struct kvm_cpuid_entry2 *")
+        e[0] = src
+        entries.append(e[0])
+    for e in entries:
+        if e.function == 1:
+            # Initial APIC ID, logical processor count, HTT when SMP.
+            e.ebx = (e.ebx & 0x0000FFFF) | (index & 0xFF) << 24 | (min(count, 255) & 0xFF) << 16
+            e.edx = e.edx | (1 << 28) if count > 1 else e.edx & ~(1 << 28)
+        elif e.function in (0xB, 0x1F):
+            e.edx = index               # x2APIC ID
+    if compat:
+        for leaf, subleaf, reg, bit, _why in COMPAT_MASKS:
+            _clear(entries, leaf, subleaf, reg, bit)
+    return entries

@@ -1,0 +1,207 @@
+"""Thin handles over the KVM API: the system (/dev/kvm), a VM, and a vCPU.
+
+Every failing ioctl raises KvmError naming the ioctl and errno, so a failure
+reads "KVM_CREATE_VCPU failed: EINVAL" rather than an OSError from nowhere.
+"""
+import errno as _errno
+import os
+
+from vcpu_worker._kvm import ffi, lib
+
+KVM_API_VERSION = 12
+
+
+class KvmError(OSError):
+    """An ioctl on /dev/kvm, a VM or a vCPU failed."""
+
+    def __init__(self, name, err):
+        code = _errno.errorcode.get(err, str(err))
+        super().__init__(err, f"{name} failed: {code} ({os.strerror(err)})")
+        self.ioctl = name
+
+
+class KvmUnavailable(RuntimeError):
+    """/dev/kvm cannot be used on this machine."""
+
+
+def _check(name, r):
+    if r < 0:
+        raise KvmError(name, -r)
+    return r
+
+
+def ioctl(fd, name, arg=None):
+    """Issue ioctl `name` (a KVM_* constant name) with a cffi pointer or an int."""
+    req = getattr(lib, name)
+    if arg is None or isinstance(arg, int):
+        return _check(name, lib.hv_ioctl_int(fd, req, arg or 0))
+    return _check(name, lib.hv_ioctl(fd, req, arg))
+
+
+class Kvm:
+    """The /dev/kvm system handle."""
+
+    def __init__(self, path="/dev/kvm"):
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KvmUnavailable(f"cannot open {path}: {e.strerror}; KVM is needed (run as root on a machine with /dev/kvm)") from None
+        version = ioctl(self.fd, "KVM_GET_API_VERSION")
+        if version != KVM_API_VERSION:
+            raise KvmUnavailable(f"KVM API version {version}, expected {KVM_API_VERSION}")
+        self.vcpu_mmap_size = ioctl(self.fd, "KVM_GET_VCPU_MMAP_SIZE")
+
+    def check_extension(self, cap_name):
+        return ioctl(self.fd, "KVM_CHECK_EXTENSION", getattr(lib, cap_name))
+
+    def supported_cpuid(self):
+        ents = ffi.new("struct kvm_cpuid_entry2[256]")
+        n = _check("KVM_GET_SUPPORTED_CPUID", lib.hv_get_supported_cpuid(self.fd, ents, 256))
+        return [ents[i] for i in range(n)]
+
+    def create_vm(self):
+        return Vm(self, ioctl(self.fd, "KVM_CREATE_VM", 0))
+
+    def close(self):
+        os.close(self.fd)
+
+
+class Vm:
+    """A VM file descriptor: memory slots, irqchip, eventfds, vCPUs."""
+
+    def __init__(self, kvm, fd):
+        self.kvm = kvm
+        self.fd = fd
+        self._slot = 0
+
+    def add_memory(self, guest_phys_addr, host_addr, size):
+        region = ffi.new("struct kvm_userspace_memory_region *")
+        region.slot = self._slot
+        region.guest_phys_addr = guest_phys_addr
+        region.memory_size = size
+        region.userspace_addr = host_addr
+        ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", region)
+        self._slot += 1
+
+    def set_tss_addr(self, addr):
+        ioctl(self.fd, "KVM_SET_TSS_ADDR", addr)
+
+    def set_identity_map_addr(self, addr):
+        ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", ffi.new("uint64_t *", addr))
+
+    def create_irqchip(self):
+        ioctl(self.fd, "KVM_CREATE_IRQCHIP")
+
+    def create_pit(self):
+        cfg = ffi.new("struct kvm_pit_config *")
+        cfg.flags = lib.KVM_PIT_SPEAKER_DUMMY
+        ioctl(self.fd, "KVM_CREATE_PIT2", cfg)
+
+    def irq_line(self, irq, level):
+        _check("KVM_IRQ_LINE", lib.hv_irq_line(self.fd, irq, 1 if level else 0))
+
+    def irqfd(self, eventfd, gsi, deassign=False):
+        arg = ffi.new("struct kvm_irqfd *")
+        arg.fd = eventfd
+        arg.gsi = gsi
+        arg.flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        ioctl(self.fd, "KVM_IRQFD", arg)
+
+    def ioeventfd(self, eventfd, addr, length, pio=False, datamatch=None, deassign=False):
+        arg = ffi.new("struct kvm_ioeventfd *")
+        arg.addr = addr
+        arg.len = length
+        arg.fd = eventfd
+        flags = lib.KVM_IOEVENTFD_FLAG_PIO if pio else 0
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+            arg.datamatch = datamatch
+        if deassign:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        arg.flags = flags
+        ioctl(self.fd, "KVM_IOEVENTFD", arg)
+
+    def create_vcpu(self, index):
+        return Vcpu(self, index, ioctl(self.fd, "KVM_CREATE_VCPU", index))
+
+    def close(self):
+        os.close(self.fd)
+
+
+class Vcpu:
+    """A vCPU: registers, CPUID, and its mapped kvm_run area (mapped once)."""
+
+    def __init__(self, vm, index, fd):
+        self.vm = vm
+        self.index = index
+        self.fd = fd
+        run = lib.hv_map_run(fd, vm.kvm.vcpu_mmap_size)
+        if run == ffi.NULL:
+            raise KvmError("mmap(kvm_run)", ffi.errno)
+        self.run = ffi.cast("struct kvm_run *", run)
+        self.state = ffi.new("struct hv_vcpu *")
+        self.state.fd = fd
+        self.state.run = self.run
+        self.exit = ffi.new("struct hv_exit *")
+
+    def get_regs(self):
+        regs = ffi.new("struct kvm_regs *")
+        ioctl(self.fd, "KVM_GET_REGS", regs)
+        return regs
+
+    def set_regs(self, regs):
+        ioctl(self.fd, "KVM_SET_REGS", regs)
+
+    def get_sregs(self):
+        sregs = ffi.new("struct kvm_sregs *")
+        ioctl(self.fd, "KVM_GET_SREGS", sregs)
+        return sregs
+
+    def set_sregs(self, sregs):
+        ioctl(self.fd, "KVM_SET_SREGS", sregs)
+
+    def get_fpu(self):
+        fpu = ffi.new("struct kvm_fpu *")
+        ioctl(self.fd, "KVM_GET_FPU", fpu)
+        return fpu
+
+    def set_fpu(self, fpu):
+        ioctl(self.fd, "KVM_SET_FPU", fpu)
+
+    def set_cpuid(self, entries):
+        arr = ffi.new("struct kvm_cpuid_entry2[]", len(entries))
+        for i, e in enumerate(entries):
+            arr[i] = e
+        _check("KVM_SET_CPUID2", lib.hv_set_cpuid(self.fd, arr, len(entries)))
+
+    def set_mp_state(self, state):
+        mp = ffi.new("struct kvm_mp_state *")
+        mp.mp_state = state
+        ioctl(self.fd, "KVM_SET_MP_STATE", mp)
+
+    def translate(self, linear):
+        """Guest-virtual to guest-physical, or None if not mapped."""
+        tr = ffi.new("struct kvm_translation *")
+        tr.linear_address = linear
+        ioctl(self.fd, "KVM_TRANSLATE", tr)
+        return tr.physical_address if tr.valid else None
+
+    def kick_prepare(self):
+        """Make the next (or current) KVM_RUN return at once; a signal does the interrupting."""
+        lib.hv_set_immediate_exit(self.run, 1)
+
+    def kick_clear(self):
+        lib.hv_set_immediate_exit(self.run, 0)
+
+    def counters(self):
+        s = self.state
+        return {
+            "exits": {i: s.exits[i] for i in range(lib.HV_NR_REASONS) if s.exits[i]},
+            "io_fast": s.io_fast,
+            "io_unclaimed": s.io_unclaimed,
+            "ns_in_guest": s.ns_in_guest,
+            "ns_in_vmm": s.ns_in_vmm,
+        }
+
+    def close(self):
+        os.close(self.fd)

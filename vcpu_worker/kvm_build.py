@@ -1,0 +1,265 @@
+"""cffi build script for vcpu_worker._kvm: KVM structs, ioctl numbers and the C hot path.
+
+API mode: the cdef below is checked against <linux/kvm.h> by the C compiler,
+so a wrong field or ioctl number fails the build instead of corrupting a VM.
+"""
+import pathlib
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+CDEF = r"""
+#define KVM_GET_API_VERSION ...
+#define KVM_CREATE_VM ...
+#define KVM_CHECK_EXTENSION ...
+#define KVM_GET_VCPU_MMAP_SIZE ...
+#define KVM_GET_SUPPORTED_CPUID ...
+#define KVM_GET_MSR_INDEX_LIST ...
+#define KVM_CREATE_VCPU ...
+#define KVM_SET_USER_MEMORY_REGION ...
+#define KVM_SET_TSS_ADDR ...
+#define KVM_SET_IDENTITY_MAP_ADDR ...
+#define KVM_CREATE_IRQCHIP ...
+#define KVM_CREATE_PIT2 ...
+#define KVM_IRQFD ...
+#define KVM_IOEVENTFD ...
+#define KVM_ENABLE_CAP ...
+#define KVM_RUN ...
+#define KVM_GET_REGS ...
+#define KVM_SET_REGS ...
+#define KVM_GET_SREGS ...
+#define KVM_SET_SREGS ...
+#define KVM_GET_FPU ...
+#define KVM_SET_FPU ...
+#define KVM_GET_MP_STATE ...
+#define KVM_SET_MP_STATE ...
+#define KVM_GET_VCPU_EVENTS ...
+#define KVM_SET_VCPU_EVENTS ...
+#define KVM_TRANSLATE ...
+#define KVM_SET_MSRS ...
+#define KVM_GET_MSRS ...
+
+#define KVM_CAP_IRQCHIP ...
+#define KVM_CAP_USER_MEMORY ...
+#define KVM_CAP_IOEVENTFD ...
+#define KVM_CAP_IRQFD ...
+#define KVM_CAP_NR_VCPUS ...
+#define KVM_CAP_MAX_VCPUS ...
+#define KVM_CAP_PIT2 ...
+#define KVM_CAP_IMMEDIATE_EXIT ...
+#define KVM_CAP_X86_DISABLE_EXITS ...
+
+#define KVM_PIT_SPEAKER_DUMMY ...
+#define KVM_IRQFD_FLAG_DEASSIGN ...
+#define KVM_IOEVENTFD_FLAG_DATAMATCH ...
+#define KVM_IOEVENTFD_FLAG_PIO ...
+#define KVM_IOEVENTFD_FLAG_DEASSIGN ...
+#define KVM_MP_STATE_RUNNABLE ...
+#define KVM_MP_STATE_UNINITIALIZED ...
+#define KVM_VCPUEVENT_VALID_NMI_PENDING ...
+
+#define KVM_EXIT_UNKNOWN ...
+#define KVM_EXIT_EXCEPTION ...
+#define KVM_EXIT_IO ...
+#define KVM_EXIT_HYPERCALL ...
+#define KVM_EXIT_DEBUG ...
+#define KVM_EXIT_HLT ...
+#define KVM_EXIT_MMIO ...
+#define KVM_EXIT_IRQ_WINDOW_OPEN ...
+#define KVM_EXIT_SHUTDOWN ...
+#define KVM_EXIT_FAIL_ENTRY ...
+#define KVM_EXIT_INTR ...
+#define KVM_EXIT_NMI ...
+#define KVM_EXIT_INTERNAL_ERROR ...
+#define KVM_EXIT_SYSTEM_EVENT ...
+#define KVM_EXIT_IOAPIC_EOI ...
+#define KVM_EXIT_X86_RDMSR ...
+#define KVM_EXIT_X86_WRMSR ...
+#define KVM_EXIT_IO_IN ...
+#define KVM_EXIT_IO_OUT ...
+#define KVM_INTERNAL_ERROR_EMULATION ...
+#define KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES ...
+#define KVM_SYSTEM_EVENT_SHUTDOWN ...
+#define KVM_SYSTEM_EVENT_RESET ...
+
+#define HV_NR_REASONS ...
+#define HV_PORT_PYTHON ...
+#define HV_PORT_SINK ...
+#define HV_PORT_UNCLAIMED ...
+#define HV_PORT_EXIT ...
+#define HV_EXIT_GUEST_EXIT ...
+#define HV_EXIT_ERRNO ...
+
+struct kvm_userspace_memory_region {
+    uint32_t slot;
+    uint32_t flags;
+    uint64_t guest_phys_addr;
+    uint64_t memory_size;
+    uint64_t userspace_addr;
+};
+
+struct kvm_regs {
+    uint64_t rax, rbx, rcx, rdx;
+    uint64_t rsi, rdi, rsp, rbp;
+    uint64_t r8,  r9,  r10, r11;
+    uint64_t r12, r13, r14, r15;
+    uint64_t rip, rflags;
+};
+
+struct kvm_segment {
+    uint64_t base;
+    uint32_t limit;
+    uint16_t selector;
+    uint8_t  type;
+    uint8_t  present, dpl, db, s, l, g, avl;
+    uint8_t  unusable;
+    ...;
+};
+
+struct kvm_dtable {
+    uint64_t base;
+    uint16_t limit;
+    ...;
+};
+
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    uint64_t cr0, cr2, cr3, cr4, cr8;
+    uint64_t efer;
+    uint64_t apic_base;
+    ...;
+};
+
+struct kvm_fpu {
+    uint8_t  fpr[8][16];
+    uint16_t fcw;
+    uint16_t fsw;
+    uint8_t  ftwx;
+    uint16_t last_opcode;
+    uint64_t last_ip;
+    uint64_t last_dp;
+    uint8_t  xmm[16][16];
+    uint32_t mxcsr;
+    ...;
+};
+
+struct kvm_cpuid_entry2 {
+    uint32_t function;
+    uint32_t index;
+    uint32_t flags;
+    uint32_t eax;
+    uint32_t ebx;
+    uint32_t ecx;
+    uint32_t edx;
+    ...;
+};
+
+struct kvm_pit_config {
+    uint32_t flags;
+    ...;
+};
+
+struct kvm_mp_state {
+    uint32_t mp_state;
+};
+
+struct kvm_irqfd {
+    uint32_t fd;
+    uint32_t gsi;
+    uint32_t flags;
+    uint32_t resamplefd;
+    ...;
+};
+
+struct kvm_ioeventfd {
+    uint64_t datamatch;
+    uint64_t addr;
+    uint32_t len;
+    int32_t  fd;
+    uint32_t flags;
+    ...;
+};
+
+struct kvm_translation {
+    uint64_t linear_address;
+    uint64_t physical_address;
+    uint8_t  valid;
+    uint8_t  writeable;
+    uint8_t  usermode;
+    ...;
+};
+
+struct kvm_enable_cap {
+    uint32_t cap;
+    uint32_t flags;
+    unsigned long long args[4];
+    ...;
+};
+
+struct kvm_vcpu_events {
+    struct {
+        uint8_t injected;
+        uint8_t nr;
+        uint8_t has_error_code;
+        uint8_t pending;
+        uint32_t error_code;
+    } exception;
+    uint32_t flags;
+    ...;
+};
+
+struct hv_exit {
+    uint32_t reason;
+    int32_t err;
+    uint32_t io_dir, io_size, io_port, io_count;
+    uint8_t *io_data;
+    uint64_t mmio_addr;
+    uint32_t mmio_len, mmio_write;
+    uint8_t *mmio_data;
+    uint32_t suberror, ndata;
+    uint64_t data[16];
+    uint64_t exit_value;
+};
+
+struct hv_vcpu {
+    int fd;
+    struct kvm_run *run;
+    const uint8_t *port_action;
+    uint64_t exits[64];
+    uint64_t io_fast;
+    uint64_t io_unclaimed;
+    uint64_t ns_in_guest;
+    uint64_t ns_in_vmm;
+    uint64_t last_return_ns;
+};
+
+struct kvm_run;
+
+long hv_ioctl(int fd, unsigned long req, void *arg);
+long hv_ioctl_int(int fd, unsigned long req, unsigned long arg);
+void *hv_map_run(int vcpu_fd, long size);
+long hv_irq_line(int vm_fd, uint32_t irq, uint32_t level);
+long hv_get_supported_cpuid(int kvm_fd, struct kvm_cpuid_entry2 *out, int max);
+long hv_set_cpuid(int vcpu_fd, const struct kvm_cpuid_entry2 *ents, int n);
+uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e);
+void hv_set_immediate_exit(struct kvm_run *run, uint8_t value);
+uint32_t hv_exit_reason(struct kvm_run *run);
+
+long hv_lz4_legacy_decompress(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "vcpu_worker._kvm",
+    '#include "hv_kvm.c"\n#include "lz4.c"\n',
+    include_dirs=[str(HERE / "csrc")],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    depends=[str(p) for p in (HERE / "csrc").glob("*.c")],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(HERE.parent), verbose=True)

@@ -1,0 +1,241 @@
+"""One guest VM in this process: memory, irqchip, devices, boot image, vCPU threads and their lifecycle.
+
+Both `hvctl run` (vcpu_worker.runner) and the supervised worker
+(vcpu_worker.worker) drive a guest through this class.  The VM ends when the
+first vCPU reports an Outcome (exit port, reset, failure) or when the owner
+stops it; every other vCPU is then kicked out of KVM_RUN with immediate_exit
+plus a signal.
+"""
+import os
+import signal
+import threading
+
+from devices.debug_page import DEBUG_PAGE_ADDR, DEBUG_PAGE_SIZE, DebugPage
+from devices.guest_memory import GuestMemory, ram_regions
+from devices.i8042 import I8042
+from devices.serial import Serial8250
+from vcpu_worker import cpuid
+from vcpu_worker._kvm import ffi, lib
+from vcpu_worker.boot import cpu_state, layout
+from vcpu_worker.bus import MmioBus, PioBus
+from vcpu_worker.kvm import Kvm, KvmError, KvmUnavailable
+from vcpu_worker.vcpu import (EXIT_NAMES, STATUS_FAILED, STATUS_RESET, STATUS_STOPPED, Outcome,
+                              VcpuThread)
+
+KICK_SIGNAL = signal.SIGUSR1
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+EXIT_PORT, POST_PORT = 0x501, 0x80
+RAW_LOAD_ADDR = {"raw16": layout.RAW16_LOAD_ADDR, "raw32": layout.HIMEM_START,
+                 "raw64": layout.HIMEM_START, "user64": layout.HIMEM_START}
+VMM_TABLES = (layout.GDT_ADDR, layout.PD_ADDR + 4 * 4096)
+
+
+class MachineError(Exception):
+    """The guest could not be built; `status` is 2 for unusable input, 70 for a VM failure."""
+
+    def __init__(self, message, status=2):
+        super().__init__(message)
+        self.status = status
+
+
+def _install_kick_handler():
+    """A no-op handler without SA_RESTART: the signal only interrupts KVM_RUN."""
+    try:
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    except ValueError:
+        pass  # not the main thread: the owner installed it already
+
+
+class Machine:
+    def __init__(self, config, mem_fd, console_out):
+        self.config = config
+        self.console_out = console_out
+        self.outcome = None
+        self.paused = False
+        self.fixup_counts = {} if getattr(config, "compat", "nested") != "none" else None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._park = threading.Condition(self._lock)
+        self._parked = 0
+        self.threads = []
+        image = self._read_file(config.kernel, "kernel")
+        initrd = self._read_file(config.initrd, "initrd") if config.initrd else None
+        try:
+            self.kvm = Kvm()
+            self.vm = self.kvm.create_vm()
+            self.mem = GuestMemory(mem_fd, config.mem_bytes)
+            self._map_memory()
+            self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+            self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+            self.vm.create_irqchip()
+            self.vm.create_pit()
+        except (KvmError, KvmUnavailable, OSError) as e:
+            raise MachineError(f"cannot create the VM: {e}", STATUS_FAILED) from None
+        self._add_devices()
+        entry, boot_rsi = self._load(image, initrd)
+        self._create_vcpus(entry, boot_rsi)
+
+    @staticmethod
+    def _read_file(path, what):
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise MachineError(f"cannot read {what} file {path}: {e.strerror}") from None
+
+    def _map_memory(self):
+        self._host_buf = ffi.from_buffer(self.mem.host_buffer())
+        host = int(ffi.cast("uintptr_t", self._host_buf))
+        for gpa, size, offset in ram_regions(self.config.mem_bytes):
+            self.vm.add_memory(gpa, host + offset, size)
+
+    def _add_devices(self):
+        self.pio = PioBus()
+        self.mmio = MmioBus()
+        self.serial = Serial8250(irq=lambda level: self.vm.irq_line(COM1_IRQ, level), out=self.console_out)
+        self.pio.register(COM1_PORT, 8, self.serial, "serial")
+        self.i8042 = I8042(reset=lambda: self.finish(Outcome(STATUS_RESET, "guest reset (i8042)")))
+        self.pio.register(0x60, 1, self.i8042.data_port(), "i8042-data")
+        self.pio.register(0x64, 1, self.i8042.command_port(), "i8042-command")
+        self.pio.register_fast(POST_PORT, lib.HV_PORT_SINK, "post")
+        self.pio.register_fast(EXIT_PORT, lib.HV_PORT_EXIT, "exit-port")
+        self.debug_page = DebugPage(
+            exit_vm=lambda v: self.finish(Outcome(v, f"guest wrote {v} to the debug page")),
+            console_out=self.console_out)
+        self.mmio.register(DEBUG_PAGE_ADDR, DEBUG_PAGE_SIZE, self.debug_page, "debug-page")
+
+    def _load(self, image, initrd):
+        """Put the boot image in guest RAM; returns (entry RIP, RSI for the boot vCPU or None)."""
+        boot = self.config.boot
+        if boot == "linux":
+            from vcpu_worker.boot.linux import KernelImageError, load_linux
+            try:
+                info = load_linux(self.mem, image, self.config.cmdline or "", initrd)
+            except KernelImageError as e:
+                raise MachineError(f"{self.config.kernel}: {e}") from None
+            cpu_state.write_tables(self.mem)
+            return info.entry, info.boot_params
+        load = self.config.load_addr if self.config.load_addr is not None else RAW_LOAD_ADDR[boot]
+        end = load + len(image)
+        if not self.mem.contains(load, len(image)):
+            raise MachineError(f"{self.config.kernel}: image of {len(image)} bytes at 0x{load:x} does not fit in guest RAM")
+        if boot == "raw16" and end > 0x10000:
+            raise MachineError(f"{self.config.kernel}: raw16 images must end below 0x10000 (CS=0); this one ends at 0x{end:x}")
+        if boot != "raw16":
+            if load < VMM_TABLES[1] and end > VMM_TABLES[0]:
+                raise MachineError(f"{self.config.kernel}: image at 0x{load:x}-0x{end:x} overlaps the VMM's tables "
+                                   f"(0x{VMM_TABLES[0]:x}-0x{VMM_TABLES[1]:x}); load it at 0x100000 or above")
+            cpu_state.write_tables(self.mem)
+        self.mem.write(load, image)
+        return load, None
+
+    def _create_vcpus(self, entry, boot_rsi):
+        n, boot = self.config.vcpus, self.config.boot
+        compat = getattr(self.config, "compat", "nested") != "none"
+        try:
+            supported = self.kvm.supported_cpuid()
+            self.vcpus = []
+            for i in range(n):
+                vcpu = self.vm.create_vcpu(i)
+                vcpu.state.port_action = self.pio.action_ptr
+                vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, i, n, compat))
+                sregs = vcpu.get_sregs()
+                cpu_state.set_boot_sregs(sregs, boot)
+                vcpu.set_sregs(sregs)
+                if boot == "linux" and i > 0:
+                    self.vcpus.append(vcpu)     # APs wait for INIT/SIPI from the boot CPU
+                    continue
+                regs = vcpu.get_regs()
+                regs.rip = entry
+                regs.rflags = cpu_state.RFLAGS_RESERVED
+                if boot == "linux":
+                    regs.rsi = boot_rsi
+                else:
+                    regs.rdi, regs.rsi = i, n
+                vcpu.set_regs(regs)
+                if i > 0:
+                    vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+                self.vcpus.append(vcpu)
+        except KvmError as e:
+            raise MachineError(f"cannot create the vCPUs: {e}", STATUS_FAILED) from None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self):
+        _install_kick_handler()
+        self.threads = [VcpuThread(self, v) for v in self.vcpus]
+        for t in self.threads:
+            t.start()
+
+    def wait(self, timeout=None):
+        """The Outcome once the VM has ended, or None if still running after `timeout` seconds."""
+        self._done.wait(timeout)
+        return self.outcome
+
+    def finish(self, outcome):
+        """End the VM with `outcome` unless it already ended; the first outcome wins."""
+        with self._lock:
+            if self.outcome is not None:
+                return
+            self.outcome = outcome
+            self._park.notify_all()
+        self._done.set()
+        self._kick_all()
+
+    def stop(self):
+        self.finish(Outcome(STATUS_STOPPED, "stopped by request"))
+        return self.outcome
+
+    def pause(self, timeout=2.0):
+        """Hold every vCPU outside KVM_RUN; True once all are parked."""
+        with self._lock:
+            self.paused = True
+        self._kick_all()
+        with self._lock:
+            return self._park.wait_for(lambda: self._parked == len(self.threads) or self.outcome, timeout)
+
+    def resume(self):
+        with self._lock:
+            self.paused = False
+            self._park.notify_all()
+
+    def on_kick(self, thread):
+        """Called by a vCPU thread after a kick: park while paused; an Outcome ends its loop."""
+        with self._lock:
+            self._parked += 1
+            self._park.notify_all()
+            self._park.wait_for(lambda: not self.paused or self.outcome)
+            self._parked -= 1
+            return Outcome(-1, "kicked") if self.outcome else None
+
+    def _kick_all(self):
+        for t in self.threads:
+            t.vcpu.kick_prepare()
+            if t.ident and t.is_alive():
+                try:
+                    signal.pthread_kill(t.ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+
+    def feed_console(self, data):
+        self.serial.feed(data)
+
+    # -- observation --------------------------------------------------------
+
+    def stats(self):
+        vcpus = []
+        for t in self.threads or [None] * 0:
+            c = t.vcpu.counters()
+            c["exits"] = {EXIT_NAMES.get(k, str(k)): v for k, v in c["exits"].items()}
+            c["index"] = t.vcpu.index
+            c["mmio_unclaimed"] = t.mmio_unclaimed
+            vcpus.append(c)
+        return {
+            "vcpus": vcpus,
+            "devices": {"serial": self.serial.counters(), "i8042": self.i8042.counters(),
+                        "debug_page": self.debug_page.counters()},
+            "pio_unclaimed": sum(v["io_unclaimed"] for v in vcpus),
+            "mmio_unclaimed": sum(v["mmio_unclaimed"] for v in vcpus),
+            "fixups": dict(self.fixup_counts or {}),
+        }
