@@ -60,10 +60,10 @@ C_START = r"""
 .section .text.start
 .globl _start
 _start:
-    /* rdi = vCPU index, rsi = vCPU count (raw boot state); each vCPU gets its own 64 KiB stack */
+    /* rdi = vCPU index, rsi = vCPU count (raw boot state); each vCPU gets its own 16 KiB stack */
     lea stack_top(%rip), %rsp
     mov %rdi, %rax
-    shl $16, %rax
+    shl $14, %rax
     sub %rax, %rsp
     call guest_main
     /* guest_main returned: exit with its value through the debug page (works in ring 0 and ring 3) */
@@ -73,7 +73,7 @@ _start:
 .section .bss
 .balign 4096
 stack_bottom:
-    .skip 65536 * 64
+    .skip 16384 * 64
 stack_top:
 """
 

@@ -7,8 +7,8 @@ stops it; every other vCPU is then kicked out of KVM_RUN with immediate_exit
 plus a signal.
 """
 import os
-import signal
 import threading
+import time
 
 from devices.debug_page import DEBUG_PAGE_ADDR, DEBUG_PAGE_SIZE, DebugPage
 from devices.guest_memory import GuestMemory, ram_regions
@@ -22,7 +22,7 @@ from vcpu_worker.kvm import Kvm, KvmError, KvmUnavailable
 from vcpu_worker.vcpu import (EXIT_NAMES, STATUS_FAILED, STATUS_RESET, STATUS_STOPPED, Outcome,
                               VcpuThread)
 
-KICK_SIGNAL = signal.SIGUSR1
+KICK_SIGNAL = lib.SIGUSR1
 COM1_PORT, COM1_IRQ = 0x3F8, 4
 EXIT_PORT, POST_PORT = 0x501, 0x80
 RAW_LOAD_ADDR = {"raw16": layout.RAW16_LOAD_ADDR, "raw32": layout.HIMEM_START,
@@ -36,15 +36,6 @@ class MachineError(Exception):
     def __init__(self, message, status=2):
         super().__init__(message)
         self.status = status
-
-
-def _install_kick_handler():
-    """A no-op handler without SA_RESTART: the signal only interrupts KVM_RUN."""
-    try:
-        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
-            signal.signal(KICK_SIGNAL, lambda signum, frame: None)
-    except ValueError:
-        pass  # not the main thread: the owner installed it already
 
 
 class Machine:
@@ -163,7 +154,7 @@ class Machine:
     # -- lifecycle ----------------------------------------------------------
 
     def start(self):
-        _install_kick_handler()
+        lib.hv_install_kick_handler(KICK_SIGNAL)
         self.threads = [VcpuThread(self, v) for v in self.vcpus]
         for t in self.threads:
             t.start()
@@ -180,8 +171,15 @@ class Machine:
                 return
             self.outcome = outcome
             self._park.notify_all()
-        self._done.set()
         self._kick_all()
+        self._done.set()
+
+    def join(self, timeout=2.0):
+        """After the VM ended: wait for vCPU threads to leave KVM_RUN, so no kick is still in flight."""
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
 
     def stop(self):
         self.finish(Outcome(STATUS_STOPPED, "stopped by request"))
@@ -213,10 +211,7 @@ class Machine:
         for t in self.threads:
             t.vcpu.kick_prepare()
             if t.ident and t.is_alive():
-                try:
-                    signal.pthread_kill(t.ident, KICK_SIGNAL)
-                except ProcessLookupError:
-                    pass
+                lib.hv_kick_thread(t.ident, KICK_SIGNAL)  # ESRCH if it just ended: harmless
 
     def feed_console(self, data):
         self.serial.feed(data)

@@ -47,6 +47,7 @@ def run_foreground(config):
     if outcome is None:
         machine.finish(Outcome(STATUS_TIMEOUT, f"timed out after {config.timeout:g} s"))
         outcome = machine.outcome
+    machine.join()
     if outcome.status == 70:
         print(f"hvctl: VM failed: {outcome.reason}", file=sys.stderr)
     return outcome.status

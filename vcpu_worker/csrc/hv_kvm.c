@@ -228,3 +228,26 @@ static uint32_t hv_exit_reason(struct kvm_run *run)
 {
     return run->exit_reason;
 }
+
+/* Kicking a vCPU out of KVM_RUN: immediate_exit plus a signal whose handler
+ * does nothing and is installed without SA_RESTART, so the ioctl returns
+ * EINTR.  Installed in C so no Python handler (and no interpreter state) is
+ * involved, and it stays valid while the interpreter shuts down. */
+#include <signal.h>
+#include <pthread.h>
+
+static void hv_kick_handler(int sig) { (void)sig; }
+
+static int hv_install_kick_handler(int sig)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = hv_kick_handler;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(sig, &sa, NULL) < 0 ? -errno : 0;
+}
+
+static int hv_kick_thread(unsigned long thread, int sig)
+{
+    return -pthread_kill((pthread_t)thread, sig);
+}
