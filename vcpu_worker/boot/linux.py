@@ -1,7 +1,8 @@
 """Loading a Linux kernel into guest RAM for the 64-bit boot protocol: image, zero page, command line, initrd.
 
-The CPUs on these machines emulate guest kernel code, so a bzImage's own
-decompressor would take minutes (../shared/docs/kvm-on-these-machines.md).
+KVM on these machines runs guest kernel code through its instruction
+emulator, so a bzImage's own decompressor would take minutes (shared docs,
+kvm-on-these-machines.md).
 A bzImage's payload is therefore decompressed here on the host and the ELF
 vmlinux inside it is loaded and entered directly, as Firecracker does with
 vmlinux files.  Only payloads the host cannot decompress (zstd, lzo) fall
@@ -210,7 +211,8 @@ def _parse_elf(data, what):
                                f"run past the end of the file ({len(data)} bytes)")
     segments = []
     for i in range(e_phnum):
-        p_type, _pflags, off, vaddr, paddr, filesz, memsz, _align = ELF_PHDR.unpack_from(data, e_phoff + i * e_phentsize)
+        phdr = ELF_PHDR.unpack_from(data, e_phoff + i * e_phentsize)
+        p_type, _pflags, off, vaddr, paddr, filesz, memsz, _align = phdr
         if p_type != PT_LOAD:
             continue
         if filesz > memsz:
@@ -223,6 +225,12 @@ def _parse_elf(data, what):
         segments.append(_Segment(paddr, vaddr, off, filesz, memsz))
     if not segments:
         raise KernelImageError(f"{what}: ELF has no loadable (PT_LOAD) segment")
+    # No two segments may share physical memory: a real vmlinux never does, and
+    # it bounds the work of loading by the size of guest RAM.
+    ordered = sorted(segments, key=lambda s: s.paddr)
+    for a, b in zip(ordered, ordered[1:]):
+        if a.paddr + a.memsz > b.paddr:
+            raise KernelImageError(f"{what}: PT_LOAD segments at physical 0x{a.paddr:x} and 0x{b.paddr:x} overlap")
     # e_entry is physical in a real vmlinux (ENTRY(phys_startup_64)); a high
     # virtual entry is translated through the segment whose p_vaddr range holds it.
     if any(s.paddr <= e_entry < s.paddr + s.memsz for s in segments):
@@ -236,7 +244,7 @@ def _parse_elf(data, what):
 
 
 def _check_placement(mem, ranges, reserved):
-    """Each (what, addr, size) must be in guest RAM, above the VMM's first MiB, identity-mapped, clear of reserved ranges."""
+    """Each (what, addr, size) must be guest RAM above the first MiB, identity-mapped and clear of reserved ranges."""
     for what, addr, size in ranges:
         end = addr + size
         where = f"{what} at physical 0x{addr:x}-0x{end:x}"
@@ -299,9 +307,11 @@ def _parse_bzimage(data):
         raise KernelImageError(f"bzImage setup header ends at 0x{hdr_end:x}, too short for protocol "
                                f"{version >> 8}.{version & 0xFF:02d} (needs 0x{HDR_MIN_END:x})")
     if hdr_end > BP_HDR_LIMIT:
-        raise KernelImageError(f"bzImage setup header claims to end at 0x{hdr_end:x}, past the zero page's header area (0x{BP_HDR_LIMIT:x})")
+        raise KernelImageError(f"bzImage setup header claims to end at 0x{hdr_end:x}, "
+                               f"past the zero page's header area (0x{BP_HDR_LIMIT:x})")
     if len(data) < hdr_end:
-        raise KernelImageError(f"bzImage truncated inside its setup header ({len(data)} bytes, header ends at 0x{hdr_end:x})")
+        raise KernelImageError(f"bzImage truncated inside its setup header "
+                               f"({len(data)} bytes, header ends at 0x{hdr_end:x})")
     if _u16(data, HDR_BOOT_FLAG) != BOOT_FLAG:
         raise KernelImageError(f"bzImage boot_flag is 0x{_u16(data, HDR_BOOT_FLAG):04x}, not 0xAA55")
     if not data[HDR_LOADFLAGS] & LOADED_HIGH:
@@ -309,7 +319,8 @@ def _parse_bzimage(data):
     setup_sects = data[HDR_SETUP_SECTS] or 4
     setup_size = (setup_sects + 1) * 512
     if setup_size >= len(data):
-        raise KernelImageError(f"bzImage ends inside its setup code ({setup_sects} setup sectors, file is {len(data)} bytes): truncated?")
+        raise KernelImageError(f"bzImage ends inside its setup code ({setup_sects} setup sectors, "
+                               f"file is {len(data)} bytes): truncated?")
     pm = data[setup_size:]
     off, length = _u32(data, HDR_PAYLOAD_OFFSET), _u32(data, HDR_PAYLOAD_LENGTH)
     if off == 0 or length < 4:
@@ -341,7 +352,8 @@ def _compression(payload):
 
 
 def _too_big():
-    return KernelImageError(f"bzImage payload decompresses to more than {_mib(MAX_DECOMPRESSED)}: corrupt or hostile file")
+    return KernelImageError(f"bzImage payload decompresses to more than {_mib(MAX_DECOMPRESSED)}: "
+                            f"corrupt or hostile file")
 
 
 def _lz4_legacy(payload):
@@ -479,7 +491,7 @@ def _encode_cmdline(cmdline, limit):
 
 
 def _place_initrd(mem, size, kernel_end, addr_max, reserved):
-    """Highest page-aligned address in low RAM for `size` bytes above the kernel, below addr_max, clear of reserved ranges."""
+    """Highest page-aligned low-RAM address for `size` bytes: above the kernel, below addr_max, not reserved."""
     low_end = ram_regions(mem.size)[0][1]
     top = min(addr_max + 1, low_end)
     bottom = max(kernel_end, layout.HIMEM_START)
@@ -488,8 +500,9 @@ def _place_initrd(mem, size, kernel_end, addr_max, reserved):
         addr = (top - size) & ~(PAGE - 1)
         if addr < bottom or top < size:
             room = max(top - bottom, 0)
-            raise KernelImageError(f"initrd of {_mib(size)} does not fit in guest RAM between the kernel end 0x{bottom:x} "
-                                   f"and 0x{top:x} ({_mib(room)} free); give the guest more memory or use a smaller initrd")
+            raise KernelImageError(f"initrd of {_mib(size)} does not fit in guest RAM between the kernel end "
+                                   f"0x{bottom:x} and 0x{top:x} ({_mib(room)} free); "
+                                   f"give the guest more memory or use a smaller initrd")
         clash = [a for a, s, _ in reserved if a < addr + size and addr < a + s]
         if not clash:
             return addr
