@@ -4,10 +4,15 @@ Each request uses a fresh DEALER socket (empty delimiter frame, so REP and
 ROUTER peers both understand it) and closes it afterwards: a late reply to a
 timed-out request can never be mistaken for the answer to the next one.
 """
+import time
+
 import zmq
 
 from proto import codec, messages
 from proto.errors import NotResponding, ProtocolError, RequestFailed
+
+
+DEFAULT = object()
 
 
 class Client:
@@ -16,17 +21,28 @@ class Client:
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
 
-    def request(self, msg, timeout=None):
-        """The reply message to `msg`; raises NotResponding, RequestFailed (an Error reply), ProtocolError."""
-        timeout = self.timeout if timeout is None else timeout
+    def request(self, msg, timeout=DEFAULT, alive=None):
+        """The reply message to `msg`; raises NotResponding, RequestFailed (an Error reply), ProtocolError.
+
+        timeout=None waits forever; then `alive()` is asked every second and a
+        False answer (the peer is gone) raises NotResponding.
+        """
+        timeout = self.timeout if timeout is DEFAULT else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         sock = self._ctx.socket(zmq.DEALER)
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
             sock.connect(self.endpoint)
             sock.send_multipart([b"", codec.encode(msg)])
-            if not sock.poll(None if timeout is None else int(timeout * 1000)):
-                raise NotResponding(f"no answer from {self.endpoint} within {timeout:g} s")
+            while True:
+                left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if sock.poll(max(0, int(left * 1000))):
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise NotResponding(f"no answer from {self.endpoint} within {timeout:g} s")
+                if alive is not None and not alive():
+                    raise NotResponding(f"{self.endpoint} went away")
             frames = sock.recv_multipart()
         finally:
             sock.close()

@@ -39,9 +39,12 @@ def _to_plain(value):
 
 def decode(data, expect=None):
     """The message in `data`; with `expect` (a class or tuple of classes) also check its type."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"a message is bytes, not {type(data).__name__}")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
     try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True,
-                              max_buffer_size=MAX_MESSAGE_BYTES)
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:   # msgpack raises many unrelated types for garbage
         raise ProtocolError(f"not a msgpack message ({type(e).__name__})") from None
     if not isinstance(raw, dict) or set(raw) != {"v", "type", "fields"}:

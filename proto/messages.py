@@ -7,7 +7,6 @@ dict, list[...], X | None and other message classes.  No msgpack/zmq import
 here: `hvctl run` imports this module and must start fast.
 """
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
 
 MESSAGES = {}   # TYPE -> class
 
@@ -16,9 +15,21 @@ STATES = ("created", "running", "paused", "stopped", "failed")
 DEFAULT_MEM_BYTES = 128 << 20
 
 
+class Message:
+    """Base of every message: equality and repr by fields (generated per class only for __init__,
+    which keeps importing this module cheap for `hvctl run`)."""
+    TYPE = None
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    def __repr__(self):
+        return f"{self.TYPE}({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
+
+
 def message(cls):
-    """Make `cls` a dataclass message and register it under its class name."""
-    cls = dataclass(cls)
+    """Make `cls` a dataclass message (TYPE = its class name) and register it."""
+    cls = dataclass(cls, eq=False, repr=False)
     cls.TYPE = cls.__name__
     MESSAGES[cls.TYPE] = cls
     return cls
@@ -27,9 +38,8 @@ def message(cls):
 # --- guest description -----------------------------------------------------
 
 @message
-class GuestConfig:
+class GuestConfig(Message):
     """Everything needed to build one guest (the options of `hvctl run`/`create`)."""
-    TYPE: ClassVar[str]
     name: str
     kernel: str                      # absolute path, checked readable before use
     boot: str = "linux"              # one of BOOT_MODES
@@ -43,9 +53,8 @@ class GuestConfig:
 
 
 @message
-class GuestInfo:
+class GuestInfo(Message):
     """A guest as the supervisor sees it (reply to Create/Start/Stop/Info/Wait...)."""
-    TYPE: ClassVar[str]
     name: str
     state: str                       # one of STATES
     vcpus: int
@@ -65,103 +74,89 @@ class GuestInfo:
 # --- requests (hvctl -> supervisor; the guest-control ones also supervisor -> worker) ---
 
 @message
-class Ping:
+class Ping(Message):
     """Is a supervisor (or worker) answering on this socket?"""
-    TYPE: ClassVar[str]
 
 
 @message
-class Create:
-    TYPE: ClassVar[str]
+class Create(Message):
     config: GuestConfig
 
 
 @message
-class Start:
-    TYPE: ClassVar[str]
+class Start(Message):
     name: str
 
 
 @message
-class Stop:
+class Stop(Message):
     """End the guest: Outcome 143 "stopped by request"."""
-    TYPE: ClassVar[str]
     name: str
 
 
 @message
-class Pause:
-    TYPE: ClassVar[str]
+class Pause(Message):
     name: str
 
 
 @message
-class Resume:
-    TYPE: ClassVar[str]
+class Resume(Message):
     name: str
 
 
 @message
-class Destroy:
+class Destroy(Message):
     """Stop the guest if needed and forget it (runtime files included)."""
-    TYPE: ClassVar[str]
     name: str
 
 
 @message
-class List:
-    TYPE: ClassVar[str]
+class List(Message):
+    """All guests (reply: GuestList)."""
 
 
 @message
-class Info:
-    TYPE: ClassVar[str]
+class Info(Message):
     name: str
 
 
 @message
-class Wait:
+class Wait(Message):
     """Reply (GuestInfo) deferred until the guest is stopped or failed."""
-    TYPE: ClassVar[str]
     name: str
 
 
 @message
-class Stats:
-    TYPE: ClassVar[str]
+class Stats(Message):
     name: str
 
 
 # --- replies ---------------------------------------------------------------
 
 @message
-class Ok:
-    TYPE: ClassVar[str]
+class Ok(Message):
+    """The request was done; nothing to report."""
 
 
 @message
-class Error:
+class Error(Message):
     """A request failed; `kind` is one of proto.errors.KINDS, `message` one line for the user."""
-    TYPE: ClassVar[str]
     kind: str
     message: str
 
 
 @message
-class Pong:
-    TYPE: ClassVar[str]
+class Pong(Message):
     pid: int
     runtime_dir: str
 
 
 @message
-class GuestList:
-    TYPE: ClassVar[str]
+class GuestList(Message):
     guests: list[GuestInfo]
 
 
 @message
-class StatsReply:
+class StatsReply(Message):
     """Machine.stats() from the worker, plus host CPU/memory added by the supervisor."""
-    TYPE: ClassVar[str]
     stats: dict

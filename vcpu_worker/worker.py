@@ -19,6 +19,11 @@ import threading
 import time
 import traceback
 
+import zmq
+
+from proto import codec, errors, messages as m
+from proto.errors import ProtocolError
+
 STATUS_FAILED, STATUS_TIMEOUT = 70, 124
 POLL_MS = 50
 PAUSE_TIMEOUT = 1.0     # below the supervisor's worker timeout
@@ -130,11 +135,9 @@ def main(argv=None):
 
 def serve(args):
     """Build and run the guest; returns (status, reason) once it has ended."""
-    from proto import codec
-    from proto.messages import GuestConfig
     try:
         raw = base64.b64decode(args.config) if args.config else _read_fd(args.config_fd)
-        config = codec.decode(raw, expect=GuestConfig)
+        config = codec.decode(raw, expect=m.GuestConfig)
         from vcpu_worker.machine import Machine, MachineError
         from vcpu_worker.vcpu import Outcome
     except Exception as e:
@@ -155,7 +158,6 @@ def serve(args):
         traceback.print_exc()
         return STATUS_FAILED, f"cannot build the VM: {type(e).__name__}: {e}"
 
-    import zmq
     ctx = zmq.Context()
     rep = ctx.socket(zmq.REP)
     rep.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
@@ -170,8 +172,6 @@ def serve(args):
         while outcome is None:
             if rep.poll(POLL_MS):
                 reply, outcome, paused_at, deadline = _handle(rep.recv(), machine, paused_at, deadline)
-                if outcome is not None:
-                    write_result(args.result, outcome.status, outcome.reason)
                 rep.send(codec.encode(reply))
             outcome = outcome or machine.wait(0)
             if outcome is None and deadline is not None and paused_at is None and time.monotonic() >= deadline:
@@ -185,8 +185,6 @@ def serve(args):
 
 def _handle(data, machine, paused_at, deadline):
     """(reply, outcome or None, paused_at, deadline) for one control request."""
-    from proto import codec, errors, messages as m
-    from proto.errors import ProtocolError
     outcome = None
     try:
         msg = codec.decode(data)

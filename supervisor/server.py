@@ -1,0 +1,257 @@
+"""The supervisor: a ZeroMQ ROUTER loop on ipc://RUNTIME_DIR/control.sock that runs guests.
+
+One thread.  Each turn of the loop answers the requests that arrived and
+polls the workers (Popen.poll) so a worker's exit is noticed within
+TICK seconds.  Requests are validated on receipt; bad input gets an Error
+reply and never stops the loop.  `wait` and `stop` replies are deferred
+until the guest ends.  Pause/resume/stop/stats are forwarded to the guest's
+worker with a timeout.
+"""
+import fcntl
+import os
+import signal
+import sys
+import time
+import traceback
+
+import zmq
+
+from proto import codec, errors, messages as m
+from proto.client import Client
+from proto.errors import NotResponding, ProtocolError, RequestFailed
+from supervisor import spawn
+from supervisor.config import ConfigError, validate
+from supervisor.registry import UNIX_PATH_MAX, Registry
+
+TICK = 0.05             # seconds between worker polls
+WORKER_TIMEOUT = 2.0    # a worker that does not answer a request within this is "not responding"
+STOP_GRACE = 3.0        # seconds a worker gets to exit after Stop before SIGKILL
+
+
+class AlreadyRunning(RuntimeError):
+    """Another supervisor holds this runtime dir."""
+
+
+class Server:
+    def __init__(self, runtime_dir):
+        self.dir = os.path.abspath(runtime_dir)
+        self.sock_path = os.path.join(self.dir, "control.sock")
+        if len(self.sock_path) > UNIX_PATH_MAX:
+            raise ConfigError(f"runtime dir path is too long for unix sockets: {self.dir}")
+        os.makedirs(self.dir, exist_ok=True)
+        self._lock = self._take_lock()
+        self.registry = Registry(self.dir)
+        self.ctx = zmq.Context()
+        self.running = True
+        self.handlers = {m.Ping: self.ping, m.Create: self.create, m.Start: self.start,
+                         m.Stop: self.stop, m.Pause: self.pause, m.Resume: self.resume,
+                         m.Destroy: self.destroy, m.List: self.list, m.Info: self.info,
+                         m.Wait: self.wait, m.Stats: self.stats}
+
+    def _take_lock(self):
+        """One supervisor per runtime dir: an flock held for our lifetime (pid inside)."""
+        fd = os.open(os.path.join(self.dir, "supervisor.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AlreadyRunning(f"a supervisor (pid {pid}) is already running on {self.dir}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    # --- the loop ----------------------------------------------------------
+
+    def serve(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self, "running", False))
+        try:
+            os.unlink(self.sock_path)     # stale: the lock says nobody serves it
+        except FileNotFoundError:
+            pass
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("ipc://" + self.sock_path)
+        print(f"supervisor: pid {os.getpid()} serving ipc://{self.sock_path}", file=sys.stderr, flush=True)
+        try:
+            while self.running:
+                if self.sock.poll(int(TICK * 1000)):
+                    while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        self._on_frames(self.sock.recv_multipart())
+                self._watch()
+        finally:
+            self._shutdown()
+
+    def _on_frames(self, frames):
+        envelope, body = frames[:1], frames[1:]
+        if body and body[0] == b"":
+            envelope, body = envelope + [b""], body[1:]
+        try:
+            if len(body) != 1:
+                raise ProtocolError(f"expected one message frame, got {len(body)}")
+            msg = codec.decode(body[0])
+            handler = self.handlers.get(type(msg))
+            if handler is None:
+                raise ProtocolError(f"{msg.TYPE} is not a request")
+            reply = handler(msg, envelope)
+        except ProtocolError as e:
+            reply = m.Error(errors.PROTOCOL, str(e))
+        except RequestFailed as e:
+            reply = m.Error(e.kind, str(e))
+        except Exception as e:
+            traceback.print_exc()
+            reply = m.Error(errors.INTERNAL, f"supervisor error: {type(e).__name__}: {e}")
+        if reply is not None:          # None: deferred (wait/stop)
+            self._reply(envelope, reply)
+
+    def _reply(self, envelope, msg):
+        try:
+            self.sock.send_multipart(envelope + [codec.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass                        # the client went away: nothing to tell
+
+    def _watch(self):
+        """Notice worker exits; SIGKILL workers that outlived their stop grace."""
+        now = time.monotonic()
+        for g in self.registry:
+            if g.popen is None:
+                continue
+            rc = g.popen.poll()
+            if rc is not None:
+                self._finished(g, rc)
+            elif g.kill_at is not None and now >= g.kill_at:
+                g.popen.kill()
+                g.kill_at = None
+
+    def _finished(self, g, returncode):
+        g.set_state(*spawn.read_outcome(g, returncode))
+        g.popen, g.kill_at, g.stop_reason = None, None, None
+        spawn.release_memory(g)
+        info = g.info()
+        for envelope in g.waiters:
+            self._reply(envelope, info)
+        g.waiters.clear()
+
+    def _kill_now(self, g, reason):
+        g.stop_reason = reason
+        g.popen.kill()
+        self._finished(g, g.popen.wait())
+
+    def _shutdown(self):
+        for g in self.registry:
+            if g.popen is not None:
+                self._kill_now(g, "stopped: the supervisor shut down")
+        self.sock.close()
+        try:
+            os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+        self.ctx.term()
+        print("supervisor: exited", file=sys.stderr, flush=True)
+
+    # --- requests ------------------------------------------------------------
+
+    def _worker(self, g, msg, expect=m.Ok):
+        """Forward `msg` to the guest's worker; its reply (of type `expect`), or RequestFailed."""
+        if g.popen is None or g.popen.poll() is not None:
+            raise RequestFailed(errors.BAD_STATE, f"guest {g.name} is not running (state {g.state})")
+        try:
+            reply = Client(g.control, WORKER_TIMEOUT, self.ctx).request(msg)
+        except NotResponding:
+            raise RequestFailed(errors.WORKER, f"guest {g.name}: worker not responding") from None
+        except RequestFailed as e:
+            raise RequestFailed(errors.WORKER, f"guest {g.name}: {e}") from None
+        except ProtocolError as e:
+            raise RequestFailed(errors.WORKER, f"guest {g.name}: bad reply from worker: {e}") from None
+        if not isinstance(reply, expect):
+            raise RequestFailed(errors.WORKER, f"guest {g.name}: unexpected {reply.TYPE} reply from worker")
+        return reply
+
+    def _need_state(self, g, *states):
+        if g.state not in states:
+            raise RequestFailed(errors.BAD_STATE, f"guest {g.name} is {g.state}, not {' or '.join(states)}")
+
+    def ping(self, msg, envelope):
+        return m.Pong(os.getpid(), self.dir)
+
+    def create(self, msg, envelope):
+        try:
+            validate(msg.config)
+        except ConfigError as e:
+            raise RequestFailed(errors.BAD_ARGUMENT, str(e)) from None
+        return self.registry.add(msg.config).info()
+
+    def start(self, msg, envelope):
+        g = self.registry.get(msg.name)
+        self._need_state(g, "created", "stopped", "failed")
+        try:
+            validate(g.config)          # the kernel file may have gone since create
+        except ConfigError as e:
+            raise RequestFailed(errors.BAD_ARGUMENT, str(e)) from None
+        try:
+            spawn.spawn_worker(g)
+        except OSError as e:
+            raise RequestFailed(errors.INTERNAL, f"cannot start guest {g.name}: {e}") from None
+        g.set_state("running")
+        return g.info()
+
+    def stop(self, msg, envelope):
+        g = self.registry.get(msg.name)
+        if g.popen is None:
+            return g.info()             # already not running: nothing to do
+        g.stop_reason = "stopped by request"
+        try:
+            self._worker(g, m.Stop(g.name))
+            g.kill_at = time.monotonic() + STOP_GRACE
+        except RequestFailed:
+            g.kill_at = time.monotonic()     # worker hung: kill it on the next tick
+        g.waiters.append(envelope)
+        return None
+
+    def pause(self, msg, envelope):
+        g = self.registry.get(msg.name)
+        self._need_state(g, "running")
+        self._worker(g, m.Pause(g.name))
+        g.set_state("paused")
+        return g.info()
+
+    def resume(self, msg, envelope):
+        g = self.registry.get(msg.name)
+        self._need_state(g, "paused")
+        self._worker(g, m.Resume(g.name))
+        g.set_state("running")
+        return g.info()
+
+    def destroy(self, msg, envelope):
+        g = self.registry.get(msg.name)
+        if g.popen is not None:
+            self._kill_now(g, "stopped by request (destroyed)")
+        self.registry.remove(g)
+        return m.Ok()
+
+    def list(self, msg, envelope):
+        return m.GuestList([g.info() for g in self.registry])
+
+    def info(self, msg, envelope):
+        return self.registry.get(msg.name).info()
+
+    def wait(self, msg, envelope):
+        g = self.registry.get(msg.name)
+        if g.state == "created":
+            raise RequestFailed(errors.BAD_STATE, f"guest {g.name} has not been started")
+        if g.popen is None:
+            return g.info()
+        g.waiters.append(envelope)
+        return None
+
+    def stats(self, msg, envelope):
+        g = self.registry.get(msg.name)
+        stats = dict(self._worker(g, m.Stats(g.name), m.StatsReply).stats)
+        stats["host"] = spawn.process_stats({"worker": g.popen.pid, "supervisor": os.getpid()})
+        return m.StatsReply(stats)
+
+
+def serve(runtime_dir):
+    Server(runtime_dir).serve()
