@@ -5,7 +5,6 @@ Nested messages (GuestConfig inside Create) are plain field maps, typed by the
 annotation.  decode() raises only ProtocolError, whatever the bytes: every
 peer's input is untrusted.
 """
-import dataclasses
 import functools
 import types
 import typing
@@ -13,7 +12,7 @@ import typing
 import msgpack
 
 from proto.errors import ProtocolError
-from proto.messages import MESSAGES
+from proto.messages import MESSAGES, Message, to_plain
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20      # also the sockets' ZMQ_MAXMSGSIZE
@@ -24,17 +23,7 @@ def encode(msg):
     """msgpack bytes for the message instance `msg`."""
     if type(msg).__name__ not in MESSAGES or MESSAGES[type(msg).__name__] is not type(msg):
         raise TypeError(f"not a protocol message: {msg!r}")
-    return msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.TYPE, "fields": _to_plain(msg)})
-
-
-def _to_plain(value):
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    return value
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.TYPE, "fields": to_plain(msg)})
 
 
 def decode(data, expect=None):
@@ -76,7 +65,7 @@ def _build(cls, fields, where):
 
 @functools.cache
 def _schema(cls):
-    return typing.get_type_hints(cls), tuple(f.name for f in dataclasses.fields(cls))
+    return typing.get_type_hints(cls), cls.FIELDS
 
 
 def _check(value, tp, where):
@@ -86,7 +75,7 @@ def _check(value, tp, where):
             return None
         (tp,) = [a for a in tp.__args__ if a is not type(None)]
         return _check(value, tp, where)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and issubclass(tp, Message):
         return _build(tp, value, where)
     origin = typing.get_origin(tp)
     if origin is list:

@@ -1,13 +1,11 @@
 """Control messages: one typed class per message that crosses a ZeroMQ socket.
 
-Every message is a dataclass with a `TYPE` name; `proto.codec` turns it into
+Every message is a Message subclass with a `TYPE` name; `proto.codec` turns it into
 msgpack and back, checking each field against the annotations here.  Field
 annotations are therefore the wire schema: use only str, int, float, bool,
 dict, list[...], X | None and other message classes.  No msgpack/zmq import
 here: `hvctl run` imports this module and must start fast.
 """
-from dataclasses import asdict, dataclass, field
-
 MESSAGES = {}   # TYPE -> class
 
 BOOT_MODES = ("linux", "raw16", "raw32", "raw64", "user64")
@@ -16,9 +14,30 @@ DEFAULT_MEM_BYTES = 128 << 20
 
 
 class Message:
-    """Base of every message: equality and repr by fields (generated per class only for __init__,
-    which keeps importing this module cheap for `hvctl run`)."""
+    """Base of every message: construction, equality and repr from the class's field annotations.
+
+    Not dataclasses: generating 18 of them (and importing inspect) took
+    longer than booting a guest, and `hvctl run` imports this module.
+    """
     TYPE = None
+    FIELDS = ()          # field names in order, set by @message
+    DEFAULTS = {}        # name -> default value, or a factory for list/dict defaults
+
+    def __init__(self, *args, **kwargs):
+        if len(args) > len(self.FIELDS):
+            raise TypeError(f"{self.TYPE} takes at most {len(self.FIELDS)} positional fields")
+        values = dict(zip(self.FIELDS, args))
+        for k, v in kwargs.items():
+            if k not in self.FIELDS or k in values:
+                raise TypeError(f"{self.TYPE}: unexpected or repeated field {k!r}")
+            values[k] = v
+        for name in self.FIELDS:
+            if name not in values:
+                if name not in self.DEFAULTS:
+                    raise TypeError(f"{self.TYPE}: missing field {name!r}")
+                default = self.DEFAULTS[name]
+                values[name] = default() if callable(default) else default
+            setattr(self, name, values[name])
 
     def __eq__(self, other):
         return type(other) is type(self) and self.__dict__ == other.__dict__
@@ -27,9 +46,29 @@ class Message:
         return f"{self.TYPE}({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
 
 
+def fields(msg_or_cls):
+    """Field names of a message class or instance, in declaration order."""
+    return msg_or_cls.FIELDS
+
+
+def to_plain(value):
+    """Messages (nested too) to plain dicts and lists, for msgpack and JSON."""
+    if isinstance(value, Message):
+        return {n: to_plain(getattr(value, n)) for n in value.FIELDS}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    return value
+
+
 def message(cls):
-    """Make `cls` a dataclass message (TYPE = its class name) and register it."""
-    cls = dataclass(cls, eq=False, repr=False)
+    """Register `cls` (TYPE = its class name); its annotations are its fields, class attributes its defaults."""
+    annotations = cls.__dict__.get("__annotations__", {})
+    cls.FIELDS = tuple(annotations)
+    cls.DEFAULTS = {n: cls.__dict__[n] for n in cls.FIELDS if n in cls.__dict__}
+    for n in cls.DEFAULTS:
+        delattr(cls, n)
     cls.TYPE = cls.__name__
     MESSAGES[cls.TYPE] = cls
     return cls
@@ -48,7 +87,7 @@ class GuestConfig(Message):
     cmdline: str = ""
     mem_bytes: int = DEFAULT_MEM_BYTES
     vcpus: int = 1
-    disks: list[str] = field(default_factory=list)
+    disks: list[str] = list          # factory: a fresh list per instance
     timeout: float | None = None     # seconds; past it the guest ends with 124
 
 
@@ -68,7 +107,7 @@ class GuestInfo(Message):
 
     def to_json(self):
         """The object `hvctl info/list --json` prints (interface.md)."""
-        return asdict(self)
+        return to_plain(self)
 
 
 # --- requests (hvctl -> supervisor; the guest-control ones also supervisor -> worker) ---

@@ -6,7 +6,6 @@ on every change, so a restarted supervisor still lists the guests it had; a
 guest that was running then is marked failed (its worker died with the
 supervisor).
 """
-import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 
 from proto import errors
 from proto.errors import RequestFailed
-from proto.messages import GuestConfig, GuestInfo
+from proto.messages import GuestConfig, GuestInfo, to_plain
 
 UNIX_PATH_MAX = 107
 
@@ -63,7 +62,7 @@ class Guest:
         self.save()
 
     def save(self):
-        record = {"config": dataclasses.asdict(self.config), "state": self.state,
+        record = {"config": to_plain(self.config), "state": self.state,
                   "exit_status": self.exit_status, "reason": self.reason}
         tmp = self.path("guest.json.tmp")
         with open(tmp, "w") as f:

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from proto import codec, messages as m
+from proto.messages import to_plain
 from proto.errors import ProtocolError
 
 CONFIG = m.GuestConfig(name="g1", kernel="/k", boot="raw16", load_addr=0x7C00, initrd=None,
@@ -34,7 +35,7 @@ def test_roundtrip(msg):
 
 
 def test_int_timeout_becomes_float():
-    fields = codec._to_plain(CONFIG) | {"timeout": 3}
+    fields = to_plain(CONFIG) | {"timeout": 3}
     assert codec.decode(envelope("GuestConfig", fields)).timeout == 3.0
 
 
@@ -56,13 +57,13 @@ def test_int_timeout_becomes_float():
     (envelope("Pong", {"pid": True, "runtime_dir": "/r"}), "Pong.pid: expected int"),
     (envelope("Pong", {"pid": 1.0, "runtime_dir": "/r"}), "expected int"),
     (envelope("Create", {"config": "x"}), "Create.config"),
-    (envelope("Create", {"config": codec._to_plain(CONFIG) | {"vcpus": "2"}}), "Create.config.vcpus"),
-    (envelope("Create", {"config": codec._to_plain(CONFIG) | {"disks": [1]}}), "disks[0]"),
-    (envelope("Create", {"config": codec._to_plain(CONFIG) | {"timeout": "x"}}), "timeout"),
+    (envelope("Create", {"config": to_plain(CONFIG) | {"vcpus": "2"}}), "Create.config.vcpus"),
+    (envelope("Create", {"config": to_plain(CONFIG) | {"disks": [1]}}), "disks[0]"),
+    (envelope("Create", {"config": to_plain(CONFIG) | {"timeout": "x"}}), "timeout"),
     (envelope("GuestList", {"guests": [1]}), "GuestList.guests[0]"),
     (envelope("StatsReply", {"stats": {"a": msgpack.ExtType(1, b"x")}}), "plain values"),
     (envelope("StatsReply", {"stats": [1]}), "map"),
-    (envelope("GuestInfo", codec._to_plain(INFO) | {"pids": {"worker": "x"}}), "pids"),
+    (envelope("GuestInfo", to_plain(INFO) | {"pids": {"worker": "x"}}), "pids"),
     (b"\x91" * 5000, "not a msgpack"),                       # nested deeper than msgpack allows
     (b"\x00" * (codec.MAX_MESSAGE_BYTES + 1), "limit"),
 ])
