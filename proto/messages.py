@@ -9,6 +9,7 @@ here: `hvctl run` imports this module and must start fast.
 MESSAGES = {}   # TYPE -> class
 
 BOOT_MODES = ("linux", "raw16", "raw32", "raw64", "user64")
+COMPAT_PROFILES = ("nested", "none")
 STATES = ("created", "running", "paused", "stopped", "failed")
 DEFAULT_MEM_BYTES = 128 << 20
 
@@ -89,6 +90,8 @@ class GuestConfig(Message):
     vcpus: int = 1
     disks: list[str] = list          # factory: a fresh list per instance
     timeout: float | None = None     # seconds; past it the guest ends with 124
+    pin: list[int] = list            # host CPUs; vCPU i runs on pin[i % len(pin)]; empty: unpinned
+    compat: str = "nested"           # compatibility profile: "nested" (default) or "none"
 
 
 @message

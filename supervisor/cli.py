@@ -88,8 +88,9 @@ def request(args, msg, timeout=10.0):
 # --- commands ----------------------------------------------------------------
 
 def _config(args, name):
-    return build_config(name, args.kernel, args.boot, args.load_addr, args.initrd, args.cmdline,
-                        args.mem, args.vcpus, args.disk, args.timeout)
+    return build_config(name, args.kernel, boot=args.boot, load_addr=args.load_addr, initrd=args.initrd,
+                        cmdline=args.cmdline, mem=args.mem, vcpus=args.vcpus, disks=args.disk,
+                        timeout=args.timeout, pin=args.pin, compat=args.compat)
 
 
 def cmd_run(args):
@@ -328,6 +329,9 @@ def _run_options(p):
     p.add_argument("--vcpus", metavar="N", help="number of vCPUs (default 1, at most 64)")
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]", help="(not supported yet)")
     p.add_argument("--timeout", metavar="SECONDS", help="end the guest with status 124 after this long")
+    p.add_argument("--pin", metavar="CPUS", help="pin vCPU threads to host CPUs, e.g. 0,1 (vCPU i -> i-th CPU, cycling)")
+    p.add_argument("--compat", choices=("nested", "none"),
+                   help="compatibility profile for nested KVM hosts (default: nested; see hvctl info)")
 
 
 def build_parser():

@@ -9,7 +9,7 @@ import os
 import re
 
 from devices.guest_memory import ram_regions
-from proto.messages import BOOT_MODES, DEFAULT_MEM_BYTES, GuestConfig
+from proto.messages import BOOT_MODES, COMPAT_PROFILES, DEFAULT_MEM_BYTES, GuestConfig
 
 MIN_MEM, MAX_MEM = 1 << 20, 64 << 30
 MAX_VCPUS = 64                  # KVM allows more; our hosts have 2 cores
@@ -40,7 +40,7 @@ def parse_int(text, option):
 
 
 def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdline=None,
-                 mem=None, vcpus=None, disks=(), timeout=None):
+                 mem=None, vcpus=None, disks=(), timeout=None, pin=None, compat=None):
     """A validated GuestConfig from option strings as argparse gives them (None = default)."""
     if disks:
         raise ConfigError("--disk is not supported yet")
@@ -58,9 +58,25 @@ def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdlin
         mem_bytes=DEFAULT_MEM_BYTES if mem is None else parse_size(mem),
         vcpus=1 if vcpus is None else parse_int(vcpus, "--vcpus"),
         timeout=t,
+        pin=[] if pin is None else parse_cpu_list(pin),
+        compat="nested" if compat is None else compat,
     )
     validate(config)
     return config
+
+
+def parse_cpu_list(text):
+    """'0,1' or '0-3' -> [0, 1] / [0, 1, 2, 3], for --pin."""
+    cpus = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ConfigError(f"--pin: {text!r} is not a CPU list like 0,1 or 0-3") from None
+    if not cpus:
+        raise ConfigError(f"--pin: {text!r} names no CPU")
+    return cpus
 
 
 def validate(config):
@@ -83,6 +99,12 @@ def validate(config):
         raise ConfigError(f"--timeout: {c.timeout:g} is not a positive number of seconds")
     if c.disks:
         raise ConfigError("--disk is not supported yet")
+    if c.compat not in COMPAT_PROFILES:
+        raise ConfigError(f"--compat: {c.compat!r} is not one of {', '.join(COMPAT_PROFILES)}")
+    host_cpus = os.sched_getaffinity(0)
+    for cpu in c.pin:
+        if cpu not in host_cpus:
+            raise ConfigError(f"--pin: host CPU {cpu} is not available here (have {sorted(host_cpus)})")
     _check_file(c.kernel, "kernel")
     if c.initrd is not None:
         _check_file(c.initrd, "initrd")

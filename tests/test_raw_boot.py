@@ -130,3 +130,36 @@ def test_mem_option_sets_guest_ram(build_guest, run_guest, mem):
 """
     r = run_guest(build_guest(src, "raw64"), "--boot", "raw64", "--mem", mem, timeout=30)
     assert r.returncode == 0x5A
+
+
+def test_raw_guests_get_the_tsc_frequency_in_rdx(build_guest, run_guest):
+    # Each vCPU checks RDX against vCPU 0's copy; the exit status says whether all agreed and it is > 100 MHz.
+    src = r"""
+    lea khz(%rip), %rbx
+    test %rdi, %rdi
+    jnz 2f
+    mov %rdx, (%rbx)
+    lock incq 8(%rbx)
+1:  cmpq %rsi, 8(%rbx)
+    jne 1b
+    cmpq $100000, (%rbx)
+    jb 3f
+    cmpq $0, 16(%rbx)
+    jne 3f
+    mov $0xFEBFF000, %rax
+    movb $77, (%rax)
+2:  cmpq $0, (%rbx)
+    je 2b
+    cmp (%rbx), %rdx
+    je 4f
+    lock incq 16(%rbx)          /* a mismatch */
+4:  lock incq 8(%rbx)
+5:  jmp 5b
+3:  mov $0xFEBFF000, %rax
+    movb $1, (%rax)
+    jmp 5b
+.balign 8
+khz: .quad 0, 0, 0
+"""
+    r = run_guest(build_guest(src, "user64"), "--boot", "user64", "--vcpus", 2, "--timeout", "30", timeout=60)
+    assert r.returncode == 77

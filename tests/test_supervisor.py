@@ -333,3 +333,22 @@ def test_restarted_supervisor_lists_guests(build_guest):
     finally:
         sup.stop()
         shutil.rmtree(sup.dir, ignore_errors=True)
+
+
+SPIN64 = "1: jmp 1b\n"
+
+
+@needs_kvm
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two host CPUs to pin to")
+def test_pinned_vcpus_run_on_the_named_host_cpus(sup, build_guest):
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    img = build_guest(SPIN64, "user64")
+    sup.hvctl("create", "p", "--kernel", img, "--boot", "user64", "--vcpus", "3",
+              "--pin", f"{cpus[1]},{cpus[0]}", "--timeout", "60", check=0)
+    sup.hvctl("start", "p", check=0)
+    stats = json.loads(sup.hvctl("stats", "p", "--json", check=0).stdout)
+    placed = {v["index"]: v["host_cpus"] for v in stats["vcpus"]}
+    assert placed == {0: [cpus[1]], 1: [cpus[0]], 2: [cpus[1]]}
+    tids = {v["host_tid"] for v in stats["vcpus"]}
+    assert len(tids) == 3 and all(os.path.exists(f"/proc/{sup.info('p')['pids']['worker']}/task/{t}") for t in tids)
+    sup.hvctl("stop", "p", check=0)

@@ -186,6 +186,13 @@ class Vcpu:
         ioctl(self.fd, "KVM_TRANSLATE", tr)
         return tr.physical_address if tr.valid else None
 
+    def tsc_khz(self):
+        """The guest TSC frequency in kHz (0 if KVM does not know it)."""
+        try:
+            return ioctl(self.fd, "KVM_GET_TSC_KHZ")
+        except KvmError:
+            return 0
+
     def kick_prepare(self):
         """Make the next (or current) KVM_RUN return at once; a signal does the interrupting."""
         lib.hv_set_immediate_exit(self.run, 1)

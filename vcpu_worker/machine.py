@@ -144,7 +144,7 @@ class Machine:
                 if boot == "linux":
                     regs.rsi = boot_rsi
                 else:
-                    regs.rdi, regs.rsi = i, n
+                    regs.rdi, regs.rsi, regs.rdx = i, n, vcpu.tsc_khz()
                 vcpu.set_regs(regs)
                 if i > 0:
                     vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
@@ -226,6 +226,11 @@ class Machine:
             c["exits"] = {EXIT_NAMES.get(k, str(k)): v for k, v in c["exits"].items()}
             c["index"] = t.vcpu.index
             c["mmio_unclaimed"] = t.mmio_unclaimed
+            c["host_tid"] = t.host_tid
+            try:
+                c["host_cpus"] = sorted(os.sched_getaffinity(t.host_tid)) if t.host_tid else []
+            except OSError:
+                c["host_cpus"] = []      # the thread has ended
             vcpus.append(c)
         return {
             "vcpus": vcpus,

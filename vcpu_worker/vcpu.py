@@ -4,6 +4,7 @@ Port exits that need no device never reach this file: the C loop absorbs
 them (vcpu_worker/csrc/hv_kvm.c).  Everything here is on the exit path, so it
 allocates little and never logs; counters live in the C struct hv_vcpu.
 """
+import os
 import threading
 
 from vcpu_worker import fixups
@@ -42,6 +43,7 @@ class VcpuThread(threading.Thread):
         self.machine = machine
         self.vcpu = vcpu
         self.mmio_unclaimed = 0
+        self.host_tid = None
         self._handlers = {
             lib.KVM_EXIT_IO: self._io,
             lib.KVM_EXIT_MMIO: self._mmio,
@@ -57,7 +59,11 @@ class VcpuThread(threading.Thread):
         }
 
     def run(self):
+        pin = self.machine.config.pin
+        self.host_tid = threading.get_native_id()
         try:
+            if pin:
+                os.sched_setaffinity(0, {pin[self.vcpu.index % len(pin)]})   # 0: this thread
             outcome = self._loop()
         except Exception as e:  # a VMM bug must end this VM, not hang it
             outcome = Outcome(STATUS_FAILED, f"vCPU {self.vcpu.index}: VMM error: {type(e).__name__}: {e}")
@@ -132,7 +138,6 @@ class VcpuThread(threading.Thread):
                        f"{fixups.register_summary(self.vcpu)}")
 
     def _run_failed(self, e):
-        import os
         return Outcome(STATUS_FAILED, f"vCPU {self.vcpu.index}: KVM_RUN failed: {os.strerror(e.err)}")
 
     def _unknown(self, e):
