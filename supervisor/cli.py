@@ -15,7 +15,7 @@ from supervisor.config import ConfigError, build_config
 
 PROG = "hvctl"
 COMMANDS = ("run", "supervisor", "create", "start", "stop", "pause", "resume", "destroy", "list", "info",
-            "wait", "logs", "console", "stats", "snapshot", "restore")
+            "wait", "logs", "console", "stats", "top", "snapshot", "restore")
 NOT_IMPLEMENTED = "snapshot/restore is not implemented yet"
 
 
@@ -310,6 +310,21 @@ def cmd_stats(args):
     return 0
 
 
+def cmd_top(args):
+    from proto import messages as m
+    from supervisor import top
+
+    def fetch_stats(name):
+        try:
+            return request(args, m.Stats(name)).stats
+        except Fail:
+            return None          # it stopped between list and stats
+
+    top.run(lambda: [g.to_json() for g in request(args, m.List()).guests], fetch_stats,
+            interval=args.interval, iterations=args.iterations)
+    return 0
+
+
 def _size_approx(n):
     return f"{n / (1 << 20):.1f}M"
 
@@ -391,6 +406,9 @@ def build_parser(only=None):
     add("console", cmd_console, "attach the console interactively (Ctrl-] detaches)", "name")
     add("stats", cmd_stats, "exits per vCPU, device counters, host CPU/memory per process",
         "name").add_argument("--json", action="store_true")
+    top = add("top", cmd_top, "a live, refreshing table of all guests (exits/s, guest time, CPU, memory)")
+    top.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
+    top.add_argument("--iterations", "-n", type=int, metavar="N", help="stop after N refreshes")
     add("snapshot", cmd_not_implemented, "(not implemented yet)", "name", "dir")
     add("restore", cmd_not_implemented, "(not implemented yet)", "dir").add_argument("--name")
     return p

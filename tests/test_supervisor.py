@@ -352,3 +352,23 @@ def test_pinned_vcpus_run_on_the_named_host_cpus(sup, build_guest):
     tids = {v["host_tid"] for v in stats["vcpus"]}
     assert len(tids) == 3 and all(os.path.exists(f"/proc/{sup.info('p')['pids']['worker']}/task/{t}") for t in tids)
     sup.hvctl("stop", "p", check=0)
+
+
+@needs_kvm
+def test_top_shows_rates_for_running_guests(sup, build_guest):
+    # A guest that keeps exiting on a Python-handled port (COM1 scratch) so the exit rate is non-zero.
+    busy = "mov $0x3ff, %dx\n1: out %al, %dx\njmp 1b\n"
+    sup.hvctl("create", "busy", "--kernel", guest(build_guest, busy), "--boot", "raw16", "--timeout", "60", check=0)
+    sup.hvctl("create", "idle", "--kernel", guest(build_guest, EXIT7), "--boot", "raw16", check=0)
+    sup.hvctl("start", "busy", check=0)
+    sup.hvctl("start", "idle", check=0)
+    sup.hvctl("wait", "idle", "--timeout", "30", check=7)
+    out = sup.hvctl("top", "--iterations", "2", "--interval", "0.5", check=0).stdout
+    table = out.strip().splitlines()[-3:]           # the second refresh: header + 2 guests
+    header = table[0].split()
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert header[:5] == ["NAME", "STATE", "VCPUS", "MEM", "EXITS/S"]
+    assert rows["busy"][1] == "running" and int(rows["busy"][4].replace(",", "")) > 0
+    assert rows["busy"][5] == "IO"
+    assert rows["idle"][1] == "stopped" and rows["idle"][-1] == "7"
+    sup.hvctl("stop", "busy", check=0)
