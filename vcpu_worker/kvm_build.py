@@ -40,6 +40,8 @@ CDEF = r"""
 #define KVM_SET_MSRS ...
 #define KVM_GET_MSRS ...
 #define KVM_GET_TSC_KHZ ...
+#define KVM_SET_GSI_ROUTING ...
+#define KVM_SIGNAL_MSI ...
 
 #define KVM_CAP_IRQCHIP ...
 #define KVM_CAP_USER_MEMORY ...
@@ -50,6 +52,9 @@ CDEF = r"""
 #define KVM_CAP_PIT2 ...
 #define KVM_CAP_IMMEDIATE_EXIT ...
 #define KVM_CAP_X86_DISABLE_EXITS ...
+#define KVM_CAP_IRQ_ROUTING ...
+#define KVM_CAP_SIGNAL_MSI ...
+#define KVM_CAP_IOEVENTFD_ANY_LENGTH ...
 
 #define KVM_PIT_SPEAKER_DUMMY ...
 #define KVM_IRQFD_FLAG_DEASSIGN ...
@@ -59,6 +64,11 @@ CDEF = r"""
 #define KVM_MP_STATE_RUNNABLE ...
 #define KVM_MP_STATE_UNINITIALIZED ...
 #define KVM_VCPUEVENT_VALID_NMI_PENDING ...
+#define KVM_IRQ_ROUTING_IRQCHIP ...
+#define KVM_IRQ_ROUTING_MSI ...
+#define KVM_IRQCHIP_PIC_MASTER ...
+#define KVM_IRQCHIP_PIC_SLAVE ...
+#define KVM_IRQCHIP_IOAPIC ...
 
 #define KVM_EXIT_UNKNOWN ...
 #define KVM_EXIT_EXCEPTION ...
@@ -175,6 +185,49 @@ struct kvm_irqfd {
     ...;
 };
 
+/* KVM_SET_GSI_ROUTING: a header and a flexible array of entries.  cffi
+ * allocates it with ffi.new("struct kvm_irq_routing *", {"nr": n, "entries": n})
+ * (a var-sized last member takes its length from the initializer). */
+struct kvm_irq_routing_irqchip {
+    uint32_t irqchip;
+    uint32_t pin;
+};
+
+struct kvm_irq_routing_msi {
+    uint32_t address_lo;
+    uint32_t address_hi;
+    uint32_t data;
+    uint32_t pad;
+};
+
+struct kvm_irq_routing_entry {
+    uint32_t gsi;
+    uint32_t type;
+    uint32_t flags;
+    uint32_t pad;
+    union {
+        struct kvm_irq_routing_irqchip irqchip;
+        struct kvm_irq_routing_msi msi;
+        uint32_t pad[8];
+    } u;
+    ...;
+};
+
+struct kvm_irq_routing {
+    uint32_t nr;
+    uint32_t flags;
+    struct kvm_irq_routing_entry entries[];
+};
+
+struct kvm_msi {
+    uint32_t address_lo;
+    uint32_t address_hi;
+    uint32_t data;
+    uint32_t flags;
+    uint32_t devid;
+    uint8_t  pad[12];
+};
+
 struct kvm_ioeventfd {
     uint64_t datamatch;
     uint64_t addr;
@@ -216,10 +269,10 @@ struct hv_exit {
     uint32_t reason;
     int32_t err;
     uint32_t io_dir, io_size, io_port, io_count;
-    uint8_t *io_data;
+    char *io_data;
     uint64_t mmio_addr;
     uint32_t mmio_len, mmio_write;
-    uint8_t *mmio_data;
+    char *mmio_data;
     uint32_t suberror, ndata;
     uint64_t data[16];
     uint64_t exit_value;

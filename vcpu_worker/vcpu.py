@@ -44,6 +44,8 @@ class VcpuThread(threading.Thread):
         self.vcpu = vcpu
         self.mmio_unclaimed = 0
         self.host_tid = None
+        self._pio_lookup = machine.pio.lookup
+        self._mmio_lookup = machine.mmio.lookup
         self._handlers = {
             lib.KVM_EXIT_IO: self._io,
             lib.KVM_EXIT_MMIO: self._mmio,
@@ -80,18 +82,26 @@ class VcpuThread(threading.Thread):
     # -- exit handlers: return None to keep running, or an Outcome ----------
 
     def _io(self, e):
-        device, base = self.machine.pio.lookup(e.io_port)
+        device, base = self._pio_lookup(e.io_port)
         offset, size, count = e.io_port - base, e.io_size, e.io_count
-        buf = ffi.buffer(e.io_data, size * count)
+        data = e.io_data
+        if count == 1:                      # the common case: no buffer object
+            if e.io_dir == lib.KVM_EXIT_IO_OUT:
+                device.write(offset, ffi.unpack(data, size))
+            else:
+                ffi.memmove(data, device.read(offset, size)[:size].ljust(size, b"\xff"), size)
+            return None
+        buf = ffi.buffer(data, size * count)   # string I/O (rep outsb/insb)
         if e.io_dir == lib.KVM_EXIT_IO_OUT:
             for i in range(0, size * count, size):
                 device.write(offset, buf[i:i + size])
         else:
             for i in range(0, size * count, size):
                 buf[i:i + size] = device.read(offset, size)[:size].ljust(size, b"\xff")
+        return None
 
     def _mmio(self, e):
-        found = self.machine.mmio.lookup(e.mmio_addr)
+        found = self._mmio_lookup(e.mmio_addr)
         n = e.mmio_len
         if found is None:
             self.mmio_unclaimed += 1
@@ -100,9 +110,10 @@ class VcpuThread(threading.Thread):
             return None
         device, base = found
         if e.mmio_write:
-            device.write(e.mmio_addr - base, ffi.buffer(e.mmio_data, n)[:])
+            device.write(e.mmio_addr - base, ffi.unpack(e.mmio_data, n))
         else:
             ffi.memmove(e.mmio_data, device.read(e.mmio_addr - base, n)[:n].ljust(n, b"\xff"), n)
+        return None
 
     def _guest_exit(self, e):
         return Outcome(e.exit_value, f"guest wrote {e.exit_value} to the exit port")

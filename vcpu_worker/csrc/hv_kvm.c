@@ -32,11 +32,11 @@ struct hv_exit {
     int32_t err;
     /* KVM_EXIT_IO */
     uint32_t io_dir, io_size, io_port, io_count;
-    uint8_t *io_data;
+    char *io_data;
     /* KVM_EXIT_MMIO */
     uint64_t mmio_addr;
     uint32_t mmio_len, mmio_write;
-    uint8_t *mmio_data;
+    char *mmio_data;
     /* KVM_EXIT_INTERNAL_ERROR / FAIL_ENTRY / SYSTEM_EVENT */
     uint32_t suberror, ndata;
     uint64_t data[16];
@@ -128,13 +128,13 @@ static void hv_fill_exit(struct hv_vcpu *v, struct hv_exit *e)
         e->io_size = run->io.size;
         e->io_port = run->io.port;
         e->io_count = run->io.count;
-        e->io_data = (uint8_t *)run + run->io.data_offset;
+        e->io_data = (char *)run + run->io.data_offset;
         break;
     case KVM_EXIT_MMIO:
         e->mmio_addr = run->mmio.phys_addr;
         e->mmio_len = run->mmio.len;
         e->mmio_write = run->mmio.is_write;
-        e->mmio_data = run->mmio.data;
+        e->mmio_data = (char *)run->mmio.data;
         break;
     case KVM_EXIT_INTERNAL_ERROR:
         e->suberror = run->internal.suberror;
