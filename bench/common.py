@@ -75,9 +75,11 @@ def hvctl_run(args, image, timeout=300):
 class Timed:
     """One child run: stdout chunks with their arrival times (seconds after just before exec)."""
 
-    def __init__(self, cmd):
+    def __init__(self, cmd, stop_at=None):
+        """With `stop_at`, the child is ended once that byte string has arrived (its status is then ignored)."""
         self.cmd = cmd
         self.chunks = []
+        seen = b""
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env=CHILD_ENV)
@@ -88,15 +90,23 @@ class Timed:
             if not data:
                 break
             self.chunks.append((t, data))
+            if stop_at is not None:
+                seen = (seen + data)[-4096:]
+                if stop_at in seen:
+                    p.terminate()
+                    stop_at = None
         self.stderr = p.stderr.read().decode(errors="replace")
         self.status = p.wait()
         self.elapsed = time.perf_counter() - t0
         self.stdout = b"".join(d for _, d in self.chunks)
 
-    def at(self, byte):
-        """When the first occurrence of `byte` arrived, or None."""
+    def at(self, needle):
+        """When `needle` (bytes, possibly split across reads) had fully arrived, or None."""
+        buf = bytearray()
         for t, data in self.chunks:
-            if byte in data:
+            start = max(0, len(buf) - len(needle) + 1)
+            buf += data
+            if buf.find(needle, start) >= 0:
                 return t
         return None
 

@@ -98,7 +98,7 @@ def _config(args, name):
 def cmd_run(args):
     config = _config(args, "run")
     from vcpu_worker.runner import run_foreground
-    return run_foreground(config)
+    return run_foreground(config, stats_path=args.stats_json)
 
 
 def cmd_supervisor(args):
@@ -389,7 +389,9 @@ def build_parser(only=None):
         if not isinstance(p, Skipped):
             _add_run_options(p)
 
-    _run_options(add("run", cmd_run, "boot one guest in the foreground; exit with its status"))
+    run = add("run", cmd_run, "boot one guest in the foreground; exit with its status")
+    _run_options(run)
+    run.add_argument("--stats-json", metavar="FILE", help="write the VMM's counters (exits, time in guest/VMM) here at exit")
     add("supervisor", cmd_supervisor, "run the supervisor (one per runtime dir)").add_argument(
         "--detach", action="store_true", help="run it in the background, logging to RUNTIME_DIR/supervisor.log")
     _run_options(add("create", cmd_create, "define a guest (state: created)", "name"))

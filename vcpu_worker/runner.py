@@ -31,7 +31,15 @@ def _pump_stdin(machine):
         return
 
 
-def run_foreground(config):
+def _write_stats(machine, outcome, path):
+    import json
+    stats = machine.stats()
+    stats["outcome"] = {"status": outcome.status, "reason": outcome.reason}
+    with open(path, "w") as f:
+        json.dump(stats, f, indent=2)
+
+
+def run_foreground(config, stats_path=None):
     """Boot `config` and return the exit status; the one-line reason for a failure goes to stderr."""
     from vcpu_worker.machine import Machine, MachineError
 
@@ -48,6 +56,8 @@ def run_foreground(config):
         machine.finish(Outcome(STATUS_TIMEOUT, f"timed out after {config.timeout:g} s"))
         outcome = machine.outcome
     machine.join()
+    if stats_path:
+        _write_stats(machine, outcome, stats_path)
     if outcome.status == 70:
         print(f"hvctl: VM failed: {outcome.reason}", file=sys.stderr)
     return outcome.status
