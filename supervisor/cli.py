@@ -181,9 +181,11 @@ def _size(n):
 
 def cmd_info(args):
     from proto import messages as m
+    from vcpu_worker.compat import profile
     g = request(args, m.Info(args.name))
+    compat = profile(g.config.compat).describe()
     if args.json:
-        print(json.dumps(g.to_json(), indent=2))
+        print(json.dumps({**g.to_json(), "compat_profile": compat}, indent=2))
         return 0
     c = g.config
     rows = [("name", g.name), ("state", g.state),
@@ -193,7 +195,9 @@ def cmd_info(args):
             ("load addr", "default" if c.load_addr is None else hex(c.load_addr)),
             ("initrd", c.initrd or "-"), ("cmdline", c.cmdline or "-"), ("mem", _size(c.mem_bytes)),
             ("vcpus", c.vcpus), ("timeout", "-" if c.timeout is None else f"{c.timeout:g} s"),
-            ("console log", g.console_log)]
+            ("pin", ",".join(map(str, c.pin)) or "-"), ("console log", g.console_log),
+            ("compat", compat["name"]),
+            *((f"  {kind}", item) for kind in ("cpuid_masks", "kernel_args", "fixups") for item in compat[kind])]
     for k, v in rows:
         print(f"{k + ':':13} {v}")
     return 0

@@ -20,25 +20,36 @@ def probe_elf(tmp_path_factory):
 
 
 def test_elf_vmlinux_gets_cmdline_and_e820(run_guest, probe_elf):
-    r = run_guest(probe_elf, "--boot", "linux", "--cmdline", "console=ttyS0 pyhv=yes", "--timeout", "20", timeout=30)
+    r = run_guest(probe_elf, "--boot", "linux", "--compat", "none", "--cmdline", "console=ttyS0 pyhv=yes",
+                  "--timeout", "20", timeout=30)
     lines = r.stdout.decode().splitlines()
     assert lines[0] == "cmdline=console=ttyS0 pyhv=yes"
     assert lines[1].startswith("e820=") and int(lines[1][5:]) >= 3
     assert r.returncode == 42
 
 
+def test_nested_profile_adds_its_kernel_arguments_but_keeps_the_users(run_guest, probe_elf):
+    from vcpu_worker.compat import NESTED_KERNEL_ARGS
+    r = run_guest(probe_elf, "--cmdline", "console=ttyS0 tsc=unstable", "--timeout", "20", timeout=30)
+    words = r.stdout.decode().splitlines()[0][len("cmdline="):].split()
+    assert words[:2] == ["console=ttyS0", "tsc=unstable"]          # the user's value wins
+    assert "tsc=reliable" not in words
+    assert [w for w in words[2:]] == [a for a in NESTED_KERNEL_ARGS if not a.startswith("tsc=")]
+
+
 def test_lz4_bzimage_is_decompressed_on_the_host_and_booted(run_guest, probe_elf, tmp_path):
     bz = tmp_path / "bzImage"
     bz.write_bytes(make_bzimage(payload_for("lz4", probe_elf.read_bytes())))
-    r = run_guest(bz, "--cmdline", "from=bzImage", "--timeout", "20", timeout=30)   # --boot linux is the default
-    assert r.stdout.decode().splitlines()[0] == "cmdline=from=bzImage"
+    r = run_guest(bz, "--cmdline", "from=bzImage", "--compat", "none", "--timeout", "20", timeout=30)
+    assert r.stdout.decode().splitlines()[0] == "cmdline=from=bzImage"   # --boot linux is the default
     assert r.returncode == 42
 
 
 def test_linux_boot_with_an_initrd_and_two_vcpus(run_guest, probe_elf, tmp_path):
     initrd = tmp_path / "initrd"
     initrd.write_bytes(b"07070100" * 1000)
-    r = run_guest(probe_elf, "--initrd", initrd, "--vcpus", 2, "--cmdline", "x", "--timeout", "20", timeout=30)
+    r = run_guest(probe_elf, "--initrd", initrd, "--vcpus", 2, "--cmdline", "x", "--compat", "none",
+                  "--timeout", "20", timeout=30)
     assert r.stdout.decode().splitlines()[0] == "cmdline=x"
     assert r.returncode == 42
 

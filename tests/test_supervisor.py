@@ -372,3 +372,16 @@ def test_top_shows_rates_for_running_guests(sup, build_guest):
     assert rows["busy"][5] == "IO"
     assert rows["idle"][1] == "stopped" and rows["idle"][-1] == "7"
     sup.hvctl("stop", "busy", check=0)
+
+
+def test_info_lists_the_compatibility_profile(sup, build_guest):
+    from vcpu_worker.compat import NESTED_KERNEL_ARGS
+    img = guest(build_guest, EXIT7)
+    sup.hvctl("create", "c1", "--kernel", img, "--boot", "raw16", check=0)
+    sup.hvctl("create", "c2", "--kernel", img, "--boot", "raw16", "--compat", "none", check=0)
+    nested = sup.info("c1")["compat_profile"]
+    assert nested["name"] == "nested" and nested["kernel_args"] == list(NESTED_KERNEL_ARGS)
+    assert any("CX16" in m for m in nested["cpuid_masks"]) and "int3" in nested["fixups"]
+    assert sup.info("c2")["compat_profile"] == {"name": "none", "cpuid_masks": [], "kernel_args": [], "fixups": []}
+    text = sup.hvctl("info", "c1", check=0).stdout
+    assert "compat:" in text and "noxsave" in text

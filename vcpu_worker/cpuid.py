@@ -1,16 +1,5 @@
-"""The CPUID a vCPU sees: KVM's supported set, per-vCPU topology, and the masks these machines need.
-
-On the nested (kvm_pvm) machines guest kernel code runs through KVM's
-instruction emulator, which cannot execute some instructions the CPU
-advertises (see docs/kvm-notes.md).  Of the CPUID bits that would steer a
-guest away from them, only some are honoured here; those are cleared.
-"""
+"""The CPUID a vCPU sees: KVM's supported set, per-vCPU topology, and the compatibility profile's masks."""
 from vcpu_worker._kvm import ffi
-
-# (leaf, subleaf or None, register, bit, why)
-COMPAT_MASKS = (
-    (1, None, "ecx", 13, "CX16: lock cmpxchg16b cannot be emulated"),
-)
 
 
 def _clear(entries, leaf, subleaf, reg, bit):
@@ -19,7 +8,7 @@ def _clear(entries, leaf, subleaf, reg, bit):
             setattr(e, reg, getattr(e, reg) & ~(1 << bit))
 
 
-def vcpu_cpuid(supported, index, count, compat=True):
+def vcpu_cpuid(supported, index, count, masks=()):
     """A fresh copy of `supported` adjusted for vCPU `index` of `count`."""
     entries = []
     for src in supported:
@@ -33,7 +22,6 @@ def vcpu_cpuid(supported, index, count, compat=True):
             e.edx = e.edx | (1 << 28) if count > 1 else e.edx & ~(1 << 28)
         elif e.function in (0xB, 0x1F):
             e.edx = index               # x2APIC ID
-    if compat:
-        for leaf, subleaf, reg, bit, _why in COMPAT_MASKS:
-            _clear(entries, leaf, subleaf, reg, bit)
+    for leaf, subleaf, reg, bit, _why in masks:
+        _clear(entries, leaf, subleaf, reg, bit)
     return entries

@@ -53,12 +53,10 @@ FIXUPS = (
 )
 
 
-def apply(vcpu, insn, counts):
-    """Apply the fix-up for `insn` if there is one; True if the vCPU may resume."""
-    if counts is None:
-        return False
+def apply(vcpu, insn, enabled, counts):
+    """Apply the fix-up for `insn` if the profile enables one; True if the vCPU may resume."""
     for prefix, handler, name in FIXUPS:
-        if insn.startswith(prefix):
+        if name in enabled and insn.startswith(prefix):
             handler(vcpu, len(prefix))
             counts[name] = counts.get(name, 0) + 1
             return True

@@ -14,7 +14,7 @@ from devices.debug_page import DEBUG_PAGE_ADDR, DEBUG_PAGE_SIZE, DebugPage
 from devices.guest_memory import GuestMemory, ram_regions
 from devices.i8042 import I8042
 from devices.serial import Serial8250
-from vcpu_worker import cpuid
+from vcpu_worker import compat, cpuid
 from vcpu_worker._kvm import ffi, lib
 from vcpu_worker.boot import cpu_state, layout, mptable
 from vcpu_worker.bus import MmioBus, PioBus
@@ -44,7 +44,8 @@ class Machine:
         self.console_out = console_out
         self.outcome = None
         self.paused = False
-        self.fixup_counts = {} if getattr(config, "compat", "nested") != "none" else None
+        self.profile = compat.profile(config.compat)
+        self.fixup_counts = {}
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._park = threading.Condition(self._lock)
@@ -102,7 +103,7 @@ class Machine:
         if boot == "linux":
             from vcpu_worker.boot.linux import KernelImageError, load_linux
             try:
-                info = load_linux(self.mem, image, self.config.cmdline or "", initrd)
+                info = load_linux(self.mem, image, self.profile.kernel_cmdline(self.config.cmdline or ""), initrd)
             except KernelImageError as e:
                 raise MachineError(f"{self.config.kernel}: {e}") from None
             cpu_state.write_tables(self.mem)
@@ -124,14 +125,13 @@ class Machine:
 
     def _create_vcpus(self, entry, boot_rsi):
         n, boot = self.config.vcpus, self.config.boot
-        compat = getattr(self.config, "compat", "nested") != "none"
         try:
             supported = self.kvm.supported_cpuid()
             self.vcpus = []
             for i in range(n):
                 vcpu = self.vm.create_vcpu(i)
                 vcpu.state.port_action = self.pio.action_ptr
-                vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, i, n, compat))
+                vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, i, n, self.profile.cpuid_masks))
                 sregs = vcpu.get_sregs()
                 cpu_state.set_boot_sregs(sregs, boot)
                 vcpu.set_sregs(sregs)
@@ -238,5 +238,6 @@ class Machine:
                         "debug_page": self.debug_page.counters()},
             "pio_unclaimed": sum(v["io_unclaimed"] for v in vcpus),
             "mmio_unclaimed": sum(v["mmio_unclaimed"] for v in vcpus),
-            "fixups": dict(self.fixup_counts or {}),
+            "fixups": dict(self.fixup_counts),
+            "compat": self.profile.describe(),
         }

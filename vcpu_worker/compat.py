@@ -1,0 +1,57 @@
+"""Compatibility profiles: what a guest needs to run on a given kind of KVM host, in one place.
+
+`nested` (the default) is for hosts like ours, where KVM runs nested
+(kvm_pvm) and guest kernel code goes through KVM's instruction emulator:
+CPUID bits the emulator can't back are cleared where KVM honours that,
+Linux gets kernel arguments that steer it away from the rest, and
+instructions that still fail are fixed up by the VMM (vcpu_worker.fixups).
+`none` passes the host's CPUID through and adds nothing.  The facts behind
+each entry are in docs/kvm-notes.md and ../shared/docs/kvm-on-these-machines.md.
+"""
+
+# (leaf, subleaf or None, register, bit, why)
+NESTED_CPUID_MASKS = (
+    (1, None, "ecx", 13, "CX16: lock cmpxchg16b cannot be emulated"),
+)
+
+# Kernel arguments added to Linux command lines (unless the user set the same key).
+NESTED_KERNEL_ARGS = (
+    "noxsave",                  # xrstor64 cannot be emulated; clearing CPUID.XSAVE is not honoured
+    # Leaf-7 and other bits are not honoured in KVM_SET_CPUID2 here: ask Linux to ignore them.
+    "clearcpuid=smap,smep,umip,fsgsbase,rdrand,rdseed,pcid,invpcid,pku,ospke,avx,avx2,avx512f,cx16,popcnt,"
+    "movbe,bmi1,bmi2,abm,adx,erms,fsrm",
+    "nopv",                     # a KVM paravirt hypercall never completed
+    "tsc=reliable",             # the emulated clocksource watchdog otherwise marks the TSC unstable
+)
+
+
+class Profile:
+    def __init__(self, name, cpuid_masks, kernel_args, fixups):
+        self.name = name
+        self.cpuid_masks = cpuid_masks
+        self.kernel_args = kernel_args
+        self.fixups = fixups
+
+    def kernel_cmdline(self, cmdline):
+        """`cmdline` plus this profile's arguments, keeping any the user already set (by key)."""
+        words = cmdline.split()
+        keys = {w.split("=", 1)[0] for w in words}
+        extra = [a for a in self.kernel_args if a.split("=", 1)[0] not in keys]
+        return " ".join(words + extra)
+
+    def describe(self):
+        """For `hvctl info`: what this profile changes."""
+        return {"name": self.name,
+                "cpuid_masks": [f"leaf 0x{leaf:x} {reg}[{bit}]: {why}" for leaf, _, reg, bit, why in self.cpuid_masks],
+                "kernel_args": list(self.kernel_args),
+                "fixups": list(self.fixups)}
+
+
+PROFILES = {
+    "nested": Profile("nested", NESTED_CPUID_MASKS, NESTED_KERNEL_ARGS, ("int3", "fwait")),
+    "none": Profile("none", (), (), ()),
+}
+
+
+def profile(name):
+    return PROFILES[name]
