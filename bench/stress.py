@@ -51,7 +51,7 @@ ROUNDS = 16                 # FNV rounds over the index: a few thousand instruct
 GUEST_TIMEOUT = 300         # every guest's --timeout: nothing outlives a broken run
 UP_TIMEOUT = 240            # seconds for all N guests to print their line
 MODES = {"zygote": "1", "direct": "0"}      # name -> HV_ZYGOTE
-TARGETS = {"rate": 20.0, "concurrent": 100, "pss_mib": 20.0}
+TARGETS = {"rate": 20.0, "pss_mib": 20.0}      # and: all N guests running at once, all completing
 MAGIC = 0x5453455254534856  # "VHSTRTST" in the image: index, flags, rounds follow
 FLAG_WAIT = 1
 
@@ -390,7 +390,7 @@ def _release(info):
 # -- one scenario -----------------------------------------------------------------------
 
 def scenario(args, mode, n, mem, kill=0, rounds=ROUNDS, say=print, keep=False,
-             guest_timeout=GUEST_TIMEOUT, up_timeout=UP_TIMEOUT):
+             guest_timeout=GUEST_TIMEOUT, up_timeout=UP_TIMEOUT, kill_zygote=False):
     """Run N guests under a supervisor in `mode` ("zygote" or "direct"); a dict of figures and failures.
 
     res["failures"] lists every check that went wrong (one line each); the
@@ -418,12 +418,17 @@ def scenario(args, mode, n, mem, kill=0, rounds=ROUNDS, say=print, keep=False,
             sup.pipe.send(m.Create(c))
         for c in configs:
             sup.pipe.send(m.Start(c.name))
-        start_replies = []
-        for _ in range(2 * n):
+        zygote_at_start = _zygote_pid(sup.proc.pid)
+        for k in range(2 * n):
             r = sup.pipe.recv(120)
             if isinstance(r, m.Error):
                 fail(f"request failed: {r.kind}: {r.message}")
-            start_replies.append(time.perf_counter())
+            if kill_zygote and k == n + n // 2:
+                if zygote_at_start:
+                    os.kill(zygote_at_start, signal.SIGKILL)
+                    say(f"  [{mode}] killed the zygote (pid {zygote_at_start}) after {n // 2} starts")
+                else:
+                    fail("--kill-zygote: no zygote to kill")
         t_started = time.perf_counter()
         res["create_start_s"] = t_started - t0
         res["rate"] = n / res["create_start_s"]
@@ -535,6 +540,16 @@ def scenario(args, mode, n, mem, kill=0, rounds=ROUNDS, say=print, keep=False,
         if not _one_guest(sup, "after", warm, n, rounds, fail):
             fail("the supervisor could not run a guest after the stress")
         res["zygote_drops"] = _log_count(sup, "spawned directly")
+        # nothing left behind: the supervisor's only child now is its zygote (stray zombies are reaped)
+        deadline = time.monotonic() + 10
+        while True:
+            extra = [p for p in _children(sup.proc.pid) if p != _zygote_pid(sup.proc.pid)]
+            if not extra or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if extra:
+            fail(f"the supervisor still has children besides its zygote: "
+                 f"{[(p, (_read_stat(p) or [b'?'])[0].decode()) for p in extra]}")
     finally:
         worker_pids = _children(sup.proc.pid)
         sup.stop()
@@ -624,7 +639,7 @@ FIGURES = [
     # key, label, unit, target text, convert
     ("rate", "created+started", "guests/s", f">= {TARGETS['rate']:g}", float),
     ("up_rate", "guests up (line printed)", "guests/s", "-", float),
-    ("max_running", "max running at once", "guests", f"{TARGETS['concurrent']} (all)", float),
+    ("max_running", "max running at once", "guests", "all N", float),
     ("workers_from_zygote", "workers forked by the zygote", "guests", "-", float),
     ("completed_ok", "completed with exact output", "guests", "all not killed", float),
     ("pss_overhead_mean", "PSS/guest beyond guest RAM", "MiB", f"< {TARGETS['pss_mib']:g}", _mib),
@@ -676,12 +691,13 @@ def run(args):
     n = getattr(args, "guests", None) or GUESTS
     mem = getattr(args, "mem", None) or MEM
     kill = getattr(args, "kill", 0) or 0
+    kill_zygote = getattr(args, "kill_zygote", False)
     modes = getattr(args, "modes", None) or list(MODES)
     results = []
     for mode in modes:
         print(f"stress: {mode}: {n} guests x {mem}" + (f", killing {kill}" if kill else ""), file=sys.stderr, flush=True)
         res = scenario(args, mode, n, mem, kill, say=lambda s: print(s, file=sys.stderr, flush=True),
-                       keep=getattr(args, "keep", False))
+                       keep=getattr(args, "keep", False), kill_zygote=kill_zygote and mode == "zygote")
         for f in res["failures"]:
             print(f"  FAIL [{mode}] {f}", file=sys.stderr)
         if res["failures"]:
@@ -699,6 +715,8 @@ def main():
     p.add_argument("--guests", type=int, default=GUESTS, help=f"number of guests (default {GUESTS})")
     p.add_argument("--mem", default=MEM, help=f"guest RAM each (default {MEM})")
     p.add_argument("--kill", type=int, default=0, metavar="K", help="chaos: SIGKILL K random workers once all are up")
+    p.add_argument("--kill-zygote", action="store_true",
+                   help="chaos: SIGKILL the zygote halfway through the Start burst (its starts must fall back)")
     p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
                    help="comma-separated: zygote,direct (default both)")
     p.add_argument("--keep", action="store_true", help="keep the runtime dirs")

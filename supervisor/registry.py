@@ -9,7 +9,6 @@ supervisor).
 import json
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -27,7 +26,8 @@ class Guest:
     state: str = "created"
     exit_status: int | None = None
     reason: str = ""
-    popen: subprocess.Popen | None = None
+    proc: object = None               # spawn.WorkerProcess while a worker runs (pid, poll, kill, wait)
+    starting: bool = False            # a Start is waiting for the zygote's answer
     mem_fd: int | None = None
     stop_reason: str | None = None    # set by stop/shutdown: a worker exit then means "stopped", not "failed"
     kill_at: float | None = None      # monotonic time at which the worker gets SIGKILL
@@ -53,7 +53,7 @@ class Guest:
         return GuestInfo(
             name=self.name, state=self.state, vcpus=self.config.vcpus,
             mem_bytes=self.config.mem_bytes, exit_status=self.exit_status, reason=self.reason,
-            pids={"worker": self.popen.pid} if self.popen else {},
+            pids={"worker": self.proc.pid} if self.proc else {},
             config=self.config, console_log=self.path("console.log"),
             console_sock=self.path("console.sock"))
 

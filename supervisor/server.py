@@ -1,10 +1,14 @@
 """The supervisor: a ZeroMQ ROUTER loop on ipc://RUNTIME_DIR/control.sock that runs guests.
 
-One thread.  Each turn of the loop answers the requests that arrived and
-polls the workers (Popen.poll) so a worker's exit is noticed within
-TICK seconds.  Requests are validated on receipt; bad input gets an Error
-reply and never stops the loop.  `wait` and `stop` replies are deferred
-until the guest ends.  Pause/resume/stop/stats are forwarded to the guest's
+One thread.  Each turn of the loop answers the requests that arrived, takes
+the zygote's answers (a Start is answered once its worker exists, so a
+burst of Starts is served while the zygote forks) and polls the workers
+(waitpid by pid: they are our children, forked by the zygote or spawned
+directly, see spawn.py) so a worker's exit is noticed within TICK seconds.
+Requests are validated on receipt; bad input gets an Error reply and never
+stops the loop.  `wait` and `stop` replies are deferred until the guest
+ends; any request other than Create, Start and Ping first waits for the
+starts in flight, so it sees every earlier Start done.  Pause/resume/stop/stats are forwarded to the guest's
 worker with a timeout.
 """
 import fcntl
@@ -42,6 +46,7 @@ class Server:
         self._lock = self._take_lock()
         self.registry = Registry(self.dir)
         self.ctx = zmq.Context()
+        self.spawner = spawn.Spawner()
         self.running = True
         self.handlers = {m.Ping: self.ping, m.Create: self.create, m.Start: self.start,
                          m.Stop: self.stop, m.Pause: self.pause, m.Resume: self.resume,
@@ -74,12 +79,20 @@ class Server:
         self.sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind("ipc://" + self.sock_path)
+        self.spawner.start()             # the zygote warms up while we already serve
         print(f"supervisor: pid {os.getpid()} serving ipc://{self.sock_path}", file=sys.stderr, flush=True)
         try:
             while self.running:
-                if self.sock.poll(int(TICK * 1000)):
+                items = [(self.sock, zmq.POLLIN)]
+                zfd = self.spawner.fileno()
+                if zfd is not None:
+                    items.append((zfd, zmq.POLLIN))
+                ready = zmq.zmq_poll(items, int(TICK * 1000))
+                if any(s is self.sock for s, _ in ready):
                     while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         self._on_frames(self.sock.recv_multipart())
+                if zfd is not None and any(s == zfd for s, _ in ready):
+                    self.spawner.collect()
                 self._watch()
         finally:
             self._shutdown()
@@ -95,6 +108,8 @@ class Server:
             handler = self.handlers.get(type(msg))
             if handler is None:
                 raise ProtocolError(f"{msg.TYPE} is not a request")
+            if type(msg) not in (m.Create, m.Start, m.Ping):
+                self.spawner.drain()
             reply = handler(msg, envelope)
         except ProtocolError as e:
             reply = m.Error(errors.PROTOCOL, str(e))
@@ -116,18 +131,19 @@ class Server:
         """Notice worker exits; SIGKILL workers that outlived their stop grace."""
         now = time.monotonic()
         for g in self.registry:
-            if g.popen is None:
+            if g.proc is None:
                 continue
-            rc = g.popen.poll()
+            rc = g.proc.poll()
             if rc is not None:
                 self._finished(g, rc)
             elif g.kill_at is not None and now >= g.kill_at:
-                g.popen.kill()
+                g.proc.kill()
                 g.kill_at = None
+        self.spawner.watch()
 
     def _finished(self, g, returncode):
         g.set_state(*spawn.read_outcome(g, returncode))
-        g.popen, g.kill_at, g.stop_reason = None, None, None
+        g.proc, g.kill_at, g.stop_reason = None, None, None
         spawn.release_memory(g)
         info = g.info()
         for envelope in g.waiters:
@@ -136,13 +152,18 @@ class Server:
 
     def _kill_now(self, g, reason):
         g.stop_reason = reason
-        g.popen.kill()
-        self._finished(g, g.popen.wait())
+        g.proc.kill()
+        self._finished(g, g.proc.wait())
 
     def _shutdown(self):
-        for g in self.registry:
-            if g.popen is not None:
-                self._kill_now(g, "stopped: the supervisor shut down")
+        self.spawner.drain()
+        live = [g for g in self.registry if g.proc is not None]
+        for g in live:                  # all signals first, then reap: no worker waits for another's turn
+            g.stop_reason = "stopped: the supervisor shut down"
+            g.proc.kill()
+        for g in live:
+            self._finished(g, g.proc.wait())
+        self.spawner.close()
         self.sock.close()
         try:
             os.unlink(self.sock_path)
@@ -155,7 +176,7 @@ class Server:
 
     def _worker(self, g, msg, expect=m.Ok):
         """Forward `msg` to the guest's worker; its reply (of type `expect`), or RequestFailed."""
-        if g.popen is None or g.popen.poll() is not None:
+        if g.proc is None or g.proc.poll() is not None:
             raise RequestFailed(errors.BAD_STATE, f"guest {g.name} is not running (state {g.state})")
         try:
             reply = Client(g.control, WORKER_TIMEOUT, self.ctx).request(msg)
@@ -185,21 +206,29 @@ class Server:
 
     def start(self, msg, envelope):
         g = self.registry.get(msg.name)
+        if g.starting:
+            raise RequestFailed(errors.BAD_STATE, f"guest {g.name} is being started")
         self._need_state(g, "created", "stopped", "failed")
         try:
             validate(g.config)          # the kernel file may have gone since create
         except ConfigError as e:
             raise RequestFailed(errors.BAD_ARGUMENT, str(e)) from None
-        try:
-            spawn.spawn_worker(g)
-        except OSError as e:
-            raise RequestFailed(errors.INTERNAL, f"cannot start guest {g.name}: {e}") from None
-        g.set_state("running")
-        return g.info()
+
+        def done(error):
+            g.starting = False
+            if error is not None:
+                self._reply(envelope, m.Error(errors.INTERNAL, f"cannot start guest {g.name}: {error}"))
+                return
+            g.set_state("running")
+            self._reply(envelope, g.info())
+
+        g.starting = True
+        self.spawner.start_worker(g, done)      # done() now (direct spawn) or when the zygote answers
+        return None
 
     def stop(self, msg, envelope):
         g = self.registry.get(msg.name)
-        if g.popen is None:
+        if g.proc is None:
             return g.info()             # already not running: nothing to do
         g.stop_reason = "stopped by request"
         try:
@@ -226,7 +255,7 @@ class Server:
 
     def destroy(self, msg, envelope):
         g = self.registry.get(msg.name)
-        if g.popen is not None:
+        if g.proc is not None:
             self._kill_now(g, "stopped by request (destroyed)")
         self.registry.remove(g)
         return m.Ok()
@@ -241,7 +270,7 @@ class Server:
         g = self.registry.get(msg.name)
         if g.state == "created":
             raise RequestFailed(errors.BAD_STATE, f"guest {g.name} has not been started")
-        if g.popen is None:
+        if g.proc is None:
             return g.info()
         g.waiters.append(envelope)
         return None
@@ -249,7 +278,10 @@ class Server:
     def stats(self, msg, envelope):
         g = self.registry.get(msg.name)
         stats = dict(self._worker(g, m.Stats(g.name), m.StatsReply).stats)
-        stats["host"] = spawn.process_stats({"worker": g.popen.pid, "supervisor": os.getpid()})
+        pids = {"worker": g.proc.pid, "supervisor": os.getpid()}
+        if self.spawner.zygote_pid is not None:
+            pids["zygote"] = self.spawner.zygote_pid
+        stats["host"] = spawn.process_stats(pids)
         return m.StatsReply(stats)
 
 

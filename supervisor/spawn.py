@@ -1,9 +1,26 @@
-"""Worker processes: spawning one per guest with its RAM memfd, and reading how it ended.
+"""Worker processes: one per guest with its RAM memfd, forked by the zygote (or spawned directly); how each ended.
 
-The supervisor owns guest RAM: it creates the memfd and passes the fd number
-to the worker (pass_fds), so nobody opens guest RAM by path.  The worker runs
-in its own session (a Ctrl-C on the supervisor's terminal does not reach
-it), its stdout is the append-only console log, its stderr the worker log.
+The supervisor owns guest RAM: it creates the memfd and hands it to the
+worker, so nobody opens guest RAM by path.  A worker runs in its own session
+(a Ctrl-C on the supervisor's terminal does not reach it), its stdout is the
+append-only console log, its stderr the worker log.
+
+Workers normally come from the zygote (supervisor/zygote.py): a pre-imported
+fork server, so a worker costs a fork instead of a fresh interpreter.  The
+zygote double-forks and the supervisor is a child subreaper, so every worker
+is the supervisor's child either way and is watched by pid (WorkerProcess),
+and dies with it (PR_SET_PDEATHSIG, set by the worker once re-parented; the
+supervisor also kills its workers when it shuts down).  Asking the zygote is
+asynchronous: the supervisor goes on serving while the zygote forks, up to
+MAX_IN_FLIGHT starts at once, and finishes each start when the answer comes.
+If the zygote is dead or hung, the starts it owes fall back to direct spawns
+(`python -m vcpu_worker.worker`) and a new zygote is started (at most once
+per ZYGOTE_RESTART_BACKOFF).  HV_ZYGOTE=0 in the supervisor's environment
+disables the zygote: every worker is spawned directly, as before.
+
+Being a subreaper means any orphaned descendant becomes our child; workers
+start no processes, and the orphans a failed zygote may leave are reaped
+for a few seconds after it is dropped (_reap_strays).
 """
 import base64
 import json
@@ -17,6 +34,8 @@ from devices.guest_memory import create_memfd
 from proto import codec
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZYGOTE_RESTART_BACKOFF = 5.0    # seconds between restarts of a zygote that keeps dying
+MAX_IN_FLIGHT = 32              # starts the zygote may owe us at once (bounds its socket buffer and our fds)
 
 
 def child_env():
@@ -26,31 +45,328 @@ def child_env():
     return env
 
 
-def spawn_worker(guest):
-    """Allocate the guest's RAM and start its worker; sets guest.popen and guest.mem_fd."""
-    for leaf in ("result.json", "console.sock", "worker.sock"):
+def zygote_enabled(environ=os.environ):
+    return environ.get("HV_ZYGOTE", "1").strip().lower() not in ("0", "no", "off", "false")
+
+
+class WorkerProcess:
+    """A worker we are the parent of, watched by pid (it may come from the zygote: no Popen then).
+
+    poll/wait/kill mirror subprocess.Popen: returncode is the exit status, or
+    -N for a worker killed by signal N.
+    """
+
+    live = {}                           # pid -> WorkerProcess not yet reaped
+
+    def __init__(self, pid, via, popen=None):
+        self.pid = pid
+        self.via = via                  # "zygote" or "spawn"
+        self.popen = popen
+        self.returncode = None
+        WorkerProcess.live[pid] = self
+
+    def _reaped(self, status):
+        WorkerProcess.live.pop(self.pid, None)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        if self.popen is not None:
+            self.popen.returncode = self.returncode   # keep Popen from waiting on a pid we reaped
+        return self.returncode
+
+    def poll(self):
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:   # not our child (cannot happen unless reaped elsewhere)
+                WorkerProcess.live.pop(self.pid, None)
+                self.returncode = 255
+                return self.returncode
+            if pid:
+                return self._reaped(status)
+        return self.returncode
+
+    def wait(self):
+        while self.returncode is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                WorkerProcess.live.pop(self.pid, None)
+                self.returncode = 255
+                break
+            self._reaped(status)
+        return self.returncode
+
+    def kill(self):
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)     # still our unreaped child: the pid cannot be reused
+            except ProcessLookupError:
+                pass
+
+
+class Spawner:
+    """Makes workers: through the zygote when it is enabled and healthy, else directly.
+
+    start_worker(guest, done) calls done(None) once guest.proc is set, or
+    done("reason") if no worker could be made; with the zygote that happens
+    later, from collect() (the server polls fileno() for the answers) or
+    drain().  Use from the supervisor's main thread only.
+    """
+
+    def __init__(self, use_zygote=None, log=None):
+        self.use_zygote = zygote_enabled() if use_zygote is None else use_zygote
+        self.log = log                  # where the zygote's stderr goes (None: ours)
+        self.zygote = None
+        self.pending = {}               # request id -> (guest, go pipe write end, done, submitted at)
+        self._ids = 0
+        self._next_start = 0.0
+        self._strays_until = 0.0        # after a zygote failure: reap orphans it left us until then
+        self.fallbacks = 0              # workers that had to be spawned directly although the zygote is on
+
+    # -- the zygote's life -----------------------------------------------------
+
+    def start(self):
+        """Become a child subreaper and start the zygote (call from the main thread, before any spawn)."""
+        if not self.use_zygote:
+            return
+        from supervisor import zygote
         try:
-            os.unlink(guest.path(leaf))
-        except FileNotFoundError:
-            pass
-    guest.mem_fd = create_memfd(guest.config.mem_bytes, name=f"guest-ram-{guest.name}")
-    out = os.open(guest.path("console.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    err = os.open(guest.path("worker.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            zygote.set_child_subreaper()
+        except OSError as e:
+            print(f"supervisor: no zygote: PR_SET_CHILD_SUBREAPER failed: {e}", file=sys.stderr, flush=True)
+            self.use_zygote = False
+            return
+        self._start_zygote()
+
+    def _start_zygote(self):
+        from supervisor import zygote
+        self._next_start = time.monotonic() + ZYGOTE_RESTART_BACKOFF
+        try:
+            self.zygote = zygote.Zygote(child_env(), self.log)
+        except OSError as e:
+            print(f"supervisor: cannot start the zygote: {e}", file=sys.stderr, flush=True)
+            self.zygote = None
+            return
+        print(f"supervisor: zygote pid {self.zygote.pid}", file=sys.stderr, flush=True)
+
+    def _drop_zygote(self, why):
+        """Give up on the zygote: kill it, spawn what it still owed us directly."""
+        print(f"supervisor: zygote pid {self.zygote.pid}: {why}; workers are spawned directly until it is back",
+              file=sys.stderr, flush=True)
+        self.zygote.close()
+        self.zygote = None
+        self._strays_until = time.monotonic() + 5.0
+        pending, self.pending = self.pending, {}
+        for guest, go_w, done, _ in pending.values():
+            os.close(go_w)              # EOF: a worker the zygote made anyway exits without running
+            self.fallbacks += 1
+            self._directly(guest, done)
+
+    def watch(self):
+        """Each tick: collect answers, notice a dead or hung zygote, restart it (at most once per backoff)."""
+        if not self.use_zygote:
+            return
+        if self._strays_until and time.monotonic() < self._strays_until:
+            _reap_strays(exclude={self.zygote_pid})
+        if self.zygote is not None:
+            if not self.zygote.alive():
+                self.collect()          # what it answered before it died still counts
+                if self.zygote is not None:
+                    self._drop_zygote(f"exited with status {self.zygote.proc.returncode}")
+            else:
+                self.collect()
+                if self.zygote is not None and self.pending:
+                    oldest = min(t for *_, t in self.pending.values())
+                    if time.monotonic() > self.zygote.deadline(oldest):
+                        self._drop_zygote("no answer in time")
+            return
+        if time.monotonic() >= self._next_start:
+            self._start_zygote()
+
+    @property
+    def zygote_pid(self):
+        return self.zygote.pid if self.zygote is not None else None
+
+    def fileno(self):
+        """The fd to poll for the zygote's answers, or None when none are awaited."""
+        if self.zygote is not None and (self.pending or not self.zygote.ready):
+            return self.zygote.fileno()
+        return None
+
+    # -- workers -------------------------------------------------------------------
+
+    def start_worker(self, guest, done):
+        """Allocate the guest's RAM and start its worker; done(None or reason) when guest.proc is set (or not)."""
+        for leaf in ("result.json", "console.sock", "worker.sock"):
+            try:
+                os.unlink(guest.path(leaf))
+            except FileNotFoundError:
+                pass
+        try:
+            guest.mem_fd = create_memfd(guest.config.mem_bytes, name=f"guest-ram-{guest.name}")
+        except OSError as e:
+            _call(done, f"cannot allocate guest RAM: {e}")
+            return
+        if self.use_zygote and len(self.pending) >= MAX_IN_FLIGHT:
+            self._wait_for_answers(MAX_IN_FLIGHT - 1)
+        if self.use_zygote and self.zygote is not None and self._submit(guest, done):
+            return
+        if self.use_zygote:
+            self.fallbacks += 1
+        self._directly(guest, done)
+
+    def _submit(self, guest, done):
+        from supervisor.zygote import WORKER_MEM_FD, ZygoteError
+        out = err = go_r = go_w = None
+        try:
+            out, err = _open_logs(guest)
+            go_r, go_w = os.pipe2(os.O_CLOEXEC)
+            self._ids += 1
+            self.zygote.submit(self._ids, worker_argv(guest, WORKER_MEM_FD), (guest.mem_fd, out, err, go_r),
+                               guest.dir, guest.name)
+        except (OSError, ZygoteError) as e:
+            if go_w is not None:
+                os.close(go_w)
+            if isinstance(e, ZygoteError):
+                self._drop_zygote(str(e))
+            else:
+                print(f"supervisor: cannot ask the zygote for a worker: {e}", file=sys.stderr, flush=True)
+            return False
+        finally:
+            for fd in (out, err, go_r):
+                if fd is not None:
+                    os.close(fd)
+        self.pending[self._ids] = (guest, go_w, done, time.monotonic())
+        return True
+
+    def collect(self):
+        """Finish the starts the zygote has answered (never blocks)."""
+        if self.zygote is None:
+            return
+        from supervisor.zygote import ZygoteError
+        try:
+            replies = self.zygote.replies()
+        except ZygoteError as e:
+            self._drop_zygote(str(e))
+            return
+        for reply in replies:
+            entry = self.pending.pop(reply.get("id"), None)
+            if entry is None:
+                continue                # an answer to a request we already gave up on
+            guest, go_w, done, _ = entry
+            pid = reply.get("pid")
+            if type(pid) is int and pid > 0:
+                guest.proc = WorkerProcess(pid, "zygote")
+                try:
+                    os.write(go_w, b"g")     # now that we know its pid, the worker may run the guest
+                except BrokenPipeError:
+                    pass                     # it died already: the next poll reports it
+                os.close(go_w)
+                _call(done, None)
+            else:
+                os.close(go_w)
+                print(f"supervisor: zygote could not fork a worker for {guest.name}: {reply.get('error')}",
+                      file=sys.stderr, flush=True)
+                self.fallbacks += 1
+                self._directly(guest, done)
+
+    def drain(self):
+        """Block until every start the zygote owes us is finished (or handed to a direct spawn)."""
+        self._wait_for_answers(0)
+
+    def _wait_for_answers(self, at_most):
+        """Block until the zygote owes us at most `at_most` starts (failing over to direct spawns if it hangs)."""
+        import select
+        while len(self.pending) > at_most and self.zygote is not None:
+            oldest = min(t for *_, t in self.pending.values())
+            left = self.zygote.deadline(oldest) - time.monotonic()
+            if left <= 0 or not self.zygote.alive():
+                self.collect()
+                if self.pending and self.zygote is not None:
+                    self._drop_zygote("no answer in time" if left <= 0 else "it died")
+                break
+            select.select([self.zygote.fileno()], [], [], min(left, 0.2))
+            self.collect()
+
+    def _directly(self, guest, done):
+        """`python -m vcpu_worker.worker` in a fresh interpreter."""
+        out = err = None
+        try:
+            out, err = _open_logs(guest)
+            cmd = [sys.executable, "-m", "vcpu_worker.worker"] + worker_argv(guest, guest.mem_fd)
+            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                     pass_fds=(guest.mem_fd,), start_new_session=True,
+                                     env=child_env(), cwd=guest.dir)
+        except OSError as e:
+            release_memory(guest)
+            _call(done, str(e))
+            return
+        finally:
+            for fd in (out, err):
+                if fd is not None:
+                    os.close(fd)
+        guest.proc = WorkerProcess(popen.pid, "spawn", popen)
+        _call(done, None)
+
+    def close(self):
+        self.drain()
+        if self.zygote is not None:
+            self.zygote.close()
+            self.zygote = None
+
+
+def _call(done, error):
+    """Run a start's completion callback; a bug in it must not stop the supervisor's loop."""
     try:
-        cmd = [sys.executable, "-m", "vcpu_worker.worker",
-               "--config", base64.b64encode(codec.encode(guest.config)).decode(),
-               "--mem-fd", str(guest.mem_fd), "--control", guest.control,
-               "--console-sock", guest.path("console.sock"), "--result", guest.path("result.json"),
-               "--parent-pid", str(os.getpid())]
-        guest.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                       pass_fds=(guest.mem_fd,), start_new_session=True,
-                                       env=child_env(), cwd=guest.dir)
+        done(error)
+    except Exception:
+        import traceback
+        traceback.print_exc()
+
+
+def _open_logs(guest):
+    """(console log fd, worker log fd), append-only."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    out = os.open(guest.path("console.log"), flags, 0o644)
+    try:
+        return out, os.open(guest.path("worker.log"), flags, 0o644)
     except OSError:
-        release_memory(guest)
-        raise
-    finally:
         os.close(out)
-        os.close(err)
+        raise
+
+
+def _reap_strays(exclude=()):
+    """Reap zombie children we do not track: workers a failed zygote forked after we gave up on it.
+
+    Tracked workers and the zygote are left alone (their owners reap them).
+    """
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        if pid in WorkerProcess.live or pid in exclude:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if fields[0] == b"Z" and int(fields[1]) == me:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def worker_argv(guest, mem_fd):
+    """The worker's command-line arguments (after `python -m vcpu_worker.worker`)."""
+    return ["--config", base64.b64encode(codec.encode(guest.config)).decode(),
+            "--mem-fd", str(mem_fd), "--control", guest.control,
+            "--console-sock", guest.path("console.sock"), "--result", guest.path("result.json"),
+            "--parent-pid", str(os.getpid())]
 
 
 def release_memory(guest):

@@ -1,11 +1,14 @@
 """The supervised worker: one guest's Machine, driven over a control socket, with a shared console.
 
 Started by the supervisor (supervisor/spawn.py) with the guest RAM memfd
-passed as an fd.  stdout is the guest's console log (append-only), stderr the
-worker log.  The main thread serves Pause/Resume/Stop/Stats/Ping on a ZeroMQ
-REP socket and watches for the guest's end; a console thread serves clients
-of the console unix socket (`hvctl console`).  When the guest ends, the
-worker writes result.json ({"status", "reason"}) atomically and exits 0.
+passed as an fd: forked by the zygote (supervisor/zygote.py), which calls
+main(argv) in the forked process, or as `python -m vcpu_worker.worker`.
+stdout is the guest's console log (append-only), stderr the worker log.  The
+main thread serves Pause/Resume/Stop/Stats/Ping on a ZeroMQ REP socket and
+sleeps until a request, the guest's end or its timeout; a console thread
+serves clients of the console unix socket (`hvctl console`).  When the guest
+ends, the worker writes result.json ({"status", "reason"}) atomically and
+exits 0.
 """
 import argparse
 import base64
@@ -25,7 +28,6 @@ from proto import codec, errors, messages as m
 from proto.errors import ProtocolError
 
 STATUS_FAILED, STATUS_TIMEOUT = 70, 124
-POLL_MS = 50
 PAUSE_TIMEOUT = 1.0     # below the supervisor's worker timeout
 
 
@@ -103,7 +105,11 @@ def write_result(path, status, reason):
 
 
 def _die_with_parent(parent_pid):
-    """SIGKILL us if the supervisor dies: nobody else could manage this guest."""
+    """SIGKILL us if the supervisor dies: nobody else could manage this guest.
+
+    The signal follows the parent *thread*: a worker forked by the zygote gets
+    here only once it has been re-parented to the supervisor (zygote.py).
+    """
     import ctypes
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -165,12 +171,21 @@ def serve(args):
     console.start(machine.feed_console)
     machine.start()
 
+    # Sleep until a request, the VM's end or the timeout: an idle guest costs its worker no CPU.
+    ended_r, ended_w = os.pipe2(os.O_CLOEXEC)
+    threading.Thread(target=lambda: (machine.wait(), os.write(ended_w, b"x")), name="ended", daemon=True).start()
+    poller = zmq.Poller()
+    poller.register(rep, zmq.POLLIN)
+    poller.register(ended_r, zmq.POLLIN)
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
     paused_at = None
     outcome = None
     try:
         while outcome is None:
-            if rep.poll(POLL_MS):
+            wait_ms = None
+            if deadline is not None and paused_at is None:
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            if rep in dict(poller.poll(wait_ms)):
                 reply, outcome, paused_at, deadline = _handle(rep.recv(), machine, paused_at, deadline)
                 rep.send(codec.encode(reply))
             outcome = outcome or machine.wait(0)

@@ -1,0 +1,388 @@
+"""The zygote: a fork server that has imported everything a worker needs and forks one worker per guest.
+
+A fresh `python -m vcpu_worker.worker` costs ~150 ms of CPU in imports and
+~10-20 MiB of private memory.  The zygote pays the imports once, calls
+gc.freeze() so its objects' GC headers are never written again, and forks.
+A forked worker shares the zygote's pages copy-on-write, so it starts in a few
+milliseconds and its PSS is a fraction of a fresh interpreter's.
+
+The zygote opens no /dev/kvm and creates no VM: KVM binds a VM to the mm of
+the process that created it, so the worker creates its VM after the fork.  It
+starts no threads either (fork copies only the calling thread).
+
+Protocol (a SOCK_SEQPACKET socketpair: the supervisor's end and ours), JSON:
+  zygote -> supervisor, once:  {"ready": pid}
+  supervisor -> zygote:        {"id", "argv": [...], "cwd", "name", "supervisor_pid"}
+                               with SCM_RIGHTS fds [guest RAM memfd, console log, worker log,
+                               the read end of the supervisor's "go" pipe]
+  zygote -> supervisor:        {"id", "pid": worker pid} or {"id", "error": "one line"}
+Requests are answered as their workers are ready, not necessarily in order:
+the zygote forks the next worker while the previous ones are still being
+born.  EOF on the socket (the supervisor went away) ends the zygote.
+
+The zygote double-forks: its child (the "middle" process) forks the worker
+and exits at once, so the worker is re-parented to the supervisor, which has
+made itself a child subreaper (PR_SET_CHILD_SUBREAPER) and can therefore
+waitpid() the worker for its exit status.  The zygote answers only once the
+middle process is a zombie (its pidfd is readable), i.e. once the worker is
+the supervisor's child.  The worker waits for two things before it runs the
+guest: the go byte, which the supervisor writes only once it has the
+worker's pid (if the request failed or timed out, the supervisor closes the
+pipe instead and the worker exits: a guest never gets two workers), and the
+re-parenting; only then does the worker set PR_SET_PDEATHSIG (which fires
+when the *parent thread* dies, so it is set once the parent is the
+supervisor's main thread, which forked the zygote).
+
+The zygote runs at a higher priority than workers (nice -10 where allowed):
+it is on every guest's start path and uses little CPU; a worker gets the
+zygote's original nice value back.
+
+This module is both sides: `Zygote` is the supervisor's handle; `main()` is
+the zygote process (`python -m supervisor.zygote --fd N --supervisor-pid P`).
+"""
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+MAX_MSG = 1 << 16
+NFDS = 4                        # memfd, console log, worker log, go pipe (read end)
+WORKER_MEM_FD = 3               # where the worker finds guest RAM (its --mem-fd)
+READY_TIMEOUT = 10.0            # the zygote's imports (~0.3 s; more with cold bytecode on a loaded host)
+REPLY_TIMEOUT = 5.0             # a worker's birth takes milliseconds; past this the zygote is hung
+                                # (both well under hvctl's 30 s: a Start never outlives its client)
+REPARENT_TIMEOUT = 5.0          # the worker waits this long for the middle process to exit
+ZYGOTE_NICE = -10
+ZYGOTE_COMM = "hv-zygote"       # its name in ps (/proc/PID/comm); workers are "hvw-GUEST"
+
+
+class ZygoteError(RuntimeError):
+    """The zygote cannot make workers (dead, hung, or broken); the caller falls back."""
+
+
+def _prctl(option, arg):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def set_child_subreaper():
+    """Orphaned descendants (the zygote's workers) become our children: we can reap them."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+# --- the supervisor's side ---------------------------------------------------
+
+class Zygote:
+    """A running zygote process, seen from the supervisor.  Use from the supervisor's main thread only."""
+
+    def __init__(self, env, log=None):
+        self.sock, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "supervisor.zygote", "--fd", str(peer.fileno()),
+                 "--supervisor-pid", str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(peer.fileno(),),
+                start_new_session=True, env=env, cwd="/")
+        except OSError:
+            self.sock.close()
+            raise
+        finally:
+            peer.close()
+        self.sock.setblocking(False)
+        self.pid = self.proc.pid
+        self.ready = False
+        self.started = time.monotonic()
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def submit(self, req_id, argv, fds, cwd, name):
+        """Ask for a worker running vcpu_worker.worker with `argv` (its --mem-fd must be WORKER_MEM_FD).
+
+        `fds` = (guest RAM memfd, console log fd, worker log fd, go pipe read
+        end); they become the worker's fd 3, 1 and 2; the worker runs the guest
+        once a byte arrives on the go pipe (EOF: it exits).  The answer comes
+        later from replies().  Raises ZygoteError.
+        """
+        req = json.dumps({"id": req_id, "argv": argv, "cwd": cwd, "name": name,
+                          "supervisor_pid": os.getpid()}).encode()
+        try:
+            self.sock.settimeout(REPLY_TIMEOUT)     # blocks only if the zygote stopped reading
+            socket.send_fds(self.sock, [req], list(fds))
+        except OSError as e:
+            raise ZygoteError(f"cannot send a request: {e}") from None
+        finally:
+            self.sock.setblocking(False)
+
+    def replies(self):
+        """Every answer that has arrived, without blocking: [{"id", "pid"} or {"id", "error"}]."""
+        out = []
+        while True:
+            try:
+                data = self.sock.recv(MAX_MSG)
+            except (BlockingIOError, InterruptedError):
+                return out
+            except OSError as e:
+                raise ZygoteError(str(e)) from None
+            if not data:
+                if out:
+                    return out              # what it answered before it went away still counts
+                raise ZygoteError("it went away")
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                raise ZygoteError(f"bad message {data[:80]!r}") from None
+            if "ready" in msg:
+                self.ready = True
+            elif "id" in msg:
+                out.append(msg)
+
+    def deadline(self, submitted):
+        """When an answer to a request submitted at `submitted` (monotonic) is overdue."""
+        if self.ready:
+            return submitted + REPLY_TIMEOUT
+        return max(submitted, self.started + READY_TIMEOUT) + REPLY_TIMEOUT
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def close(self):
+        """Kill the zygote and reap it (its workers are not affected)."""
+        self.sock.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# --- the zygote process ------------------------------------------------------
+
+def _preload():
+    """Import everything a worker imports, including what it imports lazily."""
+    import argparse, base64, ctypes, json, random, selectors, threading, traceback  # noqa: F401,E401
+    import zmq  # noqa: F401
+    from proto import codec, errors, messages  # noqa: F401
+    from vcpu_worker import worker, machine, vcpu, fixups, cpuid, kvm, bus  # noqa: F401
+    from vcpu_worker.boot import cpu_state, layout, linux, mptable  # noqa: F401
+    from devices import guest_memory, serial, i8042, debug_page  # noqa: F401
+    ctypes.CDLL(None, use_errno=True)       # the worker's prctl
+
+
+def _log(text):
+    print(f"zygote[{os.getpid()}]: {text}", file=sys.stderr, flush=True)
+
+
+def _close(fd):
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class _Birth:
+    """One request in flight: the middle process, its pid pipe and pidfd, the worker's pid once known."""
+    __slots__ = ("req_id", "middle", "pid_r", "pidfd", "worker", "exited")
+
+    def __init__(self, req_id, middle, pid_r, pidfd):
+        self.req_id, self.middle, self.pid_r, self.pidfd = req_id, middle, pid_r, pidfd
+        self.worker, self.exited = None, False
+
+
+def main(argv=None):
+    import argparse
+    import selectors
+    p = argparse.ArgumentParser(prog="supervisor.zygote", description=__doc__.splitlines()[0])
+    p.add_argument("--fd", type=int, required=True, help="our end of the supervisor's socketpair")
+    p.add_argument("--supervisor-pid", type=int, required=True)
+    args = p.parse_args(argv)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != args.supervisor_pid:
+        os._exit(1)                          # the supervisor died before the prctl
+    initial = {s: signal.getsignal(s) for s in signal.valid_signals()
+               if s not in (signal.SIGKILL, signal.SIGSTOP)}
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice + ZYGOTE_NICE)
+    except OSError:
+        pass
+    for fd in (0, 1, 2):                     # received fds must never land on stdio numbers
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
+    _set_comm(ZYGOTE_COMM)
+    sock = socket.socket(fileno=args.fd)
+    sock.setblocking(True)
+    _preload()
+    gc.collect()
+    gc.freeze()                              # forked workers never write to these objects' GC headers
+    sock.send(json.dumps({"ready": os.getpid()}).encode())
+
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ, None)
+    while True:
+        for key, _ in sel.select():
+            birth = key.data
+            if birth is None:
+                try:
+                    msg, fds, flags, _ = socket.recv_fds(sock, MAX_MSG, NFDS + 1)
+                except InterruptedError:
+                    continue
+                except OSError as e:
+                    _log(f"socket error, exiting: {e}")
+                    return
+                if not msg and not fds:
+                    return                   # the supervisor closed its end
+                req_id = None
+                try:
+                    req_id = json.loads(msg).get("id")
+                    birth = _fork_one(msg, fds, flags, initial, nice)
+                except Exception as e:       # a bad request or a zygote bug: answer it, carry on
+                    sock.send(json.dumps({"id": req_id, "error": f"{type(e).__name__}: {e}"}).encode())
+                    continue
+                finally:
+                    for fd in fds:
+                        _close(fd)
+                sel.register(birth.pid_r, selectors.EVENT_READ, birth)
+                if birth.pidfd is not None:
+                    sel.register(birth.pidfd, selectors.EVENT_READ, birth)
+                continue
+            if key.fd == birth.pid_r:        # the middle process reports the worker's pid
+                data = b""
+                try:
+                    data = os.read(birth.pid_r, 4)
+                except OSError:
+                    pass
+                if len(data) == 4:
+                    birth.worker = int.from_bytes(data, "little")
+                sel.unregister(birth.pid_r)
+                _close(birth.pid_r)
+                birth.pid_r = -1
+                if birth.pidfd is None:      # no pidfds: wait for the middle process here
+                    os.waitpid(birth.middle, 0)
+                    birth.exited = True
+            else:                            # the middle process has exited: the worker is re-parented
+                sel.unregister(birth.pidfd)
+                _close(birth.pidfd)
+                os.waitpid(birth.middle, 0)
+                birth.exited = True
+            if birth.exited and birth.pid_r == -1:
+                if birth.worker:
+                    reply = {"id": birth.req_id, "pid": birth.worker}
+                else:
+                    reply = {"id": birth.req_id, "error": "the middle process could not fork the worker"}
+                sock.send(json.dumps(reply).encode())
+
+
+def _fork_one(msg, fds, flags, initial, nice):
+    """Start one worker's double fork; the _Birth to follow it by."""
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        raise ValueError("request or its fds were truncated")
+    if len(fds) != NFDS:
+        raise ValueError(f"expected {NFDS} fds, got {len(fds)}")
+    req = json.loads(msg)
+    argv, cwd, name, sup_pid = req["argv"], req["cwd"], req["name"], req["supervisor_pid"]
+    if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+        raise ValueError("argv must be a list of strings")
+    zygote_pid = os.getpid()
+    pid_r, pid_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    middle = os.fork()
+    if middle == 0:                          # the middle process: fork the worker, report its pid, vanish
+        try:
+            worker = os.fork()
+            if worker == 0:
+                _become_worker(fds, argv, cwd, name, sup_pid, zygote_pid, initial, nice)
+            os.write(pid_w, worker.to_bytes(4, "little"))
+        finally:
+            os._exit(0)
+    os.close(pid_w)
+    try:
+        pidfd = os.pidfd_open(middle)
+    except (AttributeError, OSError):
+        pidfd = None
+    return _Birth(req["id"], middle, pid_r, pidfd)
+
+
+def _become_worker(fds, argv, cwd, name, sup_pid, zygote_pid, initial, nice):
+    """In the forked worker: a clean process (fds, signals, session, seeds), then the worker's main. Never returns."""
+    status = 1
+    try:
+        mem, out, err, go_r = fds
+        # Inherited fds: keep only ours.  The zygote's socket and pipes go with the rest.
+        keep = {0, 1, 2, mem, out, err, go_r}
+        for entry in os.listdir("/proc/self/fd"):
+            fd = int(entry)
+            if fd not in keep:
+                _close(fd)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        null = os.open(os.devnull, os.O_RDONLY)
+        if null != 0:
+            os.dup2(null, 0)
+            os.close(null)
+        if go_r == WORKER_MEM_FD:
+            go_r = os.dup(go_r)
+        if mem != WORKER_MEM_FD:
+            os.dup2(mem, WORKER_MEM_FD)
+        for fd in {out, err, mem} - {0, 1, 2, WORKER_MEM_FD, go_r}:
+            _close(fd)
+        os.setsid()                          # no terminal Ctrl-C, no process group of the supervisor's
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except OSError:
+            pass
+        signal.set_wakeup_fd(-1)
+        for s, handler in initial.items():
+            try:
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+            except (OSError, ValueError, TypeError):
+                pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        import random
+        random.seed()                        # (os.register_at_fork does it too; be explicit)
+        _set_comm(f"hvw-{name}")
+        os.chdir(cwd)
+        sys.argv = ["vcpu_worker.worker"] + argv
+        if os.read(go_r, 1) != b"g":
+            os._exit(1)                      # the supervisor did not get our pid: it runs the guest elsewhere
+        os.close(go_r)
+        deadline = time.monotonic() + REPARENT_TIMEOUT
+        while os.getppid() != sup_pid:       # the middle process is exiting: then we are the supervisor's
+            if os.getppid() == 1 or time.monotonic() > deadline:
+                os._exit(1)
+            time.sleep(0.0002)
+        print(f"worker: pid {os.getpid()} forked from zygote pid {zygote_pid}", file=sys.stderr, flush=True)
+        from vcpu_worker import worker
+        worker.main(argv)                    # sets PR_SET_PDEATHSIG, checks the parent, os._exit()s
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    finally:
+        os._exit(status)
+
+
+def _set_comm(comm):
+    """The process name in ps/top (15 bytes)."""
+    import ctypes
+    buf = ctypes.create_string_buffer(comm.encode()[:15])
+    ctypes.CDLL(None).prctl(PR_SET_NAME, buf, 0, 0, 0)
+
+
+if __name__ == "__main__":
+    main()
