@@ -92,6 +92,7 @@ class GuestConfig(Message):
     timeout: float | None = None     # seconds; past it the guest ends with 124
     pin: list[int] = list            # host CPUs; vCPU i runs on pin[i % len(pin)]; empty: unpinned
     compat: str = "nested"           # compatibility profile: "nested" (default) or "none"
+    rng: bool = False                # a virtio-rng PCI device (virtio-pci, MSI-X)
 
 
 @message

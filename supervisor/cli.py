@@ -92,7 +92,7 @@ def request(args, msg, timeout=10.0):
 def _config(args, name):
     return build_config(name, args.kernel, boot=args.boot, load_addr=args.load_addr, initrd=args.initrd,
                         cmdline=args.cmdline, mem=args.mem, vcpus=args.vcpus, disks=args.disk,
-                        timeout=args.timeout, pin=args.pin, compat=args.compat)
+                        timeout=args.timeout, pin=args.pin, compat=args.compat, rng=args.rng)
 
 
 def cmd_run(args):
@@ -353,6 +353,7 @@ def _add_run_options(p):
     p.add_argument("--pin", metavar="CPUS", help="pin vCPU threads to host CPUs, e.g. 0,1 (vCPU i -> i-th CPU, cycling)")
     p.add_argument("--compat", choices=("nested", "none"),
                    help="compatibility profile for nested KVM hosts (default: nested; see hvctl info)")
+    p.add_argument("--rng", action="store_true", help="add a virtio-rng PCI device (entropy from the host)")
 
 
 def _command_in(argv):

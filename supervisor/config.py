@@ -40,7 +40,7 @@ def parse_int(text, option):
 
 
 def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdline=None,
-                 mem=None, vcpus=None, disks=(), timeout=None, pin=None, compat=None):
+                 mem=None, vcpus=None, disks=(), timeout=None, pin=None, compat=None, rng=False):
     """A validated GuestConfig from option strings as argparse gives them (None = default)."""
     if disks:
         raise ConfigError("--disk is not supported yet")
@@ -60,6 +60,7 @@ def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdlin
         timeout=t,
         pin=[] if pin is None else parse_cpu_list(pin),
         compat="nested" if compat is None else compat,
+        rng=bool(rng),
     )
     validate(config)
     return config

@@ -121,6 +121,41 @@ class Vm:
         arg.flags = flags
         ioctl(self.fd, "KVM_IOEVENTFD", arg)
 
+    def set_gsi_routing(self, routes):
+        """Replace the whole GSI routing table (KVM_SET_GSI_ROUTING).
+
+        `routes`: (gsi, "irqchip", chip, pin) or (gsi, "msi", address, data)
+        tuples.  The table replaces KVM's defaults, so a caller that adds MSI
+        routes must include the irqchip routes for GSIs 0-23 itself
+        (vcpu_worker.pci.default_irqchip_routes).
+        """
+        table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
+        for e, (gsi, kind, a, b) in zip(table.entries, routes):
+            e.gsi = gsi
+            if kind == "irqchip":
+                e.type = lib.KVM_IRQ_ROUTING_IRQCHIP
+                e.u.irqchip.irqchip = a
+                e.u.irqchip.pin = b
+            elif kind == "msi":
+                e.type = lib.KVM_IRQ_ROUTING_MSI
+                e.u.msi.address_lo = a & 0xFFFFFFFF
+                e.u.msi.address_hi = a >> 32
+                e.u.msi.data = b
+            else:
+                raise ValueError(f"unknown GSI route kind {kind!r}")
+        ioctl(self.fd, "KVM_SET_GSI_ROUTING", table)
+
+    def signal_msi(self, address, data):
+        """Inject one MSI now (KVM_SIGNAL_MSI): >0 delivered, 0 blocked by the guest, -1 no vCPU took it."""
+        msi = ffi.new("struct kvm_msi *")
+        msi.address_lo = address & 0xFFFFFFFF
+        msi.address_hi = address >> 32
+        msi.data = data
+        r = lib.hv_ioctl(self.fd, lib.KVM_SIGNAL_MSI, msi)
+        if r == -_errno.EPERM:          # kvm_set_msi's -1: no destination accepted it
+            return -1
+        return _check("KVM_SIGNAL_MSI", r)
+
     def create_vcpu(self, index):
         return Vcpu(self, index, ioctl(self.fd, "KVM_CREATE_VCPU", index))
 

@@ -96,6 +96,20 @@ class Machine:
             exit_vm=lambda v: self.finish(Outcome(v, f"guest wrote {v} to the debug page")),
             console_out=self.console_out)
         self.mmio.register(DEBUG_PAGE_ADDR, DEBUG_PAGE_SIZE, self.debug_page, "debug-page")
+        self._add_pci()
+
+    def _add_pci(self):
+        """PCI bus 0 on config mechanism #1: the host bridge always, virtio devices by option."""
+        from vcpu_worker.pci import PciRoot
+        self.pci = PciRoot(self.vm)
+        try:
+            if self.config.rng:
+                from devices.virtio.rng import VirtioRng
+                from vcpu_worker.virtio_pci import VirtioPciDevice
+                self.pci.add(VirtioPciDevice(VirtioRng(), self.mem), "virtio-rng")
+        except (KvmError, OSError) as e:
+            raise MachineError(f"cannot add PCI devices: {e}", STATUS_FAILED) from None
+        self.pci.attach(self.pio, self.mmio)
 
     def _load(self, image, initrd):
         """Put the boot image in guest RAM; returns (entry RIP, RSI for the boot vCPU or None)."""
@@ -181,6 +195,7 @@ class Machine:
         for t in self.threads:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
+        self.pci.close()                 # device threads stop; their eventfds close
 
     def stop(self):
         self.finish(Outcome(STATUS_STOPPED, "stopped by request"))
@@ -235,7 +250,7 @@ class Machine:
         return {
             "vcpus": vcpus,
             "devices": {"serial": self.serial.counters(), "i8042": self.i8042.counters(),
-                        "debug_page": self.debug_page.counters()},
+                        "debug_page": self.debug_page.counters(), "pci": self.pci.counters()},
             "pio_unclaimed": sum(v["io_unclaimed"] for v in vcpus),
             "mmio_unclaimed": sum(v["mmio_unclaimed"] for v in vcpus),
             "fixups": dict(self.fixup_counts),
