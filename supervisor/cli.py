@@ -348,7 +348,8 @@ def _add_run_options(p):
     p.add_argument("--cmdline", metavar="TEXT", help="kernel command line")
     p.add_argument("--mem", metavar="SIZE", help="guest RAM, e.g. 128M or 1G (default 128M)")
     p.add_argument("--vcpus", metavar="N", help="number of vCPUs (default 1, at most 64)")
-    p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]", help="(not supported yet)")
+    p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]", help="add a virtio-blk PCI device backed by a raw image file "
+                   "(repeatable; ,ro: read-only); each device model runs in its own process")
     p.add_argument("--timeout", metavar="SECONDS", help="end the guest with status 124 after this long")
     p.add_argument("--pin", metavar="CPUS", help="pin vCPU threads to host CPUs, e.g. 0,1 (vCPU i -> i-th CPU, cycling)")
     p.add_argument("--compat", choices=("nested", "none"),

@@ -42,8 +42,6 @@ def parse_int(text, option):
 def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdline=None,
                  mem=None, vcpus=None, disks=(), timeout=None, pin=None, compat=None, rng=False):
     """A validated GuestConfig from option strings as argparse gives them (None = default)."""
-    if disks:
-        raise ConfigError("--disk is not supported yet")
     try:
         t = None if timeout is None else float(timeout)
     except ValueError:
@@ -61,6 +59,7 @@ def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdlin
         pin=[] if pin is None else parse_cpu_list(pin),
         compat="nested" if compat is None else compat,
         rng=bool(rng),
+        disks=[_disk_spec(d) for d in disks],
     )
     validate(config)
     return config
@@ -98,8 +97,10 @@ def validate(config):
         raise ConfigError(f"--load-addr: 0x{c.load_addr:x} is outside guest RAM ({c.mem_bytes >> 20} MiB)")
     if c.timeout is not None and not c.timeout > 0:
         raise ConfigError(f"--timeout: {c.timeout:g} is not a positive number of seconds")
-    if c.disks:
-        raise ConfigError("--disk is not supported yet")
+    for d in c.disks:
+        _check_disk(d)
+    if len(c.disks) > MAX_DISKS:
+        raise ConfigError(f"--disk: at most {MAX_DISKS} disks")
     if c.compat not in COMPAT_PROFILES:
         raise ConfigError(f"--compat: {c.compat!r} is not one of {', '.join(COMPAT_PROFILES)}")
     host_cpus = os.sched_getaffinity(0)
@@ -109,6 +110,36 @@ def validate(config):
     _check_file(c.kernel, "kernel")
     if c.initrd is not None:
         _check_file(c.initrd, "initrd")
+
+
+MAX_DISKS = 8
+
+
+def _disk_spec(text):
+    """'PATH' or 'PATH,ro' with PATH made absolute (what GuestConfig.disks holds)."""
+    path, sep, opt = text.rpartition(",")
+    if sep and opt == "ro":
+        return os.path.abspath(path) + ",ro"
+    return os.path.abspath(text)
+
+
+def _check_disk(spec):
+    """A --disk the worker can open: an existing regular file of at least one sector."""
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError("--disk: empty path")
+    path, sep, opt = spec.rpartition(",")
+    ro = bool(sep) and opt == "ro"
+    if not ro:
+        path = spec
+    if not os.path.isabs(path):
+        raise ConfigError(f"--disk: {path!r} is not an absolute path")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--disk: {path}: no such file (a raw disk image is needed, e.g. truncate -s 64M disk.img)")
+    if not os.access(path, os.R_OK if ro else os.R_OK | os.W_OK):
+        raise ConfigError(f"--disk: {path}: not {'readable' if ro else 'readable and writable'}"
+                          f"{'' if ro else ' (add ,ro for a read-only disk)'}")
+    if os.path.getsize(path) < 512:
+        raise ConfigError(f"--disk: {path}: smaller than one 512-byte sector")
 
 
 def _check_file(path, what):

@@ -82,7 +82,8 @@ def test_missing_kernel(cmd, rundir):
     (["--timeout", "soon"], "--timeout"),
     (["--timeout", "-1"], "--timeout"),
     (["--initrd", "/no/initrd"], "no such initrd file"),
-    (["--disk", "/x"], "--disk is not supported yet"),
+    (["--disk", "/x"], "--disk: /x: no such file"),
+    (["--disk", "/tmp"], "--disk: /tmp: no such file"),
     (["--bogus"], "unrecognized arguments"),
 ])
 def test_bad_run_options(options, words, kernel, rundir):

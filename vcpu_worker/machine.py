@@ -99,17 +99,37 @@ class Machine:
         self._add_pci()
 
     def _add_pci(self):
-        """PCI bus 0 on config mechanism #1: the host bridge always, virtio devices by option."""
+        """PCI bus 0 on config mechanism #1: the host bridge always, virtio devices by option.
+
+        Each virtio device model runs in its own device-service process
+        (devices/service.py) behind a RemoteBackend, a child of this process
+        for now (the supervisor is to spawn and watch them: follow-up).
+        HV_DEVICE_SERVICES=0 runs the models in-process instead (debugging).
+        """
         from vcpu_worker.pci import PciRoot
         self.pci = PciRoot(self.vm)
+        self.virtio = {}                 # name -> VirtioPciDevice
+        wanted = (["rng"] if self.config.rng else []) + [("blk", d) for d in self.config.disks]
+        if wanted:
+            from vcpu_worker.virtio_pci import VirtioPciDevice
         try:
-            if self.config.rng:
-                from devices.virtio.rng import VirtioRng
-                from vcpu_worker.virtio_pci import VirtioPciDevice
-                self.pci.add(VirtioPciDevice(VirtioRng(), self.mem), "virtio-rng")
-        except (KvmError, OSError) as e:
+            for i, dev in enumerate(wanted):
+                kind, disk = dev if isinstance(dev, tuple) else (dev, None)
+                name = "virtio-rng" if kind == "rng" else f"virtio-blk{i - int(self.config.rng)}"
+                fn = VirtioPciDevice(self._backend(kind, disk), self.mem)
+                self.pci.add(fn, name)
+                self.virtio[name] = fn
+        except (KvmError, OSError, RuntimeError, ValueError) as e:
+            self.pci.close()             # services already started end here
             raise MachineError(f"cannot add PCI devices: {e}", STATUS_FAILED) from None
         self.pci.attach(self.pio, self.mmio)
+
+    def _backend(self, kind, disk):
+        if os.environ.get("HV_DEVICE_SERVICES", "1") == "0":
+            from devices.service import build_model
+            return build_model(kind, disk)
+        from devices.virtio.remote import RemoteBackend
+        return RemoteBackend(kind, self.mem, disk=disk)
 
     def _load(self, image, initrd):
         """Put the boot image in guest RAM; returns (entry RIP, RSI for the boot vCPU or None)."""
@@ -251,6 +271,8 @@ class Machine:
             "vcpus": vcpus,
             "devices": {"serial": self.serial.counters(), "i8042": self.i8042.counters(),
                         "debug_page": self.debug_page.counters(), "pci": self.pci.counters()},
+            "services": {name: {k: getattr(fn.backend, k, None) for k in ("state", "pid", "restarts", "reason")}
+                         for name, fn in self.virtio.items()},
             "pio_unclaimed": sum(v["io_unclaimed"] for v in vcpus),
             "mmio_unclaimed": sum(v["mmio_unclaimed"] for v in vcpus),
             "fixups": dict(self.fixup_counts),

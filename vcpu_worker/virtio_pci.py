@@ -211,8 +211,20 @@ class VirtioPciDevice(PciFunction, TransportEvents):
         self._config = bytes(backend.config_bytes())[:DEVICE_MAX]
         self._lock = threading.Lock()
         nq = backend.num_queues
-        self.queues = [_Queue(m, os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)) for m in backend.queue_max_sizes]
-        self.vectors = [_Vector(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)) for _ in range(nq + 1)]
+        # A backend in another process made its eventfds before spawning the service (fds
+        # cannot follow later over ZeroMQ): use those.  Otherwise make our own.
+        given = getattr(backend, "transport_eventfds", None)
+        if given is not None:
+            notify_fds, irq_fds = given()
+            if len(notify_fds) != nq or len(irq_fds) != nq + 1:
+                raise ValueError(f"{backend.name}: backend eventfds do not match {nq} queues")
+            self._own_fds = False        # the backend closes them (after its service is gone)
+        else:
+            notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(nq)]
+            irq_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(nq + 1)]
+            self._own_fds = True
+        self.queues = [_Queue(m, fd) for m, fd in zip(backend.queue_max_sizes, notify_fds)]
+        self.vectors = [_Vector(fd) for fd in irq_fds]
         self._msix_table = bytearray(MSIX_ENTRY * len(self.vectors))
         for v in range(len(self.vectors)):
             self._msix_table[v * MSIX_ENTRY + 12] = 1
@@ -606,10 +618,11 @@ class VirtioPciDevice(PciFunction, TransportEvents):
         return c
 
     def close(self):
-        self.backend.reset()
-        for q in self.queues:
-            os.close(q.notify_fd)
-        for v in self.vectors:
-            os.close(v.fd)
+        self.backend.close()             # an in-process backend: reset(); a remote one: its service ends
+        if self._own_fds:
+            for q in self.queues:
+                os.close(q.notify_fd)
+            for v in self.vectors:
+                os.close(v.fd)
         self.queues = []
         self.vectors = []

@@ -1,0 +1,397 @@
+"""The device-service process: one virtio device model in its own process, over the guest's RAM memfd.
+
+    python -m devices.service --device rng|blk --mem-size N --mem-fd FD
+        --control ipc://DIR/ctl.sock --events ipc://DIR/evt.sock
+        --notify-fds FD[,FD...] --irq-fds FD[,FD...] [--lifeline FD] [--disk PATH[,ro]]
+
+Started by `devices.virtio.remote.RemoteBackend` (in the worker) with every fd
+inherited through `pass_fds`: the guest RAM memfd, one notify eventfd per queue
+(the transport's KVM ioeventfds) and one irq eventfd per MSI-X vector (its
+irqfds), plus a lifeline pipe whose EOF means the worker is gone.  The
+service maps the memfd itself (GuestMemory), builds the model (VirtioRng or
+VirtioBlk, ThreadedBackends whose data-path thread runs here) and serves the
+transport's control calls.  So the data path is guest -> ioeventfd -> this
+process -> guest RAM -> irqfd -> guest, with no worker and no ZeroMQ on it.
+
+Control (ZeroMQ, msgpack: the typed messages below, proto.codec's envelope and validation)
+-----------------------------------------------------------------------
+* `control`: a PAIR socket the worker binds and this process connects: one
+  request, one reply, in order.  Requests: Describe -> Description,
+  ConfigWrite -> Ok, Activate -> Ok, Reset -> Ok, GetCounters -> Counters,
+  Shutdown -> Ok (then exit 0).  Anything malformed gets a one-line Error
+  reply (kind "protocol" or "bad-argument") and the service keeps serving.
+* `events`: a PUSH socket connected to the worker's bound PULL: ConfigChanged
+  and NeedsReset, sent from whichever thread raised them (under a lock:
+  ZeroMQ sockets are not thread-safe).
+ZeroMQ carries no fds, which is why every fd is inherited at spawn and an
+Activate names its eventfds by index (`notify_fd` = index into --notify-fds,
+`irq_fd` = index into --irq-fds, i.e. the MSI-X vector).  Each incarnation of a
+service gets fresh endpoints (the worker picks the names), so a restarted
+service never inherits a half-finished exchange of its predecessor.  The
+worker binds and the service connects, because ZeroMQ gives a connecting
+socket its pipe at once: an event raised right after start-up is queued, not
+dropped (a bound PUSH with no peer yet would refuse it).
+
+Activate with `resume=True` (after a service restart) rebuilds each queue with
+last_avail = used_idx = used.idx as found in guest RAM: chains the old process
+had popped but not returned are served again.  For a raw image that is safe
+(reads and writes are idempotent); see remote.py for what the guest sees.
+"""
+import argparse
+import os
+import sys
+import threading
+
+import zmq
+
+from devices.guest_memory import GuestMemory
+from devices.virtio.backend import QueueConfig, TransportEvents
+from devices.virtio.queue import QueueConfigError, VirtQueue
+import msgpack
+
+from proto import codec, errors
+from proto.errors import ProtocolError
+from proto.messages import MESSAGES, Error, Message, Ok, message, to_plain
+
+MAX_CONTROL_BYTES = 64 << 10
+
+# The device-service protocol has its own message namespace: same envelope and
+# field validation as proto.codec, but these types are not hvctl/supervisor
+# messages (and a supervisor message is not a device request).
+SERVICE_MESSAGES = {"Ok": Ok, "Error": Error}
+
+
+def service_message(cls):
+    cls = message(cls)
+    del MESSAGES[cls.TYPE]
+    SERVICE_MESSAGES[cls.TYPE] = cls
+    return cls
+
+
+def encode(msg):
+    if SERVICE_MESSAGES.get(type(msg).__name__) is not type(msg):
+        raise TypeError(f"not a device-service message: {msg!r}")
+    return msgpack.packb({"v": codec.PROTOCOL_VERSION, "type": msg.TYPE, "fields": to_plain(msg)})
+
+
+def decode(data, expect=None):
+    """proto.codec.decode over SERVICE_MESSAGES: ProtocolError (one line) for anything malformed."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"a message is bytes, not {type(data).__name__}")
+    if len(data) > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes is over the {MAX_CONTROL_BYTES}-byte limit")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise ProtocolError(f"not a msgpack message ({type(e).__name__})") from None
+    if not isinstance(raw, dict) or set(raw) != {"v", "type", "fields"}:
+        raise ProtocolError("not a protocol envelope (expected keys v, type, fields)")
+    if type(raw["v"]) is not int or raw["v"] != codec.PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {codec._short(raw['v'])} is not supported")
+    cls = SERVICE_MESSAGES.get(raw["type"]) if isinstance(raw["type"], str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {codec._short(raw['type'])}")
+    msg = codec._build(cls, raw["fields"], cls.TYPE)
+    if expect is not None and not isinstance(msg, expect):
+        raise ProtocolError(f"unexpected message {cls.TYPE}")
+    return msg
+
+
+# --- messages (worker <-> device service) -------------------------------------------
+
+@service_message
+class Describe(Message):
+    """Worker -> service: the static description, read once when the transport is built."""
+
+
+@service_message
+class Description(Message):
+    device_type: int
+    features: int
+    num_queues: int
+    queue_max_sizes: list[int]
+    config: bytes
+    name: str
+    restartable: bool
+
+
+@service_message
+class ConfigWrite(Message):
+    offset: int
+    data: bytes
+
+
+@service_message
+class WireQueue(Message):
+    """QueueConfig.to_wire(), with the two fds as indexes into the service's fd lists."""
+    index: int
+    size: int
+    desc: int
+    driver: int
+    device: int
+    notify_fd: int
+    irq_fd: int | None
+    vector: int
+
+
+@service_message
+class Activate(Message):
+    features: int
+    queues: list[WireQueue]
+    resume: bool = False         # after a restart: continue from used.idx in guest RAM
+
+
+@service_message
+class Reset(Message):
+    pass
+
+
+@service_message
+class GetCounters(Message):
+    pass
+
+
+@service_message
+class Counters(Message):
+    counters: dict
+
+
+@service_message
+class Shutdown(Message):
+    pass
+
+
+@service_message
+class ConfigChanged(Message):
+    """Service -> worker (events socket)."""
+    config: bytes
+
+
+@service_message
+class NeedsReset(Message):
+    """Service -> worker (events socket)."""
+    reason: str
+
+
+REQUESTS = (Describe, ConfigWrite, Activate, Reset, GetCounters, Shutdown)
+
+
+# --- the models --------------------------------------------------------------------
+
+def build_model(device, disk=None):
+    """The backend for `device` ("rng" | "blk"); `disk` is "PATH[,ro]" for blk."""
+    if device == "rng":
+        from devices.virtio.rng import VirtioRng
+        return VirtioRng()
+    if device == "blk":
+        from devices.virtio.blk import VirtioBlk
+        if not disk:
+            raise ValueError("--device blk needs --disk PATH[,ro]")
+        path, ro = parse_disk(disk)
+        return VirtioBlk(path, read_only=ro)
+    raise ValueError(f"unknown device {device!r}")
+
+
+def parse_disk(spec):
+    """'PATH' or 'PATH,ro' -> (path, read_only)."""
+    path, sep, opt = spec.rpartition(",")
+    if sep and opt == "ro":
+        return path, True
+    return spec, False
+
+
+def model_class(device):
+    """The model class (for its static num_queues) without opening anything."""
+    if device == "rng":
+        from devices.virtio.rng import VirtioRng
+        return VirtioRng
+    if device == "blk":
+        from devices.virtio.blk import VirtioBlk
+        return VirtioBlk
+    raise ValueError(f"unknown device {device!r}")
+
+
+RESTARTABLE = {"rng": True, "blk": True}
+
+
+class _Events(TransportEvents):
+    def __init__(self, sock):
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def _send(self, msg):
+        with self.lock:
+            try:
+                self.sock.send(encode(msg), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass                  # over the high-water mark: the worker is not reading
+
+    def config_changed(self, config):
+        self._send(ConfigChanged(config=bytes(config)))
+
+    def needs_reset(self, reason):
+        self._send(NeedsReset(reason=str(reason)[:500]))
+
+
+class Service:
+    def __init__(self, model, mem, notify_fds, irq_fds, device):
+        self.model = model
+        self.mem = mem
+        self.notify_fds = notify_fds
+        self.irq_fds = irq_fds
+        self.device = device
+        self.requests = 0
+        self.bad_requests = 0
+        self.resumes = 0
+
+    def handle(self, data):
+        """One control request (bytes) -> (reply message, stop?)."""
+        self.requests += 1
+        try:
+            req = decode(data, expect=REQUESTS)
+            return self._dispatch(req)
+        except ProtocolError as e:
+            self.bad_requests += 1
+            return Error(kind=errors.PROTOCOL, message=_line(e)), False
+        except (ValueError, QueueConfigError, RuntimeError) as e:
+            self.bad_requests += 1
+            return Error(kind=errors.BAD_ARGUMENT, message=_line(e)), False
+        except Exception as e:           # a model bug: report, keep serving
+            self.bad_requests += 1
+            return Error(kind=errors.INTERNAL, message=_line(f"{type(e).__name__}: {e}")), False
+
+    def _dispatch(self, req):
+        m = self.model
+        if isinstance(req, Describe):
+            return Description(device_type=m.device_type, features=m.features, num_queues=m.num_queues,
+                               queue_max_sizes=list(m.queue_max_sizes), config=bytes(m.config_bytes()),
+                               name=m.name, restartable=RESTARTABLE[self.device]), False
+        if isinstance(req, ConfigWrite):
+            cfg_len = len(m.config_bytes())
+            if not (0 <= req.offset and req.offset + len(req.data) <= cfg_len):
+                raise ValueError(f"config write {req.offset}+{len(req.data)} outside {cfg_len} bytes")
+            m.config_write(req.offset, req.data)
+            return Ok(), False
+        if isinstance(req, Activate):
+            self._activate(req)
+            return Ok(), False
+        if isinstance(req, Reset):
+            m.reset()
+            return Ok(), False
+        if isinstance(req, GetCounters):
+            c = dict(m.counters())
+            c.update(service_requests=self.requests, service_bad_requests=self.bad_requests,
+                     service_resumes=self.resumes, pid=os.getpid())
+            return Counters(counters=c), False
+        if isinstance(req, Shutdown):
+            return Ok(), True
+        raise ProtocolError(f"unexpected message {req.TYPE}")   # pragma: no cover
+
+    def _activate(self, req):
+        if len(req.queues) > self.model.num_queues:
+            raise ValueError(f"{len(req.queues)} queues for a device with {self.model.num_queues}")
+        qcs = []
+        for wq in req.queues:
+            if wq.notify_fd >= len(self.notify_fds):
+                raise ValueError(f"queue {wq.index}: notify fd #{wq.notify_fd} of {len(self.notify_fds)}")
+            if wq.irq_fd is not None and wq.irq_fd >= len(self.irq_fds):
+                raise ValueError(f"queue {wq.index}: irq fd #{wq.irq_fd} of {len(self.irq_fds)}")
+            if wq.index >= self.model.num_queues or wq.size > self.model.queue_max_sizes[wq.index]:
+                raise ValueError(f"queue {wq.index} of size {wq.size} does not exist")
+            qcs.append(QueueConfig(wq.index, wq.size, wq.desc, wq.driver, wq.device,
+                                   self.notify_fds[wq.notify_fd],
+                                   None if wq.irq_fd is None else self.irq_fds[wq.irq_fd], wq.vector))
+        if req.resume:
+            self.resumes += 1
+            self.model.make_queue = _resuming(self.model.make_queue, self.mem)
+        try:
+            self.model.activate(self.mem, req.features, qcs)
+        finally:
+            self.model.__dict__.pop("make_queue", None)
+
+
+def _resuming(make_queue, mem):
+    """A make_queue that continues a queue an earlier process served: from used.idx in guest RAM."""
+    def make(mem_, features, qc):
+        vq = make_queue(mem_, features, qc)
+        if not mem.contains(qc.device, 4):
+            return vq
+        used = mem.read_u16(qc.device + 2)
+        st = vq.state()
+        vq.close()
+        st.update(last_avail_idx=used, used_idx=used)
+        return VirtQueue.restore(mem_, st)
+    return make
+
+
+def _line(e):
+    s = " ".join(str(e).split())
+    return s[:300] or type(e).__name__
+
+
+def _fd_list(text):
+    return [int(x) for x in text.split(",") if x != ""] if text else []
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m devices.service")
+    p.add_argument("--device", required=True, choices=("rng", "blk"))
+    p.add_argument("--mem-size", required=True, type=int)
+    p.add_argument("--mem-fd", required=True, type=int)
+    p.add_argument("--control", required=True)
+    p.add_argument("--events", required=True)
+    p.add_argument("--notify-fds", default="")
+    p.add_argument("--irq-fds", default="")
+    p.add_argument("--lifeline", type=int)
+    p.add_argument("--disk")
+    a = p.parse_args(argv)
+    try:
+        model = build_model(a.device, a.disk)
+    except (OSError, ValueError) as e:
+        print(f"device-service: {_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    mem = GuestMemory(a.mem_fd, a.mem_size)
+    ctx = zmq.Context()
+    ctl = ctx.socket(zmq.PAIR)
+    evt = ctx.socket(zmq.PUSH)
+    for s in (ctl, evt):
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
+    ctl.connect(a.control)          # the worker bound both: a connecting socket queues at once,
+    evt.connect(a.events)           # so no event is dropped while the connection is being made
+    model.attach(_Events(evt))
+    svc = Service(model, mem, _fd_list(a.notify_fds), _fd_list(a.irq_fds), a.device)
+    poller = zmq.Poller()
+    poller.register(ctl, zmq.POLLIN)
+    if a.lifeline is not None:
+        poller.register(a.lifeline, zmq.POLLIN)
+    status = 0
+    try:
+        while True:
+            ready = dict(poller.poll())
+            if a.lifeline is not None and a.lifeline in ready:
+                break                           # EOF: the worker is gone
+            if ctl in ready:
+                try:
+                    data = ctl.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                reply, stop = svc.handle(data)
+                ctl.send(encode(reply))
+                if stop:
+                    break
+    except KeyboardInterrupt:
+        status = 1
+    finally:
+        model.reset()
+        close = getattr(model, "close", None)
+        if close is not None:
+            close()
+        ctl.close()
+        evt.close()
+        ctx.term()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
