@@ -382,6 +382,7 @@ def test_info_lists_the_compatibility_profile(sup, build_guest):
     nested = sup.info("c1")["compat_profile"]
     assert nested["name"] == "nested" and nested["kernel_args"] == list(NESTED_KERNEL_ARGS)
     assert any("CX16" in m for m in nested["cpuid_masks"]) and "int3" in nested["fixups"]
-    assert sup.info("c2")["compat_profile"] == {"name": "none", "cpuid_masks": [], "kernel_args": [], "fixups": []}
+    assert sup.info("c2")["compat_profile"] == {"name": "none", "cpuid_masks": [], "kernel_args": [], "fixups": [],
+                                               "tsc_early_khz": False}
     text = sup.hvctl("info", "c1", check=0).stdout
     assert "compat:" in text and "noxsave" in text

@@ -26,17 +26,26 @@ NESTED_KERNEL_ARGS = (
 
 
 class Profile:
-    def __init__(self, name, cpuid_masks, kernel_args, fixups):
+    def __init__(self, name, cpuid_masks, kernel_args, fixups, pass_tsc_khz=False):
         self.name = name
         self.cpuid_masks = cpuid_masks
         self.kernel_args = kernel_args
         self.fixups = fixups
+        self.pass_tsc_khz = pass_tsc_khz
 
-    def kernel_cmdline(self, cmdline):
-        """`cmdline` plus this profile's arguments, keeping any the user already set (by key)."""
+    def kernel_cmdline(self, cmdline, tsc_khz=0):
+        """`cmdline` plus this profile's arguments, keeping any the user already set (by key).
+
+        With pass_tsc_khz, Linux is told the TSC frequency KVM reports: nested
+        hosts give it no PIT, HPET or PM timer to calibrate against, and it
+        would fall back to the jiffies clocksource.
+        """
         words = cmdline.split()
         keys = {w.split("=", 1)[0] for w in words}
-        extra = [a for a in self.kernel_args if a.split("=", 1)[0] not in keys]
+        args = list(self.kernel_args)
+        if self.pass_tsc_khz and tsc_khz:
+            args.append(f"tsc_early_khz={tsc_khz}")
+        extra = [a for a in args if a.split("=", 1)[0] not in keys]
         return " ".join(words + extra)
 
     def describe(self):
@@ -44,11 +53,12 @@ class Profile:
         return {"name": self.name,
                 "cpuid_masks": [f"leaf 0x{leaf:x} {reg}[{bit}]: {why}" for leaf, _, reg, bit, why in self.cpuid_masks],
                 "kernel_args": list(self.kernel_args),
-                "fixups": list(self.fixups)}
+                "fixups": list(self.fixups),
+                "tsc_early_khz": self.pass_tsc_khz}
 
 
 PROFILES = {
-    "nested": Profile("nested", NESTED_CPUID_MASKS, NESTED_KERNEL_ARGS, ("int3", "fwait")),
+    "nested": Profile("nested", NESTED_CPUID_MASKS, NESTED_KERNEL_ARGS, ("int3", "fwait"), pass_tsc_khz=True),
     "none": Profile("none", (), (), ()),
 }
 

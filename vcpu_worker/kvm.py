@@ -156,6 +156,13 @@ class Vm:
             return -1
         return _check("KVM_SIGNAL_MSI", r)
 
+    def tsc_khz(self):
+        """The VM's TSC frequency in kHz (a VM ioctl since Linux 6.0), or 0 if unknown."""
+        try:
+            return ioctl(self.fd, "KVM_GET_TSC_KHZ")
+        except KvmError:
+            return 0
+
     def create_vcpu(self, index):
         return Vcpu(self, index, ioctl(self.fd, "KVM_CREATE_VCPU", index))
 

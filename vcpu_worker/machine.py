@@ -137,7 +137,8 @@ class Machine:
         if boot == "linux":
             from vcpu_worker.boot.linux import KernelImageError, load_linux
             try:
-                info = load_linux(self.mem, image, self.profile.kernel_cmdline(self.config.cmdline or ""), initrd)
+                cmdline = self.profile.kernel_cmdline(self.config.cmdline or "", self.vm.tsc_khz())
+                info = load_linux(self.mem, image, cmdline, initrd)
             except KernelImageError as e:
                 raise MachineError(f"{self.config.kernel}: {e}") from None
             cpu_state.write_tables(self.mem)
