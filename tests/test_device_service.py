@@ -21,38 +21,12 @@ from devices.guest_memory import GuestMemory, create_memfd
 from devices.virtio.backend import VIRTIO_F_VERSION_1, QueueConfig
 from devices.virtio.remote import RemoteBackend
 from proto import codec
+from ringdriver import AVAIL, DESC, USED, RingDriver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAM = 16 << 20
-DESC, AVAIL, USED, HDR, STATUS, DATA = 0x10000, 0x11000, 0x12000, 0x20000, 0x20100, 0x100000
+HDR, STATUS, DATA = 0x20000, 0x20100, 0x100000
 QSIZE = 8
-
-
-class RingDriver:
-    def __init__(self, mem, size=QSIZE):
-        self.mem, self.size, self.avail, self.used_seen, self.free = mem, size, 0, 0, 0
-
-    def post(self, bufs):
-        n = len(bufs)
-        idx = [(self.free + k) % self.size for k in range(n)]
-        self.free += n
-        for k, (addr, ln, w) in enumerate(bufs):
-            flags = (2 if w else 0) | (1 if k < n - 1 else 0)
-            self.mem.write(DESC + 16 * idx[k], struct.pack("<QIHH", addr, ln, flags, idx[k + 1] if k < n - 1 else 0))
-        self.mem.write_u16(AVAIL + 4 + 2 * (self.avail % self.size), idx[0])
-        self.avail = (self.avail + 1) & 0xFFFF
-        self.mem.write_u16(AVAIL + 2, self.avail)
-        return idx[0]
-
-    def wait_used(self, timeout=10):
-        deadline = time.monotonic() + timeout
-        while self.mem.read_u16(USED + 2) == self.used_seen:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no used entry")
-            time.sleep(0.001)
-        slot = self.used_seen % self.size
-        self.used_seen = (self.used_seen + 1) & 0xFFFF
-        return struct.unpack("<II", self.mem.read(USED + 4 + 8 * slot, 8))
 
 
 def blk_read(drv, sector, n=512):

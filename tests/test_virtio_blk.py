@@ -19,41 +19,14 @@ import pytest
 from devices.guest_memory import GuestMemory, create_memfd
 from devices.virtio.backend import VIRTIO_F_VERSION_1, QueueConfig
 from devices.virtio import blk as B
+from ringdriver import AVAIL, DESC, USED, RingDriver
 
 HERE = pathlib.Path(__file__).resolve().parent
 RAM = 16 << 20
-DESC, AVAIL, USED = 0x10000, 0x11000, 0x12000
+
 HDR, STATUS, DATA = 0x20000, 0x20100, 0x100000
 SECTORS = 64
 GUEST_TIMEOUT = 120
-
-
-class RingDriver:
-    def __init__(self, mem, size=16):
-        self.mem, self.size, self.avail, self.used_seen, self.free = mem, size, 0, 0, 0
-
-    def post(self, bufs):
-        """bufs: [(addr, len, writable)]; returns the head."""
-        n = len(bufs)
-        idx = [(self.free + k) % self.size for k in range(n)]
-        self.free += n
-        for k, (addr, ln, w) in enumerate(bufs):
-            flags = (2 if w else 0) | (1 if k < n - 1 else 0)
-            self.mem.write(DESC + 16 * idx[k], struct.pack("<QIHH", addr, ln, flags, idx[k + 1] if k < n - 1 else 0))
-        self.mem.write_u16(AVAIL + 4 + 2 * (self.avail % self.size), idx[0])
-        self.avail = (self.avail + 1) & 0xFFFF
-        self.mem.write_u16(AVAIL + 2, self.avail)
-        return idx[0]
-
-    def wait_used(self, timeout=5):
-        deadline = time.monotonic() + timeout
-        while self.mem.read_u16(USED + 2) == self.used_seen:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no used entry")
-            time.sleep(0.0005)
-        slot = self.used_seen % self.size
-        self.used_seen = (self.used_seen + 1) & 0xFFFF
-        return struct.unpack("<II", self.mem.read(USED + 4 + 8 * slot, 8))
 
 
 def pattern(sector):
@@ -75,7 +48,7 @@ class Blk:
         self.mem = GuestMemory(self.fd, RAM)
         self.notify, self.irq = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
         self.dev = B.VirtioBlk(str(path), read_only=read_only)
-        self.drv = RingDriver(self.mem)
+        self.drv = RingDriver(self.mem, size=16)
         self.dev.activate(self.mem, self.dev.features, [QueueConfig(0, 16, DESC, AVAIL, USED, self.notify, self.irq, 0)])
 
     def submit(self, bufs):
