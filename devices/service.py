@@ -47,11 +47,10 @@ import zmq
 from devices.guest_memory import GuestMemory
 from devices.virtio.backend import QueueConfig, TransportEvents
 from devices.virtio.queue import QueueConfigError, VirtQueue
-import msgpack
 
 from proto import codec, errors
 from proto.errors import ProtocolError
-from proto.messages import MESSAGES, Error, Message, Ok, message, to_plain
+from proto.messages import MESSAGES, Error, Message, Ok, message
 
 MAX_CONTROL_BYTES = 64 << 10
 
@@ -69,32 +68,12 @@ def service_message(cls):
 
 
 def encode(msg):
-    if SERVICE_MESSAGES.get(type(msg).__name__) is not type(msg):
-        raise TypeError(f"not a device-service message: {msg!r}")
-    return msgpack.packb({"v": codec.PROTOCOL_VERSION, "type": msg.TYPE, "fields": to_plain(msg)})
+    return codec.encode(msg, registry=SERVICE_MESSAGES)
 
 
 def decode(data, expect=None):
     """proto.codec.decode over SERVICE_MESSAGES: ProtocolError (one line) for anything malformed."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ProtocolError(f"a message is bytes, not {type(data).__name__}")
-    if len(data) > MAX_CONTROL_BYTES:
-        raise ProtocolError(f"message of {len(data)} bytes is over the {MAX_CONTROL_BYTES}-byte limit")
-    try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as e:
-        raise ProtocolError(f"not a msgpack message ({type(e).__name__})") from None
-    if not isinstance(raw, dict) or set(raw) != {"v", "type", "fields"}:
-        raise ProtocolError("not a protocol envelope (expected keys v, type, fields)")
-    if type(raw["v"]) is not int or raw["v"] != codec.PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {codec._short(raw['v'])} is not supported")
-    cls = SERVICE_MESSAGES.get(raw["type"]) if isinstance(raw["type"], str) else None
-    if cls is None:
-        raise ProtocolError(f"unknown message type {codec._short(raw['type'])}")
-    msg = codec._build(cls, raw["fields"], cls.TYPE)
-    if expect is not None and not isinstance(msg, expect):
-        raise ProtocolError(f"unexpected message {cls.TYPE}")
-    return msg
+    return codec.decode(data, expect, registry=SERVICE_MESSAGES, max_bytes=MAX_CONTROL_BYTES)
 
 
 # --- messages (worker <-> device service) -------------------------------------------

@@ -19,19 +19,23 @@ MAX_MESSAGE_BYTES = 1 << 20      # also the sockets' ZMQ_MAXMSGSIZE
 _PLAIN_SCALARS = (type(None), bool, int, float, str)
 
 
-def encode(msg):
-    """msgpack bytes for the message instance `msg`."""
-    if type(msg).__name__ not in MESSAGES or MESSAGES[type(msg).__name__] is not type(msg):
+def encode(msg, registry=MESSAGES):
+    """msgpack bytes for the message instance `msg` (a class registered in `registry`)."""
+    if registry.get(type(msg).__name__) is not type(msg):
         raise TypeError(f"not a protocol message: {msg!r}")
     return msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.TYPE, "fields": to_plain(msg)})
 
 
-def decode(data, expect=None):
-    """The message in `data`; with `expect` (a class or tuple of classes) also check its type."""
+def decode(data, expect=None, registry=MESSAGES, max_bytes=MAX_MESSAGE_BYTES):
+    """The message in `data`; with `expect` (a class or tuple of classes) also check its type.
+
+    `registry` (TYPE -> class) says which messages this channel carries: the
+    control socket's, or a device service's (devices/service.py).
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"a message is bytes, not {type(data).__name__}")
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(data)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+    if len(data) > max_bytes:
+        raise ProtocolError(f"message of {len(data)} bytes is over the {max_bytes}-byte limit")
     try:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:   # msgpack raises many unrelated types for garbage
@@ -41,7 +45,7 @@ def decode(data, expect=None):
     if type(raw["v"]) is not int or raw["v"] != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {_short(raw['v'])} is not supported"
                             f" (this side speaks {PROTOCOL_VERSION})")
-    cls = MESSAGES.get(raw["type"]) if isinstance(raw["type"], str) else None
+    cls = registry.get(raw["type"]) if isinstance(raw["type"], str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {_short(raw['type'])}")
     msg = _build(cls, raw["fields"], cls.TYPE)
