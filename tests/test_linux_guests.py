@@ -95,3 +95,27 @@ def test_stock_debian_kernel_runs_user_space_with_its_modules(artefacts):
     status, out = boot_until(["--kernel", artefacts["stock"], "--initrd", artefacts["initrd"], "--vcpus", 2,
                               "--rng", "--timeout", 600, "--cmdline", 'console=ttyS0 pyhv.run="uname -r"'], timeout=700)
     assert b"pyhv-init: 2 cpus" in out and status == 0
+
+
+def test_own_kernel_mounts_an_ext2_root_on_virtio_blk_and_writes_to_it(artefacts, tmp_path):
+    # The root file system: our initramfs's busybox tree plus a data file, as an ext2 image (no initrd).
+    root = tmp_path / "root"
+    root.mkdir()
+    with open(artefacts["initrd"], "rb") as f:
+        subprocess.run(["cpio", "-idm", "--quiet"], stdin=f, cwd=root, check=True)
+    data = os.urandom(256 << 10)
+    (root / "data.bin").write_bytes(data)
+    image = tmp_path / "root.ext2"
+    subprocess.run(["mke2fs", "-q", "-t", "ext2", "-d", str(root), str(image), "16M"], check=True)
+    script = "grep ' / ' /proc/mounts; md5sum /data.bin; echo written-by-guest > /from-guest.txt; sync; echo done"
+    status, out = boot_until(["--kernel", artefacts["own"], "--disk", image, "--timeout", 600,
+                              "--cmdline", f'console=ttyS0 root=/dev/vda rw init=/init pyhv.run="{script}"'],
+                             timeout=700)
+    text = out.decode(errors="replace")
+    assert "VFS: Mounted root (ext2 filesystem)" in text
+    assert "/dev/root / ext2 rw" in text
+    assert f"{hashlib.md5(data).hexdigest()}  /data.bin" in text
+    assert status == 0 and "done" in text
+    written = subprocess.run(["debugfs", "-R", "cat /from-guest.txt", str(image)], capture_output=True, check=True)
+    assert written.stdout == b"written-by-guest\n"
+    assert subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True).returncode == 0
