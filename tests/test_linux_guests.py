@@ -5,6 +5,7 @@ default /var/cache/pyhv).  Guest kernel code is emulated on nested hosts,
 so each boot takes one to several minutes.
 """
 import hashlib
+import select
 import os
 import pathlib
 import subprocess
@@ -119,3 +120,40 @@ def test_own_kernel_mounts_an_ext2_root_on_virtio_blk_and_writes_to_it(artefacts
     written = subprocess.run(["debugfs", "-R", "cat /from-guest.txt", str(image)], capture_output=True, check=True)
     assert written.stdout == b"written-by-guest\n"
     assert subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True).returncode == 0
+
+
+def test_own_kernel_gives_an_interactive_shell_through_hvctl_console(artefacts):
+    # The shell's output goes through the tty layer, i.e. the 8250's interrupt-driven transmit path.
+    from test_supervisor import Supervisor
+    sup = Supervisor()
+    try:
+        sup.hvctl("create", "sh", "--kernel", artefacts["own"], "--initrd", artefacts["initrd"], "--vcpus", 2,
+                  "--cmdline", "console=ttyS0", "--timeout", 600, check=0)
+        sup.hvctl("start", "sh", check=0)
+        deadline = time.monotonic() + 500
+        while b"starting a shell" not in pathlib.Path(sup.info("sh")["console_log"]).read_bytes():
+            assert time.monotonic() < deadline and sup.info("sh")["state"] == "running", "no shell came up"
+            time.sleep(2)
+        console = subprocess.Popen(HVCTL + ["console", "sh"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   env={**os.environ, "HV_RUNTIME_DIR": sup.dir})
+        seen = bytearray()
+
+        def expect(needle, timeout=120):
+            end = time.monotonic() + timeout
+            while needle not in seen:
+                assert time.monotonic() < end, f"no {needle!r} from the shell; got {bytes(seen[-500:])!r}"
+                ready, _, _ = select.select([console.stdout], [], [], 1)
+                if ready:
+                    seen.extend(os.read(console.stdout.fileno(), 4096))
+
+        time.sleep(3)                      # let the shell reach its prompt
+        console.stdin.write(b"echo answer=$((6*7))\n")
+        console.stdin.flush()
+        expect(b"answer=42")
+        console.stdin.write(b"reboot -f\n")
+        console.stdin.flush()
+        assert sup.hvctl("wait", "sh", "--timeout", "120", timeout=150).returncode == 0
+        console.stdin.close()
+        console.wait(timeout=30)
+    finally:
+        sup.stop()
