@@ -39,6 +39,7 @@ had popped but not returned are served again.  For a raw image that is safe
 """
 import argparse
 import os
+import subprocess
 import sys
 import threading
 
@@ -303,6 +304,47 @@ def _resuming(make_queue, mem):
     return make
 
 
+# --- benchmark mode: a ZeroMQ round trip per blk request ---------------------------------
+# HV_BLK_ZMQ_ROUNDTRIP=1 in the service's environment (hvctl's, inherited) makes every blk request wait
+# for one ZeroMQ REQ/REP round trip to an echo process before it is carried out: what the data path would
+# cost if each request went through another process over ZeroMQ instead of ioeventfd/irqfd alone.
+# For bench/blk_throughput.py only; off unless that variable is set.
+ZMQ_ROUNDTRIP_ENV = "HV_BLK_ZMQ_ROUNDTRIP"
+_ECHO = """
+import sys, zmq
+s = zmq.Context().socket(zmq.REP)
+s.connect(sys.argv[1])
+p = zmq.Poller()
+p.register(s, zmq.POLLIN)
+p.register(0, zmq.POLLIN)
+while True:
+    ready = dict(p.poll())
+    if 0 in ready:
+        break
+    s.send(s.recv())
+"""
+
+
+def _zmq_roundtrip(model, ctx):
+    """Wrap model._request with a round trip to an echo child (it exits on EOF of its stdin); returns the child."""
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(f"ipc://@pyhv-blk-echo-{os.getpid()}")         # abstract: nothing to clean up
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO, f"ipc://@pyhv-blk-echo-{os.getpid()}"],
+                            stdin=subprocess.PIPE)
+    sock.send(b"ready?")             # wait for the echo to be up, so no request pays its start-up
+    sock.recv()
+    inner = model._request
+
+    def request(chain):              # only the data-path thread uses `sock`
+        sock.send(b"r")
+        sock.recv()
+        return inner(chain)
+    model._request = request
+    echo.sock = sock
+    return echo
+
+
 def _line(e):
     s = " ".join(str(e).split())
     return s[:300] or type(e).__name__
@@ -339,6 +381,9 @@ def main(argv=None):
     ctl.connect(a.control)          # the worker bound both: a connecting socket queues at once,
     evt.connect(a.events)           # so no event is dropped while the connection is being made
     model.attach(_Events(evt))
+    echo = None
+    if a.device == "blk" and os.environ.get(ZMQ_ROUNDTRIP_ENV) == "1":
+        echo = _zmq_roundtrip(model, ctx)
     svc = Service(model, mem, _fd_list(a.notify_fds), _fd_list(a.irq_fds), a.device)
     poller = zmq.Poller()
     poller.register(ctl, zmq.POLLIN)
@@ -368,6 +413,10 @@ def main(argv=None):
             close()
         ctl.close()
         evt.close()
+        if echo is not None:
+            echo.sock.close()
+            echo.stdin.close()
+            echo.wait()
         ctx.term()
     return status
 
