@@ -13,6 +13,7 @@ import time
 from devices.debug_page import DEBUG_PAGE_ADDR, DEBUG_PAGE_SIZE, DebugPage
 from devices.guest_memory import GuestMemory, ram_regions
 from devices.i8042 import I8042
+from devices.rtc import CmosRtc
 from devices.serial import Serial8250
 from vcpu_worker import compat, cpuid
 from vcpu_worker._kvm import ffi, lib
@@ -90,6 +91,8 @@ class Machine:
         self.i8042 = I8042(reset=lambda: self.finish(Outcome(STATUS_RESET, "guest reset (i8042)")))
         self.pio.register(0x60, 1, self.i8042.data_port(), "i8042-data")
         self.pio.register(0x64, 1, self.i8042.command_port(), "i8042-command")
+        self.rtc = CmosRtc()
+        self.pio.register(0x70, 2, self.rtc, "rtc")
         self.pio.register_fast(POST_PORT, lib.HV_PORT_SINK, "post")
         self.pio.register_fast(EXIT_PORT, lib.HV_PORT_EXIT, "exit-port")
         self.debug_page = DebugPage(
@@ -271,7 +274,7 @@ class Machine:
         return {
             "vcpus": vcpus,
             "devices": {"serial": self.serial.counters(), "i8042": self.i8042.counters(),
-                        "debug_page": self.debug_page.counters(), "pci": self.pci.counters()},
+                        "debug_page": self.debug_page.counters(), "rtc": self.rtc.counters(), "pci": self.pci.counters()},
             "services": {name: {k: getattr(fn.backend, k, None) for k in ("state", "pid", "restarts", "reason")}
                          for name, fn in self.virtio.items()},
             "pio_unclaimed": sum(v["io_unclaimed"] for v in vcpus),
