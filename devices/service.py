@@ -1,8 +1,9 @@
 """The device-service process: one virtio device model in its own process, over the guest's RAM memfd.
 
-    python -m devices.service --device rng|blk --mem-size N --mem-fd FD
+    python -m devices.service --device rng|blk|console --mem-size N --mem-fd FD
         --control ipc://DIR/ctl.sock --events ipc://DIR/evt.sock
         --notify-fds FD[,FD...] --irq-fds FD[,FD...] [--lifeline FD] [--disk PATH[,ro]]
+        [--console-sock PATH [--console-log PATH]]
 
 Started by `devices.virtio.remote.RemoteBackend` (in the worker) with every fd
 inherited through `pass_fds`: the guest RAM memfd, one notify eventfd per queue
@@ -158,8 +159,17 @@ REQUESTS = (Describe, ConfigWrite, Activate, Reset, GetCounters, Shutdown)
 
 # --- the models --------------------------------------------------------------------
 
-def build_model(device, disk=None):
-    """The backend for `device` ("rng" | "blk"); `disk` is "PATH[,ro]" for blk."""
+def build_model(device, disk=None, console_sock=None, console_log=None):
+    """The backend for `device` ("rng" | "blk" | "console"); `disk` is "PATH[,ro]" for blk.
+
+    A console serves its host side on the unix socket `console_sock` (one
+    client at a time) and appends guest output to `console_log` if given.
+    """
+    if device == "console":
+        from devices.virtio.console import HostedConsole
+        if not console_sock:
+            raise ValueError("--device console needs --console-sock PATH")
+        return HostedConsole(console_sock, console_log)
     if device == "rng":
         from devices.virtio.rng import VirtioRng
         return VirtioRng()
@@ -188,10 +198,13 @@ def model_class(device):
     if device == "blk":
         from devices.virtio.blk import VirtioBlk
         return VirtioBlk
+    if device == "console":
+        from devices.virtio.console import VirtioConsole
+        return VirtioConsole
     raise ValueError(f"unknown device {device!r}")
 
 
-RESTARTABLE = {"rng": True, "blk": True}
+RESTARTABLE = {"rng": True, "blk": True, "console": True}   # console: the client reconnects
 
 
 class _Events(TransportEvents):
@@ -356,7 +369,7 @@ def _fd_list(text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m devices.service")
-    p.add_argument("--device", required=True, choices=("rng", "blk"))
+    p.add_argument("--device", required=True, choices=("rng", "blk", "console"))
     p.add_argument("--mem-size", required=True, type=int)
     p.add_argument("--mem-fd", required=True, type=int)
     p.add_argument("--control", required=True)
@@ -365,9 +378,11 @@ def main(argv=None):
     p.add_argument("--irq-fds", default="")
     p.add_argument("--lifeline", type=int)
     p.add_argument("--disk")
+    p.add_argument("--console-sock")
+    p.add_argument("--console-log")
     a = p.parse_args(argv)
     try:
-        model = build_model(a.device, a.disk)
+        model = build_model(a.device, a.disk, a.console_sock, a.console_log)
     except (OSError, ValueError) as e:
         print(f"device-service: {_line(e)}", file=sys.stderr, flush=True)
         return 2

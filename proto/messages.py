@@ -93,6 +93,7 @@ class GuestConfig(Message):
     pin: list[int] = list            # host CPUs; vCPU i runs on pin[i % len(pin)]; empty: unpinned
     compat: str = "nested"           # compatibility profile: "nested" (default) or "none"
     rng: bool = False                # a virtio-rng PCI device (virtio-pci, MSI-X)
+    vconsole: bool = False           # a virtio-console PCI device (/dev/hvc0), host side on a unix socket
 
 
 @message

@@ -92,7 +92,8 @@ def request(args, msg, timeout=10.0):
 def _config(args, name):
     return build_config(name, args.kernel, boot=args.boot, load_addr=args.load_addr, initrd=args.initrd,
                         cmdline=args.cmdline, mem=args.mem, vcpus=args.vcpus, disks=args.disk,
-                        timeout=args.timeout, pin=args.pin, compat=args.compat, rng=args.rng)
+                        timeout=args.timeout, pin=args.pin, compat=args.compat, rng=args.rng,
+                        vconsole=args.vconsole)
 
 
 def cmd_run(args):
@@ -355,6 +356,9 @@ def _add_run_options(p):
     p.add_argument("--compat", choices=("nested", "none"),
                    help="compatibility profile for nested KVM hosts (default: nested; see hvctl info)")
     p.add_argument("--rng", action="store_true", help="add a virtio-rng PCI device (entropy from the host)")
+    p.add_argument("--vconsole", action="store_true",
+                   help="add a virtio-console PCI device (/dev/hvc0 in the guest); its host side is a unix socket "
+                        "(vconsole.sock in the guest's runtime dir, or a temp dir for run; see stats)")
 
 
 def _command_in(argv):

@@ -40,7 +40,8 @@ def parse_int(text, option):
 
 
 def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdline=None,
-                 mem=None, vcpus=None, disks=(), timeout=None, pin=None, compat=None, rng=False):
+                 mem=None, vcpus=None, disks=(), timeout=None, pin=None, compat=None, rng=False,
+                 vconsole=False):
     """A validated GuestConfig from option strings as argparse gives them (None = default)."""
     try:
         t = None if timeout is None else float(timeout)
@@ -59,6 +60,7 @@ def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdlin
         pin=[] if pin is None else parse_cpu_list(pin),
         compat="nested" if compat is None else compat,
         rng=bool(rng),
+        vconsole=bool(vconsole),
         disks=[_disk_spec(d) for d in disks],
     )
     validate(config)

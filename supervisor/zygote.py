@@ -177,7 +177,7 @@ def _preload():
     from vcpu_worker import worker, machine, vcpu, fixups, cpuid, compat, kvm, bus, pci, virtio_pci  # noqa: F401
     from vcpu_worker.boot import cpu_state, layout, linux, mptable  # noqa: F401
     from devices import guest_memory, serial, i8042, debug_page, rtc  # noqa: F401
-    from devices.virtio import backend, queue, rng, blk, remote  # noqa: F401
+    from devices.virtio import backend, queue, rng, blk, console, remote  # noqa: F401
     from devices import service  # noqa: F401
     ctypes.CDLL(None, use_errno=True)       # the worker's prctl
 

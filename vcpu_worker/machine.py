@@ -40,9 +40,12 @@ class MachineError(Exception):
 
 
 class Machine:
-    def __init__(self, config, mem_fd, console_out):
+    def __init__(self, config, mem_fd, console_out, runtime_dir=None):
         self.config = config
         self.console_out = console_out
+        self.runtime_dir = runtime_dir   # the guest's runtime dir (supervised); None: a temp dir if needed
+        self._temp_dir = None
+        self.vconsole = None             # {"socket": path, "log": path or None} with --vconsole
         self.outcome = None
         self.paused = False
         self.profile = compat.profile(config.compat)
@@ -113,12 +116,15 @@ class Machine:
         self.pci = PciRoot(self.vm)
         self.virtio = {}                 # name -> VirtioPciDevice
         wanted = (["rng"] if self.config.rng else []) + [("blk", d) for d in self.config.disks]
+        if getattr(self.config, "vconsole", False):
+            wanted.append("console")
         if wanted:
             from vcpu_worker.virtio_pci import VirtioPciDevice
         try:
             for i, dev in enumerate(wanted):
                 kind, disk = dev if isinstance(dev, tuple) else (dev, None)
-                name = "virtio-rng" if kind == "rng" else f"virtio-blk{i - int(self.config.rng)}"
+                name = {"rng": "virtio-rng", "console": "virtio-console"}.get(
+                    kind, f"virtio-blk{i - int(self.config.rng)}")
                 fn = VirtioPciDevice(self._backend(kind, disk), self.mem)
                 self.pci.add(fn, name)
                 self.virtio[name] = fn
@@ -128,11 +134,30 @@ class Machine:
         self.pci.attach(self.pio, self.mmio)
 
     def _backend(self, kind, disk):
+        sock = log = None
+        extra = []
+        if kind == "console":
+            sock, log = self._vconsole_paths()
+            extra = ["--console-sock", sock] + (["--console-log", log] if log else [])
         if os.environ.get("HV_DEVICE_SERVICES", "1") == "0":
             from devices.service import build_model
-            return build_model(kind, disk)
+            return build_model(kind, disk, sock, log)
         from devices.virtio.remote import RemoteBackend
-        return RemoteBackend(kind, self.mem, disk=disk)
+        return RemoteBackend(kind, self.mem, disk=disk, extra_args=extra)
+
+    def _vconsole_paths(self):
+        """(socket, log) for --vconsole: in the guest's runtime dir, or a private temp dir for `hvctl run`."""
+        if self.runtime_dir:
+            sock = os.path.join(self.runtime_dir, "vconsole.sock")
+            log = os.path.join(self.runtime_dir, "vconsole.log")
+        else:
+            import sys
+            import tempfile
+            self._temp_dir = tempfile.mkdtemp(prefix="pyhv-vconsole-")
+            sock, log = os.path.join(self._temp_dir, "vconsole.sock"), None
+            print(f"hvctl: virtio console on {sock}", file=sys.stderr, flush=True)
+        self.vconsole = {"socket": sock, "log": log}
+        return sock, log
 
     def _load(self, image, initrd):
         """Put the boot image in guest RAM; returns (entry RIP, RSI for the boot vCPU or None)."""
@@ -220,6 +245,10 @@ class Machine:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
         self.pci.close()                 # device threads stop; their eventfds close
+        if self._temp_dir is not None:
+            import shutil
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
 
     def stop(self):
         self.finish(Outcome(STATUS_STOPPED, "stopped by request"))
@@ -280,5 +309,6 @@ class Machine:
             "pio_unclaimed": sum(v["io_unclaimed"] for v in vcpus),
             "mmio_unclaimed": sum(v["mmio_unclaimed"] for v in vcpus),
             "fixups": dict(self.fixup_counts),
+            "vconsole": self.vconsole,
             "compat": self.profile.describe(),
         }

@@ -157,7 +157,8 @@ def serve(args):
         console.broadcast(data)
 
     try:
-        machine = Machine(config, args.mem_fd, console_out)
+        machine = Machine(config, args.mem_fd, console_out,
+                          runtime_dir=os.path.dirname(os.path.abspath(args.console_sock)))
     except MachineError as e:
         return e.status, str(e)
     except Exception as e:

@@ -82,15 +82,17 @@ class RemoteBackend(VirtioBackend):
     """A virtio device whose model runs in `python -m devices.service --device DEVICE`.
 
     `mem` is the worker's GuestMemory (its memfd and size are handed to the
-    service); `disk` is "PATH[,ro]" for blk.
+    service); `disk` is "PATH[,ro]" for blk; `extra_args` are more service
+    options (e.g. --console-sock PATH for console), given to every incarnation.
     """
 
     def __init__(self, device, mem, disk=None, timeout=5.0, start_timeout=20.0, max_restarts=5,
-                 restart_delay=0.0, runtime_dir=None):
+                 restart_delay=0.0, runtime_dir=None, extra_args=()):
         super().__init__()
         cls = S.model_class(device)
         self.device = device
         self.disk = disk
+        self.extra_args = list(extra_args)
         self.mem_fd, self.mem_size = mem.fd, mem.size
         self.timeout = timeout
         self.start_timeout = start_timeout
@@ -161,6 +163,7 @@ class RemoteBackend(VirtioBackend):
                "--irq-fds", ",".join(map(str, self.irq_fds)), "--lifeline", str(self._life_r)]
         if self.disk:
             cmd += ["--disk", self.disk]
+        cmd += self.extra_args
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         fds = [self.mem_fd, self._life_r, *self.notify_fds, *self.irq_fds]
