@@ -208,12 +208,21 @@ class ThreadedBackend(VirtioBackend):
                 vq.close()
             self._queues = []
 
+    def host_wakeups(self):
+        """{eventfd: queue index}: host-side events that should serve a queue (e.g. console input)."""
+        return {}
+
     def _run(self):
         poller = select.poll()
-        by_fd = {}
+        by_fd = {}                  # eventfd -> (queue config, queue, counts as a guest kick)
         for qc, vq in self._queues:
-            poller.register(qc.notify_fd, select.POLLIN)
-            by_fd[qc.notify_fd] = (qc, vq)
+            by_fd[qc.notify_fd] = (qc, vq, True)
+        for fd, index in self.host_wakeups().items():
+            for qc, vq in self._queues:
+                if qc.index == index:
+                    by_fd[fd] = (qc, vq, False)
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
         stop_fd = self._stop_fd
         poller.register(stop_fd, select.POLLIN)
         # The driver may have kicked before DRIVER_OK (or before a service restart): drain once.
@@ -224,11 +233,13 @@ class ThreadedBackend(VirtioBackend):
                 if fd == stop_fd:
                     return
                 try:
-                    self.kicks += os.eventfd_read(fd)
+                    count = os.eventfd_read(fd)
                 except BlockingIOError:
                     continue
-                self.notifications += 1
-                qc, vq = by_fd[fd]
+                qc, vq, guest_kick = by_fd[fd]
+                if guest_kick:
+                    self.kicks += count
+                    self.notifications += 1
                 self._serve(qc, vq)
 
     def _serve(self, qc, vq):

@@ -152,40 +152,9 @@ class VirtioConsole(ThreadedBackend):
             self.rx_chains += 1
             self.rx_bytes += n
 
-    def _run(self):
-        """ThreadedBackend._run plus the wake eventfd: host input serves the receive queue."""
-        poller = select.poll()
-        by_fd = {}
-        rx = None
-        for qc, vq in self._queues:
-            poller.register(qc.notify_fd, select.POLLIN)
-            by_fd[qc.notify_fd] = (qc, vq)
-            if qc.index == RECEIVEQ:
-                rx = (qc, vq)
-        stop_fd, wake_fd = self._stop_fd, self._wake_fd
-        poller.register(stop_fd, select.POLLIN)
-        poller.register(wake_fd, select.POLLIN)
-        for qc, vq in self._queues:
-            self._serve(qc, vq)
-        while True:
-            for fd, _ in poller.poll():
-                if fd == stop_fd:
-                    return
-                if fd == wake_fd:
-                    try:
-                        os.eventfd_read(wake_fd)
-                    except BlockingIOError:
-                        continue
-                    if rx is not None:
-                        self._serve(*rx)
-                    continue
-                try:
-                    self.kicks += os.eventfd_read(fd)
-                except BlockingIOError:
-                    continue
-                self.notifications += 1
-                qc, vq = by_fd[fd]
-                self._serve(qc, vq)
+    def host_wakeups(self):
+        """Host input (feed) bumps the wake eventfd: serve the receive queue without a guest kick."""
+        return {self._wake_fd: RECEIVEQ}
 
     def counters(self):
         c = super().counters()
