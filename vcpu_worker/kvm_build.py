@@ -300,7 +300,6 @@ long hv_get_supported_cpuid(int kvm_fd, struct kvm_cpuid_entry2 *out, int max);
 long hv_set_cpuid(int vcpu_fd, const struct kvm_cpuid_entry2 *ents, int n);
 uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e);
 void hv_set_immediate_exit(struct kvm_run *run, uint8_t value);
-uint32_t hv_exit_reason(struct kvm_run *run);
 int hv_install_kick_handler(int sig);
 int hv_kick_thread(unsigned long thread, int sig);
 #define SIGUSR1 ...

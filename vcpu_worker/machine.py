@@ -116,7 +116,7 @@ class Machine:
         self.pci = PciRoot(self.vm)
         self.virtio = {}                 # name -> VirtioPciDevice
         wanted = (["rng"] if self.config.rng else []) + [("blk", d) for d in self.config.disks]
-        if getattr(self.config, "vconsole", False):
+        if self.config.vconsole:
             wanted.append("console")
         if wanted:
             from vcpu_worker.virtio_pci import VirtioPciDevice
@@ -274,7 +274,7 @@ class Machine:
             self._park.notify_all()
             self._park.wait_for(lambda: not self.paused or self.outcome)
             self._parked -= 1
-            return Outcome(-1, "kicked") if self.outcome else None
+            return self.outcome          # the VM's own outcome ends this vCPU's loop; None keeps it running
 
     def _kick_all(self):
         for t in self.threads:

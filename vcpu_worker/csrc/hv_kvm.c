@@ -224,11 +224,6 @@ static void hv_set_immediate_exit(struct kvm_run *run, uint8_t value)
     __atomic_store_n(&run->immediate_exit, value, __ATOMIC_SEQ_CST);
 }
 
-static uint32_t hv_exit_reason(struct kvm_run *run)
-{
-    return run->exit_reason;
-}
-
 /* Kicking a vCPU out of KVM_RUN: immediate_exit plus a signal whose handler
  * does nothing and is installed without SA_RESTART, so the ioctl returns
  * EINTR.  Installed in C so no Python handler (and no interpreter state) is
