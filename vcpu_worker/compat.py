@@ -58,7 +58,7 @@ class Profile:
 
 
 PROFILES = {
-    "nested": Profile("nested", NESTED_CPUID_MASKS, NESTED_KERNEL_ARGS, ("int3", "fwait"), pass_tsc_khz=True),
+    "nested": Profile("nested", NESTED_CPUID_MASKS, NESTED_KERNEL_ARGS, ("int3", "fwait", "mxcsr"), pass_tsc_khz=True),
     "none": Profile("none", (), (), ()),
 }
 

@@ -9,6 +9,9 @@ import os
 from vcpu_worker._kvm import ffi, lib
 
 KVM_API_VERSION = 12
+XSAVE_MXCSR_WORD = 6          # byte 24 of the legacy FXSAVE area
+XSAVE_XSTATE_BV_WORD = 128    # byte 512: the XSAVE header's XSTATE_BV
+XFEATURE_SSE = 1 << 1
 
 
 class KvmError(OSError):
@@ -202,13 +205,20 @@ class Vcpu:
     def set_sregs(self, sregs):
         ioctl(self.fd, "KVM_SET_SREGS", sregs)
 
-    def get_fpu(self):
-        fpu = ffi.new("struct kvm_fpu *")
-        ioctl(self.fd, "KVM_GET_FPU", fpu)
-        return fpu
+    def get_mxcsr(self):
+        """MXCSR, from the XSAVE image: KVM_GET_FPU leaves its mxcsr field unset on x86."""
+        xsave = ffi.new("struct kvm_xsave *")
+        ioctl(self.fd, "KVM_GET_XSAVE", xsave)
+        return xsave.region[XSAVE_MXCSR_WORD]
 
-    def set_fpu(self, fpu):
-        ioctl(self.fd, "KVM_SET_FPU", fpu)
+    def set_mxcsr(self, value):
+        xsave = ffi.new("struct kvm_xsave *")
+        ioctl(self.fd, "KVM_GET_XSAVE", xsave)
+        xsave.region[XSAVE_MXCSR_WORD] = value
+        # KVM takes MXCSR only when XSTATE_BV says SSE state is present; the
+        # buffer holds the current XMM values either way, so claiming it is exact.
+        xsave.region[XSAVE_XSTATE_BV_WORD] |= XFEATURE_SSE
+        ioctl(self.fd, "KVM_SET_XSAVE", xsave)
 
     def set_cpuid(self, entries):
         arr = ffi.new("struct kvm_cpuid_entry2[]", len(entries))

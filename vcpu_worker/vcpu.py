@@ -137,7 +137,7 @@ class VcpuThread(threading.Thread):
         data = [e.data[i] for i in range(e.ndata)]
         if e.suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
             insn = fixups.instruction_bytes(self.vcpu, self.machine.mem, data)
-            if fixups.apply(self.vcpu, insn, self.machine.profile.fixups, self.machine.fixup_counts):
+            if fixups.apply(self.vcpu, self.machine.mem, insn, self.machine.profile.fixups, self.machine.fixup_counts):
                 return None
             return Outcome(STATUS_FAILED, f"vCPU {self.vcpu.index}: emulation failure: instruction "
                            f"{fixups.describe(insn)}; {fixups.register_summary(self.vcpu)}")
