@@ -1,9 +1,10 @@
 """The device-service process: one virtio device model in its own process, over the guest's RAM memfd.
 
-    python -m devices.service --device rng|blk|console --mem-size N --mem-fd FD
+    python -m devices.service --device rng|blk|console|net --mem-size N --mem-fd FD
         --control ipc://DIR/ctl.sock --events ipc://DIR/evt.sock
         --notify-fds FD[,FD...] --irq-fds FD[,FD...] [--lifeline FD] [--disk PATH[,ro]]
         [--console-sock PATH [--console-log PATH]]
+        [--net tap:IFNAME|switch:ENDPOINT --mac MAC [--switch-dir DIR --switch-name NAME]]
 
 Started by `devices.virtio.remote.RemoteBackend` (in the worker) with every fd
 inherited through `pass_fds`: the guest RAM memfd, one notify eventfd per queue
@@ -159,12 +160,34 @@ REQUESTS = (Describe, ConfigWrite, Activate, Reset, GetCounters, Shutdown)
 
 # --- the models --------------------------------------------------------------------
 
-def build_model(device, disk=None, console_sock=None, console_log=None):
-    """The backend for `device` ("rng" | "blk" | "console"); `disk` is "PATH[,ro]" for blk.
+def build_model(device, disk=None, console_sock=None, console_log=None, net=None, mac=None,
+                switch_dir=None, switch_name=None):
+    """The backend for `device` ("rng" | "blk" | "console" | "net"); `disk` is "PATH[,ro]" for blk.
 
     A console serves its host side on the unix socket `console_sock` (one
     client at a time) and appends guest output to `console_log` if given.
+    A net device's host end is `net` ("tap:IFNAME" or "switch:ENDPOINT"); with
+    `switch_dir`/`switch_name` (a standalone guest) the switch is started if
+    nobody serves it yet.
     """
+    if device == "net":
+        from devices import net_ports
+        from devices.virtio.net import VirtioNet, parse_mac
+        if not net or not mac:
+            raise ValueError("--device net needs --net tap:IFNAME|switch:ENDPOINT and --mac")
+        if switch_dir and switch_name:
+            from devices import net_switch
+            try:
+                net_switch.ensure(switch_dir, switch_name)
+            except (RuntimeError, OSError) as e:
+                raise ValueError(str(e)) from None
+        model = VirtioNet(parse_mac(mac))
+        try:
+            model.port = net_ports.open_port(net, model.deliver)
+        except net_ports.PortError as e:
+            model.close()
+            raise ValueError(str(e)) from None
+        return model
     if device == "console":
         from devices.virtio.console import HostedConsole
         if not console_sock:
@@ -180,6 +203,13 @@ def build_model(device, disk=None, console_sock=None, console_log=None):
         path, ro = parse_disk(disk)
         return VirtioBlk(path, read_only=ro)
     raise ValueError(f"unknown device {device!r}")
+
+
+def main_args_model(device, disk, extra_args):
+    """build_model from service command-line options (in-process models, HV_DEVICE_SERVICES=0)."""
+    opts = dict(zip(extra_args[::2], extra_args[1::2]))
+    return build_model(device, disk, opts.get("--console-sock"), opts.get("--console-log"), opts.get("--net"),
+                       opts.get("--mac"), opts.get("--switch-dir"), opts.get("--switch-name"))
 
 
 def parse_disk(spec):
@@ -201,10 +231,15 @@ def model_class(device):
     if device == "console":
         from devices.virtio.console import VirtioConsole
         return VirtioConsole
+    if device == "net":
+        from devices.virtio.net import VirtioNet
+        return VirtioNet
     raise ValueError(f"unknown device {device!r}")
 
 
-RESTARTABLE = {"rng": True, "blk": True, "console": True}   # console: the client reconnects
+# console: the client reconnects; net: frames in flight are lost, as on a wire (a non-persistent TAP
+# is re-created empty: its host-side address must be set again)
+RESTARTABLE = {"rng": True, "blk": True, "console": True, "net": True}
 
 
 class _Events(TransportEvents):
@@ -369,7 +404,7 @@ def _fd_list(text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m devices.service")
-    p.add_argument("--device", required=True, choices=("rng", "blk", "console"))
+    p.add_argument("--device", required=True, choices=("rng", "blk", "console", "net"))
     p.add_argument("--mem-size", required=True, type=int)
     p.add_argument("--mem-fd", required=True, type=int)
     p.add_argument("--control", required=True)
@@ -380,9 +415,14 @@ def main(argv=None):
     p.add_argument("--disk")
     p.add_argument("--console-sock")
     p.add_argument("--console-log")
+    p.add_argument("--net")
+    p.add_argument("--mac")
+    p.add_argument("--switch-dir")
+    p.add_argument("--switch-name")
     a = p.parse_args(argv)
     try:
-        model = build_model(a.device, a.disk, a.console_sock, a.console_log)
+        model = build_model(a.device, a.disk, a.console_sock, a.console_log, a.net, a.mac,
+                            a.switch_dir, a.switch_name)
     except (OSError, ValueError) as e:
         print(f"device-service: {_line(e)}", file=sys.stderr, flush=True)
         return 2

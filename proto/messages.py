@@ -94,6 +94,7 @@ class GuestConfig(Message):
     compat: str = "nested"           # compatibility profile: "nested" (default) or "none"
     rng: bool = False                # a virtio-rng PCI device (virtio-pci, MSI-X)
     vconsole: bool = False           # a virtio-console PCI device (/dev/hvc0), host side on a unix socket
+    nets: list[str] = list           # virtio-net NICs: "tap:IFNAME,mac=MAC" or "switch:NAME,mac=MAC"
 
 
 @message
@@ -109,6 +110,7 @@ class GuestInfo(Message):
     config: GuestConfig
     console_log: str                 # path of the console log file
     console_sock: str                # unix socket for `hvctl console`
+    devices: dict = dict             # running guests: device name -> {state, pid, restarts, reason}; switches too
 
     def to_json(self):
         """The object `hvctl info/list --json` prints (interface.md)."""
@@ -172,6 +174,12 @@ class Wait(Message):
 
 @message
 class Stats(Message):
+    name: str
+
+
+@message
+class DeviceStatus(Message):
+    """Supervisor -> worker: each device service's state, pid, restarts and failure reason (StatsReply)."""
     name: str
 
 

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from supervisor.config import ConfigError, build_config
+from supervisor.config import ConfigError, build_config, default_runtime_dir
 
 PROG = "hvctl"
 COMMANDS = ("run", "supervisor", "create", "start", "stop", "pause", "resume", "destroy", "list", "info",
@@ -38,15 +38,6 @@ class TimedOut(Fail):
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def default_runtime_dir():
-    """$HV_RUNTIME_DIR, else $XDG_RUNTIME_DIR/pyhv, else /tmp/pyhv-UID."""
-    if os.environ.get("HV_RUNTIME_DIR"):
-        return os.environ["HV_RUNTIME_DIR"]
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "pyhv")
-    return f"/tmp/pyhv-{os.getuid()}"
 
 
 # --- talking to the supervisor ---------------------------------------------
@@ -93,7 +84,7 @@ def _config(args, name):
     return build_config(name, args.kernel, boot=args.boot, load_addr=args.load_addr, initrd=args.initrd,
                         cmdline=args.cmdline, mem=args.mem, vcpus=args.vcpus, disks=args.disk,
                         timeout=args.timeout, pin=args.pin, compat=args.compat, rng=args.rng,
-                        vconsole=args.vconsole)
+                        vconsole=args.vconsole, nets=args.net)
 
 
 def cmd_run(args):
@@ -197,11 +188,25 @@ def cmd_info(args):
             ("initrd", c.initrd or "-"), ("cmdline", c.cmdline or "-"), ("mem", _size(c.mem_bytes)),
             ("vcpus", c.vcpus), ("timeout", "-" if c.timeout is None else f"{c.timeout:g} s"),
             ("pin", ",".join(map(str, c.pin)) or "-"), ("console log", g.console_log),
+            *(("disk", d) for d in c.disks), *(("net", n) for n in c.nets),
             ("compat", compat["name"]),
-            *((f"  {kind}", item) for kind in ("cpuid_masks", "kernel_args", "fixups") for item in compat[kind])]
+            *((f"  {kind}", item) for kind in ("cpuid_masks", "kernel_args", "fixups") for item in compat[kind]),
+            *(("device", _device_line(name, d)) for name, d in g.devices.items())]
     for k, v in rows:
         print(f"{k + ':':13} {v}")
     return 0
+
+
+def _device_line(name, d):
+    """'virtio-blk0: running (pid 123)' or 'virtio-rng: failed: why', for info."""
+    line = f"{name}: {d.get('state', '?')}"
+    if d.get("pid"):
+        line += f" (pid {d['pid']})"
+    if d.get("restarts"):
+        line += f", {d['restarts']} restart(s)"
+    if d.get("reason"):
+        line += f": {d['reason']}"
+    return line
 
 
 def cmd_wait(args):
@@ -356,6 +361,9 @@ def _add_run_options(p):
     p.add_argument("--compat", choices=("nested", "none"),
                    help="compatibility profile for nested KVM hosts (default: nested; see hvctl info)")
     p.add_argument("--rng", action="store_true", help="add a virtio-rng PCI device (entropy from the host)")
+    p.add_argument("--net", action="append", default=[], metavar="tap:IFNAME|switch:NAME[,mac=MAC]",
+                   help="add a virtio-net PCI device (repeatable): on a host TAP interface, or on the virtual "
+                        "switch NAME that connects the guests of one supervisor (runtime dir) without host networking")
     p.add_argument("--vconsole", action="store_true",
                    help="add a virtio-console PCI device (/dev/hvc0 in the guest); its host side is a unix socket "
                         "(vconsole.sock in the guest's runtime dir, or a temp dir for run; see stats)")

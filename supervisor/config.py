@@ -19,6 +19,15 @@ _SIZE_RE = re.compile(r"(\d+)([KMG]?)\Z", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
+def default_runtime_dir():
+    """$HV_RUNTIME_DIR, else $XDG_RUNTIME_DIR/pyhv, else /tmp/pyhv-UID."""
+    if os.environ.get("HV_RUNTIME_DIR"):
+        return os.environ["HV_RUNTIME_DIR"]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "pyhv")
+    return f"/tmp/pyhv-{os.getuid()}"
+
+
 class ConfigError(ValueError):
     """A guest option is unusable; the message is the one line hvctl prints (exit 2)."""
 
@@ -41,7 +50,7 @@ def parse_int(text, option):
 
 def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdline=None,
                  mem=None, vcpus=None, disks=(), timeout=None, pin=None, compat=None, rng=False,
-                 vconsole=False):
+                 vconsole=False, nets=()):
     """A validated GuestConfig from option strings as argparse gives them (None = default)."""
     try:
         t = None if timeout is None else float(timeout)
@@ -62,6 +71,7 @@ def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdlin
         rng=bool(rng),
         vconsole=bool(vconsole),
         disks=[_disk_spec(d) for d in disks],
+        nets=[_net_spec(n) for n in nets],
     )
     validate(config)
     return config
@@ -103,6 +113,10 @@ def validate(config):
         _check_disk(d)
     if len(c.disks) > MAX_DISKS:
         raise ConfigError(f"--disk: at most {MAX_DISKS} disks")
+    for n in c.nets:
+        parse_net(n)
+    if len(c.nets) > MAX_NETS:
+        raise ConfigError(f"--net: at most {MAX_NETS} NICs")
     if c.compat not in COMPAT_PROFILES:
         raise ConfigError(f"--compat: {c.compat!r} is not one of {', '.join(COMPAT_PROFILES)}")
     host_cpus = os.sched_getaffinity(0)
@@ -115,6 +129,41 @@ def validate(config):
 
 
 MAX_DISKS = 8
+MAX_NETS = 4
+IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")        # Linux IFNAMSIZ - 1
+SWITCH_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
+
+
+def _net_spec(text):
+    """A --net value with its MAC made explicit: a random locally administered one if none was given,
+    so a created guest keeps its address across restarts."""
+    if not isinstance(text, str) or ",mac=" in text:
+        return text
+    mac = bytes([0x52, 0x54, 0x00]) + os.urandom(3)
+    return text + ",mac=" + ":".join(f"{b:02x}" for b in mac)
+
+
+def parse_net(spec):
+    """'tap:IFNAME,mac=MAC' / 'switch:NAME,mac=MAC' -> (kind, name, mac); ConfigError with the fix."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"--net: {spec!r} is not a string")
+    head, _, opts = spec.partition(",")
+    kind, _, name = head.partition(":")
+    mac = None
+    for opt in filter(None, opts.split(",")):
+        key, _, value = opt.partition("=")
+        if key != "mac" or not MAC_RE.match(value):
+            raise ConfigError(f"--net: bad option {opt!r} in {spec!r} (the only option is mac=52:54:00:12:34:56)")
+        if int(value[:2], 16) & 1:
+            raise ConfigError(f"--net: {value} is a multicast MAC address (the first byte must be even)")
+        mac = value.lower()
+    if kind == "tap" and IFNAME_RE.match(name):
+        return kind, name, mac
+    if kind == "switch" and SWITCH_RE.match(name):
+        return kind, name, mac
+    raise ConfigError(f"--net: {spec!r}: use tap:IFNAME (a host TAP interface, at most 15 characters) or "
+                      f"switch:NAME (a virtual switch shared by this supervisor's guests)[,mac=MAC]")
 
 
 def _disk_spec(text):

@@ -24,8 +24,9 @@ from proto import codec, errors, messages as m
 from proto.client import Client
 from proto.errors import NotResponding, ProtocolError, RequestFailed
 from supervisor import spawn
-from supervisor.config import ConfigError, validate
+from supervisor.config import ConfigError, parse_net, validate
 from supervisor.registry import UNIX_PATH_MAX, Registry
+from supervisor.switches import Switches
 
 TICK = 0.05             # seconds between worker polls
 WORKER_TIMEOUT = 2.0    # a worker that does not answer a request within this is "not responding"
@@ -47,6 +48,8 @@ class Server:
         self.registry = Registry(self.dir)
         self.ctx = zmq.Context()
         self.spawner = spawn.Spawner()
+        self.switches = Switches(self.dir)
+        self._next_switch_watch = 0.0
         self.running = True
         self.handlers = {m.Ping: self.ping, m.Create: self.create, m.Start: self.start,
                          m.Stop: self.stop, m.Pause: self.pause, m.Resume: self.resume,
@@ -164,6 +167,7 @@ class Server:
         for g in live:
             self._finished(g, g.proc.wait())
         self.spawner.close()
+        self.switches.close()
         self.sock.close()
         try:
             os.unlink(self.sock_path)
@@ -222,6 +226,11 @@ class Server:
             g.set_state("running")
             self._reply(envelope, g.info())
 
+        for name in _switch_names(g.config):
+            try:
+                self.switches.ensure(name)
+            except OSError as e:
+                raise RequestFailed(errors.INTERNAL, f"cannot start switch {name} for guest {g.name}: {e}") from None
         g.starting = True
         self.spawner.start_worker(g, done)      # done() now (direct spawn) or when the zygote answers
         return None
@@ -264,7 +273,20 @@ class Server:
         return m.GuestList([g.info() for g in self.registry])
 
     def info(self, msg, envelope):
-        return self.registry.get(msg.name).info()
+        """The guest's record; for a running guest also its devices' health, asked of the worker
+        (cheap: the worker answers from its own state, no device service is called)."""
+        g = self.registry.get(msg.name)
+        info = g.info()
+        if g.proc is not None and g.proc.poll() is None:
+            try:
+                devices = self._worker(g, m.DeviceStatus(g.name), m.StatsReply).stats
+            except RequestFailed as e:
+                devices = {"worker": {"state": "not responding", "reason": str(e)}}
+            info.devices = devices
+            info.pids.update({f"device:{n}": d["pid"] for n, d in devices.items() if isinstance(d.get("pid"), int)})
+        for name in _switch_names(g.config):
+            info.devices[f"switch:{name}"] = self.switches.status(name)
+        return info
 
     def wait(self, msg, envelope):
         g = self.registry.get(msg.name)
@@ -283,6 +305,10 @@ class Server:
             pids["zygote"] = self.spawner.zygote_pid
         stats["host"] = spawn.process_stats(pids)
         return m.StatsReply(stats)
+
+
+def _switch_names(config):
+    return [name for kind, name, _ in map(parse_net, config.nets) if kind == "switch"]
 
 
 def serve(runtime_dir):

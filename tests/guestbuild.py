@@ -78,11 +78,23 @@ stack_top:
 """
 
 
+GUEST_HEADERS = pathlib.Path(__file__).resolve().parent / "guests"
+
+
 def build_c(source, mode="raw64", load_addr=0x100000, cflags=()):
-    """Compile a freestanding C guest (`long guest_main(long index, long count)`) into a flat binary."""
+    """Compile a freestanding C guest (`long guest_main(long index, long count, long tsc_khz)`) into a flat binary.
+
+    The source may #include the headers in tests/guests (virtio_guest.h):
+    they are copied beside it and are part of the cache key, so editing one
+    rebuilds every guest that could use it.
+    """
+    headers = {h.name: h.read_text() for h in sorted(GUEST_HEADERS.glob("*.h"))}
+
     def build(tmp, out):
         (tmp / "start.S").write_text(C_START)
         (tmp / "g.c").write_text(source)
+        for name, text in headers.items():
+            (tmp / name).write_text(text)
         common = ["gcc", "-m64", "-ffreestanding", "-fno-pic", "-fno-pie", "-mno-red-zone", "-nostdlib",
                   "-fno-stack-protector", "-fcf-protection=none", "-fno-asynchronous-unwind-tables", *cflags]
         _run(common + ["-c", "start.S", "-o", "start.o"], tmp)
@@ -92,4 +104,4 @@ def build_c(source, mode="raw64", load_addr=0x100000, cflags=()):
         _run(["objcopy", "-O", "binary", "--set-section-flags", ".bss=alloc,load,contents", "g.elf", "g.tmp"], tmp)
         os.replace(tmp / "g.tmp", out)
 
-    return _cached(f"c-{mode}", (C_START, source, mode, load_addr, *cflags), build)
+    return _cached(f"c-{mode}", (C_START, source, mode, load_addr, *cflags, *headers.items()), build)

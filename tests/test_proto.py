@@ -15,7 +15,7 @@ INFO = m.GuestInfo(name="g1", state="stopped", vcpus=2, mem_bytes=64 << 20, exit
 SAMPLES = [
     CONFIG, m.GuestConfig(name="plain", kernel="/k"), INFO, m.Ping(), m.Create(CONFIG),
     m.Start("g1"), m.Stop("g1"), m.Pause("g1"), m.Resume("g1"), m.Destroy("g1"), m.List(),
-    m.Info("g1"), m.Wait("g1"), m.Stats("g1"), m.Ok(), m.Error("no-such-guest", "no such guest: x"),
+    m.Info("g1"), m.Wait("g1"), m.Stats("g1"), m.DeviceStatus("g1"), m.Ok(), m.Error("no-such-guest", "no such guest: x"),
     m.Pong(42, "/run/pyhv"), m.GuestList([INFO, INFO]), m.GuestList([]),
     m.StatsReply({"vcpus": [{"index": 0, "exits": {"IO": 3}}], "x": None, "f": 1.5}),
 ]

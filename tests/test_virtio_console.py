@@ -22,49 +22,11 @@ import pytest
 from devices.guest_memory import GuestMemory, create_memfd
 from devices.virtio.backend import VIRTIO_F_VERSION_1, QueueConfig
 from devices.virtio import console as C
-from ringdriver import F_NEXT, F_WRITE
+from ringdriver import F_NEXT, F_WRITE, RX_RINGS, RXBUF, RXTX_QSIZE, RXTX_RAM as RAM, TX_RINGS, TXBUF
+from ringdriver import RxTxGuest as Guest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RAM = 16 << 20
-QSIZE = 8
-# receiveq rings at 0x10000.., transmitq rings at 0x14000..; buffers above 0x100000
-RX_RINGS, TX_RINGS = (0x10000, 0x11000, 0x12000), (0x14000, 0x15000, 0x16000)
-TXBUF, RXBUF = 0x100000, 0x200000
-
-
-class QDriver:
-    """tests/ringdriver.RingDriver with the ring addresses as parameters (the console has two queues)."""
-
-    def __init__(self, mem, rings, size=QSIZE):
-        self.mem, self.size = mem, size
-        self.desc, self.avail_addr, self.used = rings
-        self.avail = self.used_seen = self.free = 0
-
-    def post(self, bufs):
-        n = len(bufs)
-        idx = [(self.free + k) % self.size for k in range(n)]
-        self.free += n
-        for k, (addr, ln, w) in enumerate(bufs):
-            flags = (F_WRITE if w else 0) | (F_NEXT if k < n - 1 else 0)
-            self.mem.write(self.desc + 16 * idx[k],
-                           struct.pack("<QIHH", addr, ln, flags, idx[k + 1] if k < n - 1 else 0))
-        self.mem.write_u16(self.avail_addr + 4 + 2 * (self.avail % self.size), idx[0])
-        self.avail = (self.avail + 1) & 0xFFFF
-        self.mem.write_u16(self.avail_addr + 2, self.avail)
-        return idx[0]
-
-    def pending_used(self):
-        return (self.mem.read_u16(self.used + 2) - self.used_seen) & 0xFFFF
-
-    def wait_used(self, timeout=10):
-        deadline = time.monotonic() + timeout
-        while self.mem.read_u16(self.used + 2) == self.used_seen:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no used entry")
-            time.sleep(0.0005)
-        slot = self.used_seen % self.size
-        self.used_seen = (self.used_seen + 1) & 0xFFFF
-        return struct.unpack("<II", self.mem.read(self.used + 4 + 8 * slot, 8))
+QSIZE = RXTX_QSIZE
 
 
 def irq_fired(fd, timeout=5):
@@ -78,48 +40,6 @@ def wait_for(pred, timeout=5):
             return False
         time.sleep(0.002)
     return True
-
-
-class Guest:
-    """Guest RAM, the eventfds, and the two queue drivers."""
-
-    def __init__(self):
-        self.fd = create_memfd(RAM)
-        self.mem = GuestMemory(self.fd, RAM)
-        self.notify = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
-        self.irq = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3)]
-        self.rx = QDriver(self.mem, RX_RINGS)
-        self.tx = QDriver(self.mem, TX_RINGS)
-
-    def queues(self):
-        return [QueueConfig(0, QSIZE, *RX_RINGS, self.notify[0], self.irq[0], 0),
-                QueueConfig(1, QSIZE, *TX_RINGS, self.notify[1], self.irq[1], 1)]
-
-    def send(self, *chunks, kick=True, at=0):
-        """One transmit chain with one readable buffer per chunk (at TXBUF + at * 64K); returns the head."""
-        bufs, addr = [], TXBUF + at * 0x10000
-        for c in chunks:
-            self.mem.write(addr, c)
-            bufs.append((addr, len(c), False))
-            addr += 0x1000
-        head = self.tx.post(bufs)
-        if kick:
-            os.eventfd_write(self.notify[1], 1)
-        return head
-
-    def post_rx(self, n, slot, kick=True):
-        """One receive chain: a writable buffer of n bytes at RXBUF + slot * 4K, pre-filled with 0xEE."""
-        addr = RXBUF + slot * 0x1000
-        self.mem.write(addr, b"\xEE" * (n + 16))
-        head = self.rx.post([(addr, n, True)])
-        if kick:
-            os.eventfd_write(self.notify[0], 1)
-        return head, addr
-
-    def close(self):
-        self.mem.close()
-        for f in (self.fd, *self.notify, *self.irq):
-            os.close(f)
 
 
 @pytest.fixture

@@ -118,14 +118,16 @@ class Machine:
         wanted = (["rng"] if self.config.rng else []) + [("blk", d) for d in self.config.disks]
         if self.config.vconsole:
             wanted.append("console")
+        wanted += [("net", n) for n in self.config.nets]
         if wanted:
             from vcpu_worker.virtio_pci import VirtioPciDevice
+        counts = {}
         try:
-            for i, dev in enumerate(wanted):
-                kind, disk = dev if isinstance(dev, tuple) else (dev, None)
-                name = {"rng": "virtio-rng", "console": "virtio-console"}.get(
-                    kind, f"virtio-blk{i - int(self.config.rng)}")
-                fn = VirtioPciDevice(self._backend(kind, disk), self.mem)
+            for dev in wanted:
+                kind, arg = dev if isinstance(dev, tuple) else (dev, None)
+                n = counts[kind] = counts.get(kind, -1) + 1
+                name = {"rng": "virtio-rng", "console": "virtio-console"}.get(kind, f"virtio-{kind}{n}")
+                fn = VirtioPciDevice(self._backend(kind, arg), self.mem)
                 self.pci.add(fn, name)
                 self.virtio[name] = fn
         except (KvmError, OSError, RuntimeError, ValueError) as e:
@@ -133,17 +135,35 @@ class Machine:
             raise MachineError(f"cannot add PCI devices: {e}", STATUS_FAILED) from None
         self.pci.attach(self.pio, self.mmio)
 
-    def _backend(self, kind, disk):
-        sock = log = None
+    def _backend(self, kind, arg):
+        """The backend for one device; `arg` is the disk spec (blk) or the --net spec (net)."""
         extra = []
         if kind == "console":
             sock, log = self._vconsole_paths()
             extra = ["--console-sock", sock] + (["--console-log", log] if log else [])
+        elif kind == "net":
+            extra = self._net_args(arg)
         if os.environ.get("HV_DEVICE_SERVICES", "1") == "0":
-            from devices.service import build_model
-            return build_model(kind, disk, sock, log)
+            from devices.service import main_args_model
+            return main_args_model(kind, arg if kind == "blk" else None, extra)
         from devices.virtio.remote import RemoteBackend
-        return RemoteBackend(kind, self.mem, disk=disk, extra_args=extra)
+        return RemoteBackend(kind, self.mem, disk=arg if kind == "blk" else None, extra_args=extra)
+
+    def _net_args(self, spec):
+        """Service options for a --net spec.  A switch lives in the supervisor's runtime dir
+        (supervised: the supervisor runs it); a standalone run uses the default runtime dir and
+        starts the switch itself if nobody serves it."""
+        from proto import switch as wire
+        from supervisor.config import default_runtime_dir, parse_net
+        kind, name, mac = parse_net(spec)
+        if kind == "tap":
+            return ["--net", f"tap:{name}", "--mac", mac]
+        if self.runtime_dir:
+            sup_dir = os.path.dirname(os.path.dirname(os.path.abspath(self.runtime_dir)))
+            return ["--net", "switch:" + wire.endpoint(sup_dir, name), "--mac", mac]
+        run_dir = os.path.abspath(default_runtime_dir())
+        return ["--net", "switch:" + wire.endpoint(run_dir, name), "--mac", mac,
+                "--switch-dir", run_dir, "--switch-name", name]
 
     def _vconsole_paths(self):
         """(socket, log) for --vconsole: in the guest's runtime dir, or a private temp dir for `hvctl run`."""
@@ -287,6 +307,11 @@ class Machine:
 
     # -- observation --------------------------------------------------------
 
+    def device_status(self):
+        """Each virtio device's service: state, pid, restarts, failure reason (no call to the service)."""
+        return {name: {k: getattr(fn.backend, k, None) for k in ("state", "pid", "restarts", "reason")}
+                for name, fn in self.virtio.items()}
+
     def stats(self):
         vcpus = []
         for t in self.threads or [None] * 0:
@@ -304,8 +329,7 @@ class Machine:
             "vcpus": vcpus,
             "devices": {"serial": self.serial.counters(), "i8042": self.i8042.counters(),
                         "debug_page": self.debug_page.counters(), "rtc": self.rtc.counters(), "pci": self.pci.counters()},
-            "services": {name: {k: getattr(fn.backend, k, None) for k in ("state", "pid", "restarts", "reason")}
-                         for name, fn in self.virtio.items()},
+            "services": self.device_status(),
             "pio_unclaimed": sum(v["io_unclaimed"] for v in vcpus),
             "mmio_unclaimed": sum(v["mmio_unclaimed"] for v in vcpus),
             "fixups": dict(self.fixup_counts),

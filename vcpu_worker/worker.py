@@ -219,6 +219,8 @@ def _handle(data, machine, paused_at, deadline):
             reply = m.Ok()
         elif isinstance(msg, m.Stats):
             reply = m.StatsReply(json.loads(json.dumps(machine.stats(), default=str)))
+        elif isinstance(msg, m.DeviceStatus):
+            reply = m.StatsReply(json.loads(json.dumps(machine.device_status(), default=str)))
         elif isinstance(msg, m.Stop):
             outcome = machine.stop()
             reply = m.Ok()

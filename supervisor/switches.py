@@ -1,0 +1,82 @@
+"""The virtual switches of one supervisor: one `devices.net_switch` process per switch name, started and restarted here.
+
+A guest with `--net switch:NAME` gets its switch started before its worker
+(the switch's NIC ports connect by path; ZeroMQ queues until the switch has
+bound, so there is no ordering race).  `watch()` restarts a switch that died
+while a running guest uses it (at most once per RESTART_BACKOFF); its ports
+reconnect by themselves and are relearned from their hellos, so guests see a
+short loss of frames, nothing else.  A switch that exits ALREADY_SERVED found
+another process serving that name in this runtime dir (a standalone
+`hvctl run` started it first): that one is used.
+"""
+import os
+import subprocess
+import sys
+import time
+
+from devices.net_switch import ALREADY_SERVED
+from supervisor.spawn import REPO_ROOT, child_env
+
+RESTART_BACKOFF = 1.0
+
+
+class Switches:
+    def __init__(self, runtime_dir):
+        self.dir = runtime_dir
+        self.procs = {}                 # name -> Popen
+        self.restarts = {}              # name -> count
+        self.failures = {}              # name -> last exit status
+        self._next_try = {}
+
+    def ensure(self, name):
+        p = self.procs.get(name)
+        if p is not None and p.poll() is None:
+            return
+        if p is not None:
+            self._ended(name, p)
+        log = open(os.path.join(self.dir, f"switch-{name}.log"), "ab")
+        try:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "devices.net_switch", "--dir", self.dir, "--name", name],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO_ROOT, env=child_env(),
+                start_new_session=True)
+        finally:
+            log.close()
+
+    def _ended(self, name, p):
+        del self.procs[name]
+        if p.returncode != ALREADY_SERVED:
+            self.failures[name] = p.returncode
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            print(f"supervisor: switch {name} exited with status {p.returncode}; restarting",
+                  file=sys.stderr, flush=True)
+
+    def watch(self, in_use):
+        """Restart dead switches among `in_use` (names used by running guests)."""
+        now = time.monotonic()
+        for name in in_use:
+            p = self.procs.get(name)
+            if p is not None and p.poll() is None:
+                continue
+            if now < self._next_try.get(name, 0.0):
+                continue
+            self._next_try[name] = now + RESTART_BACKOFF
+            self.ensure(name)
+
+    def status(self, name):
+        p = self.procs.get(name)
+        running = p is not None and p.poll() is None
+        return {"name": name, "state": "running" if running else "stopped", "pid": p.pid if running else None,
+                "restarts": self.restarts.get(name, 0), "endpoint": f"ipc://{self.dir}/switch-{name}.sock"}
+
+    def close(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(2.0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
