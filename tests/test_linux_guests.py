@@ -5,9 +5,10 @@ default /var/cache/pyhv).  Guest kernel code is emulated on nested hosts,
 so each boot takes one to several minutes.
 """
 import hashlib
-import select
 import os
 import pathlib
+import select
+import shutil
 import subprocess
 import time
 
@@ -74,6 +75,63 @@ def test_own_kernel_runs_user_space_on_two_cpus_with_virtio_disk_and_rng(artefac
     assert "done" in text
     assert status == 0                                     # reboot -f
     assert disk.read_bytes()[100 * 512:100 * 512 + 16] == b"pyhv-wrote-this\n"
+
+
+def _ping_until(peer, tries=90):
+    """Shell: ping `peer` once a second until it answers (the other guest may still be booting)."""
+    return (f"i=0; until ping -c 1 -W 2 {peer} >/dev/null 2>&1; do i=$((i+1)); "
+            f"[ $i -gt {tries} ] && echo ping-failed && exit 1; done; echo ping-ok {peer}")
+
+
+def test_own_kernels_ping_each_other_through_a_switch(artefacts, tmp_path):
+    """Two Linux guests on one ZeroMQ switch (standalone runs share it through the runtime dir)."""
+    env = {**os.environ, "HV_RUNTIME_DIR": str(tmp_path)}
+    procs = []
+    for me, peer in (("10.0.3.1", "10.0.3.2"), ("10.0.3.2", "10.0.3.1")):
+        script = f"{_ping_until(peer)}; ip -s link show eth0 | grep -A1 RX; sleep 15"
+        cmd = [*HVCTL, "run", "--kernel", str(artefacts["own"]), "--initrd", str(artefacts["initrd"]),
+               "--net", "switch:lan", "--timeout", "700",
+               "--cmdline", f'console=ttyS0 ip={me}::::guest:eth0:off pyhv.run="{script}"']
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, env=env))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=800)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for (me, peer), p, text in zip((("10.0.3.1", "10.0.3.2"), ("10.0.3.2", "10.0.3.1")), procs, outs):
+        assert "virtio_net" in text or "eth0" in text, text[-3000:]
+        assert f"ping-ok {peer}" in text, text[-3000:]
+        assert p.returncode == 0
+
+
+def _can_make_taps():
+    if not os.path.exists("/dev/net/tun") or shutil.which("ip") is None:
+        return False
+    r = subprocess.run(["ip", "tuntap", "add", "dev", "pyhvprobe1", "mode", "tap"], capture_output=True)
+    subprocess.run(["ip", "link", "del", "pyhvprobe1"], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not _can_make_taps(), reason="needs /dev/net/tun, iproute2 and CAP_NET_ADMIN to create a TAP")
+def test_own_kernel_pings_the_host_through_a_tap(artefacts):
+    tap = f"pyhvl{os.getpid() % 100000}"
+    subprocess.run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.0.4.1/24", "dev", tap], check=True)
+        subprocess.run(["ip", "link", "set", tap, "up"], check=True)
+        status, out = boot_until(["--kernel", artefacts["own"], "--initrd", artefacts["initrd"],
+                                  "--net", f"tap:{tap}", "--timeout", 600,
+                                  "--cmdline", f'console=ttyS0 ip=10.0.4.2::10.0.4.1:255.255.255.0:guest:eth0:off '
+                                               f'pyhv.run="{_ping_until("10.0.4.1", 30)}"'], timeout=700)
+        text = out.decode(errors="replace")
+        assert "ping-ok 10.0.4.1" in text, text[-3000:]
+        assert status == 0
+    finally:
+        subprocess.run(["ip", "link", "del", tap], capture_output=True)
 
 
 @pytest.mark.xfail(_is_nested_kvm(), strict=False,
