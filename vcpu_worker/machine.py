@@ -17,7 +17,7 @@ from devices.rtc import CmosRtc
 from devices.serial import Serial8250
 from vcpu_worker import compat, cpuid
 from vcpu_worker._kvm import ffi, lib
-from vcpu_worker.boot import cpu_state, layout, mptable
+from vcpu_worker.boot import acpi, cpu_state, layout, mptable
 from vcpu_worker.bus import MmioBus, PioBus
 from vcpu_worker.kvm import Kvm, KvmError, KvmUnavailable
 from vcpu_worker.vcpu import (EXIT_NAMES, STATUS_FAILED, STATUS_RESET, STATUS_STOPPED, Outcome,
@@ -191,6 +191,7 @@ class Machine:
                 raise MachineError(f"{self.config.kernel}: {e}") from None
             cpu_state.write_tables(self.mem)
             mptable.write(self.mem, self.config.vcpus)
+            acpi.write(self.mem, self.config.vcpus)
             return info.entry, info.boot_params
         load = self.config.load_addr if self.config.load_addr is not None else RAW_LOAD_ADDR[boot]
         end = load + len(image)

@@ -2,8 +2,10 @@
 
 Layout follows the spec (and Firecracker's mptable.rs): a floating pointer
 structure, then the configuration table with one processor entry per vCPU,
-an ISA bus, the IOAPIC, ISA IRQ routing (IRQ0 on pin 2, as KVM's PIT wiring
-expects) and the LINT0/LINT1 local interrupts.  Linux scans the top of base
+an ISA bus, the IOAPIC, ISA IRQ routing (identity: KVM's default routing
+wires GSI n to IOAPIC pin n, the PIT's GSI 0 included; saying pin 2 made
+Linux report "MP-BIOS bug: 8254 timer not connected" and spend ~1 s probing)
+and the LINT0/LINT1 local interrupts.  Linux scans the top of base
 memory (0x9FC00) for the "_MP_" signature.
 """
 import struct
@@ -40,8 +42,7 @@ def build(vcpus, addr=layout.MPTABLE_ADDR):
     entries.append(struct.pack("<BB6s", ENTRY_BUS, ISA_BUS_ID, b"ISA   "))
     entries.append(struct.pack("<BBBBI", ENTRY_IOAPIC, ioapic_id, APIC_VERSION, 1, IOAPIC_ADDR))
     for irq in range(16):
-        pin = 2 if irq == 0 else irq
-        entries.append(struct.pack("<BBHBBBB", ENTRY_IOINT, INT_TYPE_INT, 0, ISA_BUS_ID, irq, ioapic_id, pin))
+        entries.append(struct.pack("<BBHBBBB", ENTRY_IOINT, INT_TYPE_INT, 0, ISA_BUS_ID, irq, ioapic_id, irq))
     # LINT0 = ExtINT (the PIC through virtual wire), LINT1 = NMI, on every LAPIC (0xFF).
     entries.append(struct.pack("<BBHBBBB", ENTRY_LINTSRC, INT_TYPE_EXTINT, 0, ISA_BUS_ID, 0, 0xFF, 0))
     entries.append(struct.pack("<BBHBBBB", ENTRY_LINTSRC, INT_TYPE_NMI, 0, ISA_BUS_ID, 0, 0xFF, 1))
