@@ -403,11 +403,13 @@ class RemoteBackend(VirtioBackend):
                     self._proc.wait(timeout=2.0)
                 except (RemoteError, subprocess.TimeoutExpired):
                     pass
-            self._reap()
-            self.state = "stopped"
+        # The watcher polls the event socket and pidfd that _reap closes: stop it first.
         os.eventfd_write(self._stop_fd, 1)
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(5)
+        with self._lock:
+            self._reap()
+            self.state = "stopped"
         self._teardown_fds()
 
     def _teardown_fds(self):
