@@ -248,6 +248,29 @@ def test_remote_backend_describes_and_serves(guest, image):
     assert rb.counters()["state"] == "stopped"
 
 
+def test_paused_service_serves_nothing_until_resumed(guest, image):
+    """Pausing a guest stops its device services' data paths; resume continues from used.idx."""
+    _, mem = guest
+    rb, _ = remote(mem, disk=str(image))
+    try:
+        notify, irq = activate(rb, mem)
+        drv = RingDriver(mem)
+        first = blk_read(drv, 3)
+        os.eventfd_write(notify, 1)
+        assert drv.wait_used() == (first, 513)
+        rb.pause()
+        assert rb.counters()["paused"] is True
+        second = blk_read(drv, 5)
+        os.eventfd_write(notify, 1)
+        with pytest.raises(TimeoutError):
+            drv.wait_used(timeout=0.5)                 # the kick waits in the eventfd
+        rb.resume()
+        assert drv.wait_used() == (second, 513) and mem.read(DATA, 4) == b"\x05" * 4
+        assert rb.counters()["requests"] == 2 and rb.counters()["paused"] is False
+    finally:
+        rb.close()
+
+
 def test_activate_refused_by_the_service_is_a_queue_config_error(guest, image):
     from devices.virtio.queue import QueueConfigError
     _, mem = guest

@@ -276,14 +276,19 @@ class Machine:
         return self.outcome
 
     def pause(self, timeout=2.0):
-        """Hold every vCPU outside KVM_RUN; True once all are parked."""
+        """Hold every vCPU outside KVM_RUN, then stop the device services' data paths; True once all are parked."""
         with self._lock:
             self.paused = True
         self._kick_all()
         with self._lock:
-            return self._park.wait_for(lambda: self._parked == len(self.threads) or self.outcome, timeout)
+            parked = self._park.wait_for(lambda: self._parked == len(self.threads) or self.outcome, timeout)
+        for fn in self.virtio.values():
+            getattr(fn.backend, "pause", lambda: None)()
+        return parked
 
     def resume(self):
+        for fn in self.virtio.values():
+            getattr(fn.backend, "resume", lambda: None)()
         with self._lock:
             self.paused = False
             self._park.notify_all()
@@ -310,7 +315,7 @@ class Machine:
 
     def device_status(self):
         """Each virtio device's service: state, pid, restarts, failure reason (no call to the service)."""
-        return {name: {k: getattr(fn.backend, k, None) for k in ("state", "pid", "restarts", "reason")}
+        return {name: {k: getattr(fn.backend, k, None) for k in ("state", "pid", "restarts", "reason", "paused")}
                 for name, fn in self.virtio.items()}
 
     def stats(self):

@@ -110,6 +110,7 @@ class RemoteBackend(VirtioBackend):
         self._proc = self._pidfd = self._ctl = self._evt = None
         self._incarnation = 0
         self._active = None               # (features, [wire queue dicts]) while the driver runs it
+        self._paused = False              # the guest is paused: the service holds no queues
         self._restart_times = collections.deque()
         self._closed = False
         self._given_up = False
@@ -312,7 +313,7 @@ class RemoteBackend(VirtioBackend):
                 try:
                     self._start()
                     self.restarts += 1
-                    if self._active is not None:
+                    if self._active is not None and not self._paused:
                         features, queues = self._active
                         self._call(S.Activate(features=features, queues=queues, resume=True), S.Ok)
                     return
@@ -361,6 +362,41 @@ class RemoteBackend(VirtioBackend):
                 pass    # dead or restarting: the restart activates it (from used.idx)
             self._active = (features, wire)
 
+    def pause(self):
+        """Stop the service's data path (it finishes the requests it holds) until resume().
+
+        The service forgets the queues (a Reset); resume() activates them again
+        from used.idx, which is exact because nothing is in flight then.  The
+        transport's state is untouched: the driver sees nothing but a delay.
+        """
+        with self._lock:
+            if self._paused:
+                return
+            self._paused = True
+            if self._active is None or self._ctl is None:
+                return
+            try:
+                self._call(S.Reset(), S.Ok)
+            except RemoteError:
+                self._kill(f"pause failed: {self.reason or 'no reply'}")
+
+    def resume(self):
+        with self._lock:
+            if not self._paused:
+                return
+            self._paused = False
+            if self._active is None or self._ctl is None:
+                return
+            features, queues = self._active
+            try:
+                self._call(S.Activate(features=features, queues=queues, resume=True), S.Ok)
+            except RemoteError:
+                self._kill(f"resume failed: {self.reason or 'no reply'}")   # the restart activates it
+
+    @property
+    def paused(self):
+        return self._paused
+
     def reset(self):
         with self._lock:
             self._active = None
@@ -376,6 +412,7 @@ class RemoteBackend(VirtioBackend):
 
     def counters(self):
         c = {"state": self.state, "pid": self.pid, "restarts": self.restarts, "failures": self.failures,
+             "paused": self._paused,
              "control_timeouts": self.control_timeouts}
         if self.reason:
             c["reason"] = self.reason
