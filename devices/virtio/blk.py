@@ -27,7 +27,8 @@ to put a status: it is returned with length 0 and counted in `errors`.
 import os
 import struct
 
-from devices.virtio.backend import VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, ThreadedBackend
+from devices.virtio.backend import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+                                    VIRTIO_ID_BLOCK, ThreadedBackend)
 
 VIRTIO_BLK_F_SIZE_MAX = 1 << 1
 VIRTIO_BLK_F_SEG_MAX = 1 << 2
@@ -81,8 +82,11 @@ class VirtioBlk(ThreadedBackend):
             os.close(self.fd)
             raise
         self.capacity = size // SECTOR           # a trailing partial sector is not visible
+        # INDIRECT_DESC lets a driver put a many-segment request in one ring slot; EVENT_IDX lets it
+        # batch interrupts (used_event) -- both handled by the validated queue (devices/virtio/queue.py).
         self.features = (VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE |
-                         VIRTIO_BLK_F_FLUSH | (VIRTIO_BLK_F_RO if read_only else 0))
+                         VIRTIO_BLK_F_FLUSH | VIRTIO_F_RING_INDIRECT_DESC | VIRTIO_F_RING_EVENT_IDX |
+                         (VIRTIO_BLK_F_RO if read_only else 0))
         self.serial = ("pyhv-" + os.path.basename(path)).encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
         self.requests = self.read_bytes = self.write_bytes = self.flushes = 0
         self.io_errors = self.unsupported = self.no_status = 0
