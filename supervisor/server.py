@@ -31,6 +31,7 @@ from supervisor.switches import Switches
 TICK = 0.05             # seconds between worker polls
 WORKER_TIMEOUT = 2.0    # a worker that does not answer a request within this is "not responding"
 STOP_GRACE = 3.0        # seconds a worker gets to exit after Stop before SIGKILL
+SWITCH_WATCH = 0.5      # seconds between checks of the net switch processes
 
 
 class AlreadyRunning(RuntimeError):
@@ -143,6 +144,9 @@ class Server:
                 g.proc.kill()
                 g.kill_at = None
         self.spawner.watch()
+        if now >= self._next_switch_watch:       # restart dead switches that running guests use
+            self._next_switch_watch = now + SWITCH_WATCH
+            self.switches.watch({s for g in self.registry if g.proc is not None for s in _switch_names(g.config)})
 
     def _finished(self, g, returncode):
         g.set_state(*spawn.read_outcome(g, returncode))

@@ -284,8 +284,8 @@ def test_supervised_guests_share_a_switch_and_info_shows_devices(build_c_guest):
         shutil.rmtree(sup.dir, ignore_errors=True)
 
 
-def test_killed_net_service_is_restarted_and_shown_in_info(build_c_guest):
-    """kill -9 of a guest's NIC service: the guest, the supervisor and the other guest live on."""
+def test_killed_net_service_and_switch_are_restarted_and_shown_in_info(build_c_guest):
+    """kill -9 of a guest's NIC service, then of the switch: the guests and the supervisor live on."""
     spin = build_c_guest(r"""
         long guest_main(long i, long n, long khz) { for (;;) __asm__ volatile("pause"); return 0; }
     """)
@@ -303,6 +303,12 @@ def test_killed_net_service_is_restarted_and_shown_in_info(build_c_guest):
         assert "1 restart(s)" in sup.hvctl("info", "k1").stdout
         assert sup.info("k2")["state"] == "running"
         assert sup.info("k2")["devices"]["virtio-net0"]["restarts"] == 0
+        # the switch itself: the supervisor restarts it
+        switch_pid = info["devices"]["switch:lab"]["pid"]
+        os.kill(switch_pid, signal.SIGKILL)
+        assert wait_for(lambda: sup.info("k2")["devices"]["switch:lab"]["restarts"] == 1, 20)
+        assert sup.info("k2")["devices"]["switch:lab"]["state"] == "running"
+        assert all(sup.info(n)["state"] == "running" for n in ("k1", "k2"))
     finally:
         sup.stop()
         shutil.rmtree(sup.dir, ignore_errors=True)
