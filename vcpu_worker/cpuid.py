@@ -9,12 +9,16 @@ def _clear(entries, leaf, subleaf, reg, bit):
 
 
 def vcpu_cpuid(supported, index, count, masks=()):
-    """A fresh copy of `supported` adjusted for vCPU `index` of `count`."""
-    entries = []
-    for src in supported:
-        e = ffi.new("struct kvm_cpuid_entry2 *")
-        e[0] = src
-        entries.append(e[0])
+    """A fresh copy of `supported` adjusted for vCPU `index` of `count` (a cdata array that owns its entries).
+
+    One owning array, not a list of `ffi.new(...)[0]`: an element taken from
+    a temporary owner points into freed memory once the owner is collected,
+    and masks written there were silently lost (or kept) depending on
+    allocation patterns.
+    """
+    entries = ffi.new("struct kvm_cpuid_entry2[]", len(supported))
+    for i, src in enumerate(supported):
+        entries[i] = src
     for e in entries:
         if e.function == 1:
             # Initial APIC ID, logical processor count, HTT when SMP.
