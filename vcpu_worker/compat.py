@@ -26,6 +26,7 @@ NESTED_KERNEL_ARGS = (
     "movbe,bmi1,bmi2,abm,adx,erms,fsrm,ssse3",
     "nopv",                     # a KVM paravirt hypercall never completed
     "tsc=reliable",             # the emulated clocksource watchdog otherwise marks the TSC unstable
+    "cryptomgr.notests",        # crypto self-tests run through the emulator (Debian's kernel: minutes)
 )
 
 
