@@ -304,7 +304,9 @@ def cmd_stats(args):
         return 0
     for v in stats.get("vcpus", []):
         exits = ", ".join(f"{k} {n}" for k, n in sorted(v.get("exits", {}).items(), key=lambda kv: -kv[1]))
-        print(f"vcpu {v.get('index')}: exits: {exits or '-'}")
+        pos = v.get("position")
+        where = f"at rip {pos['rip']} (ring {pos['cpl']}); " if pos else ""
+        print(f"vcpu {v.get('index')}: {where}exits: {exits or '-'}")
         times = {k: v[k] for k in ("ns_in_guest", "ns_in_vmm") if k in v}
         if times:
             print("  " + ", ".join(f"{k} {n}" for k, n in times.items()))

@@ -267,8 +267,11 @@ def test_pause_resume_stats_stop(sup, build_guest):
     stats = json.loads(sup.hvctl("stats", "g", "--json", check=0).stdout)
     assert stats["vcpus"][0]["index"] == 0 and "devices" in stats
     assert stats["host"]["worker"]["rss"] > 0 and stats["host"]["worker"]["pid"] == sup.info("g")["pids"]["worker"]
-    assert sup.hvctl("stats", "g", check=0).stdout
+    # where the vCPU is: LOOP spins on `jmp 1b` right after its 6-byte prologue (raw16: rip is IP)
+    assert stats["vcpus"][0]["position"] == {"rip": hex(0x7C00 + 6), "cpl": 0}
+    assert "at rip 0x7c06 (ring 0)" in sup.hvctl("stats", "g", check=0).stdout
     sup.hvctl("resume", "g", check=0)
+    assert json.loads(sup.hvctl("stats", "g", "--json", check=0).stdout)["vcpus"][0]["position"]["rip"] == "0x7c06"
     assert sup.info("g")["state"] == "running"
     r = sup.hvctl("wait", "g", "--timeout", "0.3", check=124)
     assert "still running" in r.stderr

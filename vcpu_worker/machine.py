@@ -54,6 +54,7 @@ class Machine:
         self._lock = threading.Lock()
         self._park = threading.Condition(self._lock)
         self._parked = 0
+        self._sampling, self._samples = set(), {}   # sample_positions(): vCPUs still to answer, answers
         self.threads = []
         image = self._read_file(config.kernel, "kernel")
         initrd = self._read_file(config.initrd, "initrd") if config.initrd else None
@@ -293,14 +294,48 @@ class Machine:
             self.paused = False
             self._park.notify_all()
 
-    def on_kick(self, thread):
-        """Called by a vCPU thread after a kick: park while paused; an Outcome ends its loop."""
+    def sample_positions(self, timeout=1.0):
+        """Where each running vCPU is now: {index: {"rip", "cpl"}}, read by its own thread after a kick.
+
+        For long silent stretches of emulated guest code (a Linux boot here):
+        `hvctl stats` shows the RIPs, to be looked up in the kernel's System.map.
+        """
         with self._lock:
+            if self.outcome:
+                return {}
+            self._sampling = {t.vcpu.index for t in self.threads if t.is_alive()}
+            self._samples = {}
+            self._park.notify_all()                   # parked (paused) vCPUs answer at once
+        self._kick_all()
+        with self._lock:
+            self._park.wait_for(lambda: not self._sampling or self.outcome, timeout)
+            self._sampling = set()
+            return dict(self._samples)
+
+    def on_kick(self, thread):
+        """Called by a vCPU thread after a kick: answer a position sample, park while paused; an Outcome ends its loop."""
+        with self._lock:
+            index = thread.vcpu.index
             self._parked += 1
             self._park.notify_all()
-            self._park.wait_for(lambda: not self.paused or self.outcome)
+            while True:
+                if index in self._sampling:          # parked threads answer too (stats of a paused guest)
+                    self._answer_sample(thread)
+                if not self.paused or self.outcome:
+                    break
+                self._park.wait()
             self._parked -= 1
             return self.outcome          # the VM's own outcome ends this vCPU's loop; None keeps it running
+
+    def _answer_sample(self, thread):
+        index = thread.vcpu.index
+        try:
+            rip, cpl = thread.vcpu.get_regs().rip, thread.vcpu.get_sregs().cs.dpl
+            self._samples[index] = {"rip": f"0x{rip:x}", "cpl": cpl}
+        except OSError:
+            pass
+        self._sampling.discard(index)
+        self._park.notify_all()
 
     def _kick_all(self):
         for t in self.threads:
@@ -319,11 +354,13 @@ class Machine:
                 for name, fn in self.virtio.items()}
 
     def stats(self):
+        positions = self.sample_positions() if any(t.is_alive() for t in self.threads) else {}
         vcpus = []
         for t in self.threads or [None] * 0:
             c = t.vcpu.counters()
             c["exits"] = {EXIT_NAMES.get(k, str(k)): v for k, v in c["exits"].items()}
             c["index"] = t.vcpu.index
+            c["position"] = positions.get(t.vcpu.index)
             c["mmio_unclaimed"] = t.mmio_unclaimed
             c["host_tid"] = t.host_tid
             try:
