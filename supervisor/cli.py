@@ -298,14 +298,29 @@ def cmd_console(args):
 
 def cmd_stats(args):
     from proto import messages as m
+    symbols = None
+    if args.symbols:
+        from supervisor.symbols import SymbolError, SymbolMap
+        try:
+            symbols = SymbolMap(args.symbols)
+        except SymbolError as e:
+            raise Fail(str(e), 2) from None
     stats = request(args, m.Stats(args.name)).stats
+    if symbols is not None:
+        for v in stats.get("vcpus", []):
+            pos = v.get("position")
+            if pos:
+                pos["symbol"] = symbols.lookup(int(pos["rip"], 16))
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
     for v in stats.get("vcpus", []):
         exits = ", ".join(f"{k} {n}" for k, n in sorted(v.get("exits", {}).items(), key=lambda kv: -kv[1]))
         pos = v.get("position")
-        where = f"at rip {pos['rip']} (ring {pos['cpl']}); " if pos else ""
+        where = ""
+        if pos:
+            sym = f" {pos['symbol']}" if pos.get("symbol") else ""
+            where = f"at rip {pos['rip']}{sym} (ring {pos['cpl']}); "
         print(f"vcpu {v.get('index')}: {where}exits: {exits or '-'}")
         times = {k: v[k] for k in ("ns_in_guest", "ns_in_vmm") if k in v}
         if times:
@@ -426,8 +441,11 @@ def build_parser(only=None):
     add("logs", cmd_logs, "the guest's console output so far", "name").add_argument(
         "--follow", "-f", action="store_true", help="keep printing until the guest stops")
     add("console", cmd_console, "attach the console interactively (Ctrl-] detaches)", "name")
-    add("stats", cmd_stats, "exits per vCPU, device counters, host CPU/memory per process",
-        "name").add_argument("--json", action="store_true")
+    stats = add("stats", cmd_stats, "where each vCPU is, exits per vCPU, device counters, host CPU/memory per "
+                "process", "name")
+    stats.add_argument("--json", action="store_true")
+    stats.add_argument("--symbols", metavar="SYSTEM.MAP", help="name the function each vCPU is in, from the "
+                       "guest kernel's System.map")
     top = add("top", cmd_top, "a live, refreshing table of all guests (exits/s, guest time, CPU, memory)")
     top.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
     top.add_argument("--iterations", "-n", type=int, metavar="N", help="stop after N refreshes")

@@ -270,6 +270,14 @@ def test_pause_resume_stats_stop(sup, build_guest):
     # where the vCPU is: LOOP spins on `jmp 1b` right after its 6-byte prologue (raw16: rip is IP)
     assert stats["vcpus"][0]["position"] == {"rip": hex(0x7C00 + 6), "cpl": 0}
     assert "at rip 0x7c06 (ring 0)" in sup.hvctl("stats", "g", check=0).stdout
+    smap = os.path.join(sup.dir, "System.map")
+    with open(smap, "w") as f:                       # a System.map for this guest: entry and a data symbol
+        f.write("0000000000007c00 T entry\n0000000000007c03 D not_code\n0000000000007c10 t after\n")
+    named = json.loads(sup.hvctl("stats", "g", "--json", "--symbols", smap, check=0).stdout)
+    assert named["vcpus"][0]["position"]["symbol"] == "entry+0x6"
+    assert "0x7c06 entry+0x6 (ring 0)" in sup.hvctl("stats", "g", "--symbols", smap, check=0).stdout
+    bad = sup.hvctl("stats", "g", "--symbols", os.path.join(sup.dir, "missing.map"), check=2)
+    assert "cannot read" in bad.stderr and len(bad.stderr.splitlines()) == 1
     sup.hvctl("resume", "g", check=0)
     assert json.loads(sup.hvctl("stats", "g", "--json", check=0).stdout)["vcpus"][0]["position"]["rip"] == "0x7c06"
     assert sup.info("g")["state"] == "running"
