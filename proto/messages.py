@@ -178,6 +178,25 @@ class Stats(Message):
 
 
 @message
+class SpawnService(Message):
+    """Worker -> supervisor on RUNTIME/services.sock, with the fds in SCM_RIGHTS: start a device service.
+
+    `args` are `python -m devices.service` options; the fd-valued ones
+    (--mem-fd, --lifeline, --notify-fds, --irq-fds) name the worker's fd
+    numbers, `fds` lists those numbers in the order the fds were sent.
+    """
+    guest: str
+    args: list[str]
+    fds: list[int]
+
+
+@message
+class ServiceSpawned(Message):
+    """Reply to SpawnService; the service's pidfd travels with it (SCM_RIGHTS)."""
+    pid: int
+
+
+@message
 class DeviceStatus(Message):
     """Supervisor -> worker: each device service's state, pid, restarts and failure reason (StatsReply)."""
     name: str

@@ -26,6 +26,7 @@ from proto.errors import NotResponding, ProtocolError, RequestFailed
 from supervisor import spawn
 from supervisor.config import ConfigError, parse_net, validate
 from supervisor.registry import UNIX_PATH_MAX, Registry
+from supervisor.services import ServiceLauncher
 from supervisor.switches import Switches
 
 TICK = 0.05             # seconds between worker polls
@@ -83,11 +84,12 @@ class Server:
         self.sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind("ipc://" + self.sock_path)
+        self.services = ServiceLauncher(self.dir, self.registry)
         self.spawner.start()             # the zygote warms up while we already serve
         print(f"supervisor: pid {os.getpid()} serving ipc://{self.sock_path}", file=sys.stderr, flush=True)
         try:
             while self.running:
-                items = [(self.sock, zmq.POLLIN)]
+                items = [(self.sock, zmq.POLLIN), (self.services.fileno(), zmq.POLLIN)]
                 zfd = self.spawner.fileno()
                 if zfd is not None:
                     items.append((zfd, zmq.POLLIN))
@@ -97,6 +99,8 @@ class Server:
                         self._on_frames(self.sock.recv_multipart())
                 if zfd is not None and any(s == zfd for s, _ in ready):
                     self.spawner.collect()
+                if any(s == self.services.fileno() for s, _ in ready):
+                    self.services.serve()
                 self._watch()
         finally:
             self._shutdown()
@@ -144,6 +148,7 @@ class Server:
                 g.proc.kill()
                 g.kill_at = None
         self.spawner.watch()
+        self.services.watch()
         if now >= self._next_switch_watch:       # restart dead switches that running guests use
             self._next_switch_watch = now + SWITCH_WATCH
             self.switches.watch({s for g in self.registry if g.proc is not None for s in _switch_names(g.config)})
@@ -151,6 +156,7 @@ class Server:
     def _finished(self, g, returncode):
         g.set_state(*spawn.read_outcome(g, returncode))
         g.proc, g.kill_at, g.stop_reason = None, None, None
+        self.services.guest_ended(g.name)
         spawn.release_memory(g)
         info = g.info()
         for envelope in g.waiters:
@@ -171,6 +177,7 @@ class Server:
         for g in live:
             self._finished(g, g.proc.wait())
         self.spawner.close()
+        self.services.close()
         self.switches.close()
         self.sock.close()
         try:

@@ -18,6 +18,7 @@ SAMPLES = [
     m.Info("g1"), m.Wait("g1"), m.Stats("g1"), m.DeviceStatus("g1"), m.Ok(), m.Error("no-such-guest", "no such guest: x"),
     m.Pong(42, "/run/pyhv"), m.GuestList([INFO, INFO]), m.GuestList([]),
     m.StatsReply({"vcpus": [{"index": 0, "exits": {"IO": 3}}], "x": None, "f": 1.5}),
+    m.SpawnService("g1", ["--device", "rng", "--mem-fd", "5"], [5]), m.ServiceSpawned(1234),
 ]
 
 

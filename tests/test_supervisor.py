@@ -397,3 +397,39 @@ def test_info_lists_the_compatibility_profile(sup, build_guest):
                                                "tsc_early_khz": False}
     text = sup.hvctl("info", "c1", check=0).stdout
     assert "compat:" in text and "noxsave" in text
+
+
+@needs_kvm
+def test_service_requests_from_anyone_but_the_guests_worker_are_refused(sup, build_guest):
+    """RUNTIME/services.sock starts device services only for the worker of a running guest."""
+    from devices.virtio.launch import LaunchError, SupervisorLauncher
+    sup.hvctl("create", "g", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "60", check=0)
+    sup.hvctl("start", "g", check=0)
+    launch = SupervisorLauncher(os.path.join(sup.dir, "services.sock"), "g", timeout=5)
+    r, w = os.pipe()
+    try:
+        with pytest.raises(LaunchError, match="is not the worker of guest g"):
+            launch(["--device", "rng", "--lifeline", str(r)], [r])
+        with pytest.raises(LaunchError, match="no guest"):
+            SupervisorLauncher(launch.sock_path, "nope")(["--device", "rng"], [])
+    finally:
+        os.close(r)
+        os.close(w)
+    # garbage on the socket: refused, and the supervisor goes on
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(launch.sock_path)
+        s.send(b"\x93not msgpack")
+        assert b"cannot start the device service" in s.recv(4096)
+    assert sup.info("g")["state"] == "running"
+
+
+def test_service_options_are_checked_and_fds_renumbered():
+    from supervisor.services import BadRequest, _checked_args
+    mine = {7: 20, 8: 21, 9: 22}
+    assert _checked_args(["--device", "blk", "--mem-fd", "7", "--notify-fds", "8,9", "--disk", "/d.img"], mine) == \
+        ["--device", "blk", "--mem-fd", "20", "--notify-fds", "21,22", "--disk", "/d.img"]
+    for bad, why in ((["--device", "gpu"], "unknown device"), (["--device", "rng", "--mem-fd", "5"], "not sent"),
+                     (["--device", "rng", "--exec", "sh"], "not allowed"), (["--mem-fd", "7"], "no --device"),
+                     (["--device", "rng", "--device", "blk"], "repeated"), (["--device"], "pairs")):
+        with pytest.raises(BadRequest, match=why):
+            _checked_args(bad, mine)

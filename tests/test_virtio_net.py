@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 
+import psutil
 import pytest
 import zmq
 
@@ -295,11 +296,13 @@ def test_killed_net_service_and_switch_are_restarted_and_shown_in_info(build_c_g
             sup.hvctl("create", name, "--kernel", spin, "--boot", "raw64", "--net", "switch:lab", check=0)
             sup.hvctl("start", name, check=0)
         pid = sup.info("k1")["devices"]["virtio-net0"]["pid"]
+        assert psutil.Process(pid).ppid() == sup.proc.pid            # the supervisor started it
         os.kill(pid, signal.SIGKILL)
         assert wait_for(lambda: sup.info("k1")["devices"]["virtio-net0"].get("restarts") == 1, 20)
         info = sup.info("k1")
         assert info["state"] == "running" and info["devices"]["virtio-net0"]["state"] == "running"
         assert info["devices"]["virtio-net0"]["pid"] != pid
+        assert "killed by SIGKILL" in open(os.path.join(sup.dir, "test-supervisor.log")).read()
         assert "1 restart(s)" in sup.hvctl("info", "k1").stdout
         assert sup.info("k2")["state"] == "running"
         assert sup.info("k2")["devices"]["virtio-net0"]["restarts"] == 0

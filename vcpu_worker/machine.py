@@ -109,8 +109,9 @@ class Machine:
         """PCI bus 0 on config mechanism #1: the host bridge always, virtio devices by option.
 
         Each virtio device model runs in its own device-service process
-        (devices/service.py) behind a RemoteBackend, a child of this process
-        for now (the supervisor is to spawn and watch them: follow-up).
+        (devices/service.py) behind a RemoteBackend; for a supervised guest
+        the supervisor starts it (devices/virtio/launch.py), for `hvctl run`
+        this process does.
         HV_DEVICE_SERVICES=0 runs the models in-process instead (debugging).
         """
         from vcpu_worker.pci import PciRoot
@@ -148,7 +149,16 @@ class Machine:
             from devices.service import main_args_model
             return main_args_model(kind, arg if kind == "blk" else None, extra)
         from devices.virtio.remote import RemoteBackend
-        return RemoteBackend(kind, self.mem, disk=arg if kind == "blk" else None, extra_args=extra)
+        launcher = None
+        if self.runtime_dir:             # supervised: the supervisor starts (and reaps) the service
+            from devices.virtio.launch import SupervisorLauncher
+            launcher = SupervisorLauncher(os.path.join(self._supervisor_dir(), "services.sock"), self.config.name)
+        return RemoteBackend(kind, self.mem, disk=arg if kind == "blk" else None, extra_args=extra,
+                             launcher=launcher)
+
+    def _supervisor_dir(self):
+        """The supervisor's runtime dir: the guest's is RUNTIME/guests/NAME."""
+        return os.path.dirname(os.path.dirname(os.path.abspath(self.runtime_dir)))
 
     def _net_args(self, spec):
         """Service options for a --net spec.  A switch lives in the supervisor's runtime dir
@@ -160,8 +170,7 @@ class Machine:
         if kind == "tap":
             return ["--net", f"tap:{name}", "--mac", mac]
         if self.runtime_dir:
-            sup_dir = os.path.dirname(os.path.dirname(os.path.abspath(self.runtime_dir)))
-            return ["--net", "switch:" + wire.endpoint(sup_dir, name), "--mac", mac]
+            return ["--net", "switch:" + wire.endpoint(self._supervisor_dir(), name), "--mac", mac]
         run_dir = os.path.abspath(default_runtime_dir())
         return ["--net", "switch:" + wire.endpoint(run_dir, name), "--mac", mac,
                 "--switch-dir", run_dir, "--switch-name", name]

@@ -15,8 +15,9 @@ own (integration patch), registers them with KVM (ioeventfd / irqfd), and an
 Activate names them by index.  The service also inherits the guest RAM
 memfd and the read end of a lifeline pipe (EOF = this process died: the
 service exits, so services never outlive their worker even though they run
-in their own session).  They are children of the worker for now; the issue
-wants the supervisor to spawn and watch them (follow-up).
+in their own session).  Who starts the process is the `launcher`'s business
+(devices/virtio/launch.py): the supervisor for supervised guests, this
+process for `hvctl run`; either way the same fds are handed over.
 
 Failure and restart
 -------------------
@@ -50,7 +51,6 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -58,6 +58,7 @@ import time
 import zmq
 
 from devices import service as S
+from devices.virtio import launch
 from devices.virtio.backend import VirtioBackend
 from devices.virtio.queue import QueueConfigError
 from proto.errors import ProtocolError
@@ -87,12 +88,13 @@ class RemoteBackend(VirtioBackend):
     """
 
     def __init__(self, device, mem, disk=None, timeout=5.0, start_timeout=20.0, max_restarts=5,
-                 restart_delay=0.0, runtime_dir=None, extra_args=()):
+                 restart_delay=0.0, runtime_dir=None, extra_args=(), launcher=None):
         super().__init__()
         cls = S.model_class(device)
         self.device = device
         self.disk = disk
         self.extra_args = list(extra_args)
+        self.launcher = launcher            # None: spawn services as our children (see launch.py)
         self.mem_fd, self.mem_size = mem.fd, mem.size
         self.timeout = timeout
         self.start_timeout = start_timeout
@@ -157,21 +159,23 @@ class RemoteBackend(VirtioBackend):
         n = self._incarnation
         ctl_ep = f"ipc://{self._dir}/ctl-{n}.sock"
         evt_ep = f"ipc://{self._dir}/evt-{n}.sock"
-        cmd = [sys.executable, "-m", "devices.service", "--device", self.device,
-               "--mem-size", str(self.mem_size), "--mem-fd", str(self.mem_fd),
-               "--control", ctl_ep, "--events", evt_ep,
-               "--notify-fds", ",".join(map(str, self.notify_fds)),
-               "--irq-fds", ",".join(map(str, self.irq_fds)), "--lifeline", str(self._life_r)]
+        args = ["--device", self.device, "--mem-size", str(self.mem_size), "--mem-fd", str(self.mem_fd),
+                "--control", ctl_ep, "--events", evt_ep,
+                "--notify-fds", ",".join(map(str, self.notify_fds)),
+                "--irq-fds", ",".join(map(str, self.irq_fds)), "--lifeline", str(self._life_r)]
         if self.disk:
-            cmd += ["--disk", self.disk]
-        cmd += self.extra_args
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            args += ["--disk", self.disk]
+        args += self.extra_args
         fds = [self.mem_fd, self._life_r, *self.notify_fds, *self.irq_fds]
-        proc = subprocess.Popen(cmd, pass_fds=fds, start_new_session=True, cwd=str(ROOT), env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        if self.launcher is None:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            proc = launch.local(args, fds, cwd=str(ROOT), env=env)
+            self._pidfd = os.pidfd_open(proc.pid)
+        else:
+            proc = self.launcher(args, fds)          # LaunchError (an OSError) if refused
+            self._pidfd = proc.pidfd
         self._proc = proc
-        self._pidfd = os.pidfd_open(proc.pid)
         self._ctl = self._socket(zmq.PAIR, ctl_ep)
         self._evt = self._socket(zmq.PULL, evt_ep)
         self._description = self._call(S.Describe(), S.Description, timeout=self.start_timeout)
@@ -190,16 +194,15 @@ class RemoteBackend(VirtioBackend):
         if proc is None:
             return "not running"
         if proc.poll() is None:
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._signal_kill()
         rc = proc.wait()
         for s in (self._ctl, self._evt):
             if s is not None:
                 s.close()
         os.close(self._pidfd)
         self._proc = self._pidfd = self._ctl = self._evt = None
+        if rc == launch.ForeignProcess.EXITED:
+            return f"service pid {proc.pid} ended (its exit status is in the supervisor's log)"
         if rc < 0:
             try:
                 return f"service pid {proc.pid} killed by {signal.Signals(-rc).name}"
@@ -243,10 +246,14 @@ class RemoteBackend(VirtioBackend):
         self.reason = reason
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._signal_kill()
+
+    def _signal_kill(self):
+        """SIGKILL through the pidfd: right even for a service the supervisor is the parent of."""
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass
 
     def _watch(self):
         while True:
