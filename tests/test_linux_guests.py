@@ -134,16 +134,19 @@ def test_own_kernel_pings_the_host_through_a_tap(artefacts):
         subprocess.run(["ip", "link", "del", tap], capture_output=True)
 
 
+STOCK_BOOT_CAP = 1800      # seconds; it took ~23 min here with the other core busy
+
+
 @pytest.mark.xfail(_is_nested_kvm(), strict=False,
-                   reason="nested kvm_pvm host: the stock kernel spends 8-10 min in ftrace's boot-time record check "
-                          "(a kallsyms lookup per record, all through KVM's emulator), then stalled in "
-                          "init_kprobe_trace or ended in an emulation failure (~22 min) in every run so far; "
-                          "see issue 4's notes")
+                   reason="nested kvm_pvm host: the stock kernel reached Run /init with both CPUs after ~23 min "
+                          "(2026-11-24: ftrace's record check, trace eval maps, BTF parsing and the W+X check all "
+                          "run through KVM's emulator); allowed to miss its 30-min cap on a slower day")
 def test_stock_debian_kernel_reaches_init_with_two_cpus(artefacts):
     # Its user space cannot make system calls on nested hosts (no hook), so the test stops at Run /init.
+    # Both CPUs come from the ACPI MADT (Debian's cloud kernel has no MP-table parser).
     status, out = boot_until(["--kernel", artefacts["stock"], "--initrd", artefacts["initrd"], "--vcpus", 2,
-                              "--cmdline", "console=ttyS0", "--timeout", 900],
-                             marker=b"Run /init as init process", timeout=900)
+                              "--cmdline", "console=ttyS0", "--timeout", STOCK_BOOT_CAP + 60],
+                             marker=b"Run /init as init process", timeout=STOCK_BOOT_CAP)
     text = out.decode(errors="replace")
     assert "smp: Brought up 1 node, 2 CPUs" in text
     assert "Run /init as init process" in text
