@@ -256,3 +256,40 @@ def test_zygote_answers_bad_requests_and_calls_off_unwanted_workers():
     bad, called_off = (json.loads(line) for line in r.stdout.splitlines())
     assert len(bad) == 1 and bad[0]["id"] == 1 and "expected 4 fds" in bad[0]["error"]
     assert called_off == {"id": 2, "exit": 1, "ran": False, "alive": True}
+
+
+CPUID_APIC_IDS = r"""
+    /* every vCPU checks that CPUID.1:EBX[31:24] (initial APIC ID) is its index; vCPU 0 reports */
+    mov $1, %eax
+    xor %ecx, %ecx
+    cpuid
+    shr $24, %ebx
+    cmp %rdi, %rbx
+    jne 2f
+    lock incl ok(%rip)
+2:  test %rdi, %rdi
+    jnz 3f
+    mov $2000000, %ecx
+1:  mov ok(%rip), %eax
+    cmp %esi, %eax
+    je 4f
+    pause
+    dec %ecx
+    jnz 1b
+4:  mov ok(%rip), %eax
+    add $0x40, %al
+    mov $0x501, %dx
+    out %al, %dx
+3:  jmp 3b
+ok: .long 0
+"""
+
+
+def test_zygote_forked_workers_give_each_vcpu_its_own_cpuid(sup, build_guest):
+    """The per-vCPU CPUID is built in the forked worker from memory it owns (a dangling cffi element once
+    gave APs garbage CPUID in zygote-forked workers only, and Linux's APs triple-faulted)."""
+    image = build_guest(CPUID_APIC_IDS)
+    for n in (2, 4):
+        sup.hvctl("create", f"c{n}", "--kernel", image, "--boot", "raw64", "--vcpus", n, "--timeout", 60, check=0)
+        sup.hvctl("start", f"c{n}", check=0)
+        assert sup.hvctl("wait", f"c{n}", "--timeout", 60, timeout=90).returncode == 0x40 + n

@@ -58,9 +58,17 @@ class Kvm:
         return ioctl(self.fd, "KVM_CHECK_EXTENSION", getattr(lib, cap_name))
 
     def supported_cpuid(self):
+        """KVM's supported CPUID entries, as one cdata array that owns them.
+
+        Not a list of `ents[i]`: those elements do not keep `ents` alive, so
+        once it was freed they read whatever reused the memory (seen as APs
+        triple-faulting in zygote-forked workers only).
+        """
         ents = ffi.new("struct kvm_cpuid_entry2[256]")
         n = _check("KVM_GET_SUPPORTED_CPUID", lib.hv_get_supported_cpuid(self.fd, ents, 256))
-        return [ents[i] for i in range(n)]
+        out = ffi.new("struct kvm_cpuid_entry2[]", n)
+        ffi.memmove(out, ents, ffi.sizeof("struct kvm_cpuid_entry2") * n)
+        return out
 
     def create_vm(self):
         return Vm(self, ioctl(self.fd, "KVM_CREATE_VM", 0))
