@@ -156,11 +156,17 @@ class ThreadedBackend(VirtioBackend):
     Subclasses implement `process(index, queue)`: drain the VirtQueue (pop,
     serve, put) and return; the base class sends the interrupt if
     `needs_interrupt()` says so, returns bad chains (ChainError) with length
-    0, and turns QueueFatal into `events.needs_reset`.
+    0, and turns QueueFatal into `events.needs_reset`.  A subclass whose host
+    side supplies input (console, net) names the queue it fills in
+    `host_input_queue` and calls `host_input_arrived()` from any thread: the
+    queue is then served without waiting for a guest kick.
     """
+    host_input_queue = None
 
     def __init__(self):
         super().__init__()
+        self._host_input_fd = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                               if self.host_input_queue is not None else None)
         self._thread = None
         self._stop_fd = None
         self._queues = []           # [(QueueConfig, VirtQueue)]
@@ -208,9 +214,20 @@ class ThreadedBackend(VirtioBackend):
                 vq.close()
             self._queues = []
 
+    def host_input_arrived(self):
+        """Wake the backend thread to serve `host_input_queue` (any thread; a no-op once closed)."""
+        fd = self._host_input_fd
+        if fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:
+                pass                      # closed under us: the device is gone
+
     def host_wakeups(self):
         """{eventfd: queue index}: host-side events that should serve a queue (e.g. console input)."""
-        return {}
+        if self._host_input_fd is None:
+            return {}
+        return {self._host_input_fd: self.host_input_queue}
 
     def _run(self):
         poller = select.poll()
@@ -271,3 +288,9 @@ class ThreadedBackend(VirtioBackend):
     def counters(self):
         return {"notifications": self.notifications, "kicks": self.kicks, "interrupts": self.interrupts,
                 "chain_errors": self.chain_errors, "fatal_errors": self.fatal_errors}
+
+    def close(self):
+        self.reset()
+        fd, self._host_input_fd = self._host_input_fd, None
+        if fd is not None:
+            os.close(fd)

@@ -61,6 +61,7 @@ class VirtioConsole(ThreadedBackend):
     num_queues = 2
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     name = "virtio-console"
+    host_input_queue = RECEIVEQ        # feed() bumps it: served without a guest kick
 
     def __init__(self, sink=None, cols=0, rows=0, backlog_max=BACKLOG_MAX):
         super().__init__()
@@ -71,7 +72,6 @@ class VirtioConsole(ThreadedBackend):
         self.backlog_max = backlog_max
         self._backlog = bytearray()
         self._in_lock = threading.Lock()
-        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.tx_bytes = self.rx_bytes = self.dropped = 0
         self.tx_chains = self.rx_chains = self.empty_rx_chains = 0
         self.emerg_bytes = 0
@@ -97,10 +97,7 @@ class VirtioConsole(ThreadedBackend):
             self._backlog += data[:take]
             self.dropped += len(data) - take
         if take:
-            try:
-                os.eventfd_write(self._wake_fd, 1)
-            except OSError:
-                pass                      # closed: the device is gone
+            self.host_input_arrived()
         return take
 
     @property
@@ -152,22 +149,12 @@ class VirtioConsole(ThreadedBackend):
             self.rx_chains += 1
             self.rx_bytes += n
 
-    def host_wakeups(self):
-        """Host input (feed) bumps the wake eventfd: serve the receive queue without a guest kick."""
-        return {self._wake_fd: RECEIVEQ}
-
     def counters(self):
         c = super().counters()
         c.update(tx_bytes=self.tx_bytes, rx_bytes=self.rx_bytes, dropped=self.dropped,
                  backlog=self.backlog, tx_chains=self.tx_chains, rx_chains=self.rx_chains,
                  empty_rx_chains=self.empty_rx_chains, emerg_bytes=self.emerg_bytes)
         return c
-
-    def close(self):
-        self.reset()
-        if self._wake_fd is not None:
-            fd, self._wake_fd = self._wake_fd, None
-            os.close(fd)
 
 
 class ConsoleHost:

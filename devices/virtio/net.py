@@ -24,7 +24,6 @@ Ports (`devices/net_ports.py`) own their sockets; the model only calls
 `port.send` from its thread and is fed by `deliver` from the port's thread.
 """
 import collections
-import os
 import struct
 import threading
 
@@ -65,6 +64,7 @@ class VirtioNet(ThreadedBackend):
     num_queues = 2
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     name = "virtio-net"
+    host_input_queue = RECEIVEQ        # deliver() bumps it: served without a guest kick
 
     def __init__(self, mac, port=None, rx_backlog=RX_BACKLOG):
         super().__init__()
@@ -73,7 +73,6 @@ class VirtioNet(ThreadedBackend):
         self._rx = collections.deque()
         self._rx_max = rx_backlog
         self._rx_lock = threading.Lock()
-        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.tx_frames = self.tx_bytes = self.tx_errors = 0
         self.rx_frames = self.rx_bytes = self.rx_errors = self.rx_dropped = 0
 
@@ -91,13 +90,7 @@ class VirtioNet(ThreadedBackend):
                 self.rx_dropped += 1
                 return
             self._rx.append(bytes(frame))
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass                      # closed: the device is gone
-
-    def host_wakeups(self):
-        return {self._wake_fd: RECEIVEQ}
+        self.host_input_arrived()
 
     # -- the data path (backend thread) -----------------------------------------------------
     def process(self, index, vq):
@@ -157,10 +150,8 @@ class VirtioNet(ThreadedBackend):
         return c
 
     def close(self):
-        self.reset()
+        self.reset()                      # no more port.send from the backend thread
         if self.port is not None:
             self.port.close()
             self.port = None
-        if self._wake_fd is not None:
-            fd, self._wake_fd = self._wake_fd, None
-            os.close(fd)
+        super().close()
