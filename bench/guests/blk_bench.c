@@ -18,10 +18,7 @@
  * "rand ios=N us=U" (TSC-timed: RDX at entry = TSC kHz), exits 0 on success,
  * else the failing step.
  */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
+#include "virtio_guest.h"        /* tests/guests: port I/O, COM1, PCI config, common-cfg offsets */
 
 #ifndef SEQ_CHUNK
 #define SEQ_CHUNK (1024 * 1024)
@@ -39,44 +36,20 @@ typedef unsigned long u64;
 #define RAND_MS 3000
 #endif
 
-#define COM1 0x3F8
 #define QSIZE 64                       /* 3 descriptors a request: up to 21 in flight */
 #define MAXDEPTH 16
 #define SPIN 200000000L
 #define BUF 0x2000000UL                /* 32 MiB: data buffers, one per slot, never read */
 #define RAND_BLOCK 4096
 
-static inline void outb(u16 p, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(p)); }
-static inline void outl(u16 p, u32 v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(p)); }
-static inline void outw(u16 p, u16 v) { __asm__ volatile("outw %0, %1" :: "a"(v), "Nd"(p)); }
-static inline u32 inl(u16 p) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u16 inw(u16 p) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u8 inb(u16 p) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u64 rdtsc(void) { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return (u64)hi << 32 | lo; }
-#define barrier() __asm__ volatile("" ::: "memory")
-#define R8(a) (*(volatile u8 *)(u64)(a))
-#define R16(a) (*(volatile u16 *)(u64)(a))
-#define R32(a) (*(volatile u32 *)(u64)(a))
-
-static void puts_(const char *s) { while (*s) outb(COM1, (u8)*s++); }
 static void putdec(u64 v)
 {
     char b[21]; int i = 20; b[i] = 0;
     do { b[--i] = '0' + v % 10; v /= 10; } while (v);
     puts_(b + i);
 }
-static void kv(const char *k, u64 v) { puts_(k); puts_("="); putdec(v); puts_(" "); }
+static void kvd(const char *k, u64 v) { puts_(k); puts_("="); putdec(v); puts_(" "); }
 
-static void cf8(int dev, int reg) { outl(0xCF8, 0x80000000u | (u32)dev << 11 | (u32)(reg & 0xFC)); }
-static u32 cfg32(int dev, int reg) { cf8(dev, reg); return inl(0xCFC); }
-static u16 cfg16(int dev, int reg) { cf8(dev, reg); return inw(0xCFC + (reg & 2)); }
-static u8 cfg8(int dev, int reg) { cf8(dev, reg); return inb(0xCFC + (reg & 3)); }
-static void wcfg16(int dev, int reg, u16 v) { cf8(dev, reg); outw(0xCFC + (reg & 2), v); }
-
-enum { DFSEL = 0x00, DF = 0x04, GFSEL = 0x08, GF = 0x0C, STATUS = 0x14,
-       QSEL = 0x16, QSZ = 0x18, QVEC = 0x1A, QEN = 0x1C, QNOFF = 0x1E, QDESC = 0x20, QDRV = 0x28, QDEV = 0x30 };
-
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
 struct req { u32 type; u32 reserved; u64 sector; };
 static struct desc ring_desc[QSIZE] __attribute__((aligned(16)));
 static volatile u16 ring_avail[3 + QSIZE] __attribute__((aligned(2)));
@@ -86,8 +59,6 @@ static volatile u8 status[MAXDEPTH];
 
 static u64 common, notify_addr, devcfg;
 static u16 avail_idx, used_seen;
-
-static void w64(u64 a, u64 v) { R32(a) = (u32)v; R32(a + 4) = (u32)(v >> 32); }
 
 /* Slot k's descriptors (3k..3k+2: header, data, status) are set up once; a request only sets the sector. */
 static void setup_slot(int k, u64 data, u32 len)
@@ -144,7 +115,7 @@ static long pump(int depth, u64 total, u64 deadline, int seq, u64 chunk_sect, u6
             int k = id / 3;
             used_seen++;
             done++;
-            if (status[k] != 0) { kv("bad-status", status[k]); kv("slot", k); return -1; }
+            if (status[k] != 0) { kvd("bad-status", status[k]); kvd("slot", k); return -1; }
             if (!stop && posted < total) {
                 post(k, seq ? next_sect : next_rand(nblocks) * (RAND_BLOCK / 512));
                 next_sect += chunk_sect;
@@ -200,7 +171,7 @@ long guest_main(long index, long count, long tsc_khz)
     R16(common + QEN) = 1;
     R8(common + STATUS) = 1 | 2 | 8 | 4;
     u64 cap = (u64)R32(devcfg) | (u64)R32(devcfg + 4) << 32;
-    kv("tsc_khz", tsc_khz); kv("capacity", cap); puts_("\n");
+    kvd("tsc_khz", tsc_khz); kvd("capacity", cap); puts_("\n");
 
     /* 1: sequential read of the whole disk */
     u64 chunk_sect = SEQ_CHUNK / 512;
@@ -211,7 +182,7 @@ long guest_main(long index, long count, long tsc_khz)
     long n = pump(SEQ_DEPTH, nreq, 0, 1, chunk_sect, 0);
     u64 t1 = rdtsc();
     if (n != (long)nreq) return 3;
-    kv("seq bytes", nreq * SEQ_CHUNK); kv("us", (t1 - t0) * 1000 / tsc_khz); puts_("\n");
+    kvd("seq bytes", nreq * SEQ_CHUNK); kvd("us", (t1 - t0) * 1000 / tsc_khz); puts_("\n");
 
     /* 2: random 4 KiB reads */
     if (RAND_MS) {
@@ -220,7 +191,7 @@ long guest_main(long index, long count, long tsc_khz)
         n = pump(RAND_DEPTH, ~0UL, t0 + (u64)RAND_MS * tsc_khz, 0, 0, cap / (RAND_BLOCK / 512));
         t1 = rdtsc();
         if (n <= 0) return 4;
-        kv("rand ios", n); kv("us", (t1 - t0) * 1000 / tsc_khz); puts_("\n");
+        kvd("rand ios", n); kvd("us", (t1 - t0) * 1000 / tsc_khz); puts_("\n");
     }
     puts_("done\n");
     return 0;

@@ -17,12 +17,8 @@
  *      requests of 256 KiB in flight per kick and prints the rate (TSC-timed).
  * Progress goes to COM1; exit status 100 on success, else the failing step.
  */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
+#include "virtio_guest.h"
 
-#define COM1 0x3F8
 #define QSIZE 16
 #define SPIN 20000000L
 #define NSECT 8
@@ -31,37 +27,14 @@ typedef unsigned long u64;
 #define INFLIGHT 4
 #define BENCH_SECT (16UL << 11)       /* 16 MiB */
 
-static inline void outb(u16 p, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(p)); }
-static inline void outl(u16 p, u32 v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(p)); }
-static inline void outw(u16 p, u16 v) { __asm__ volatile("outw %0, %1" :: "a"(v), "Nd"(p)); }
-static inline u32 inl(u16 p) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u16 inw(u16 p) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u8 inb(u16 p) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u64 rdtsc(void) { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return (u64)hi << 32 | lo; }
-#define barrier() __asm__ volatile("" ::: "memory")
-#define R8(a) (*(volatile u8 *)(u64)(a))
-#define R16(a) (*(volatile u16 *)(u64)(a))
-#define R32(a) (*(volatile u32 *)(u64)(a))
-
-static void puts_(const char *s) { while (*s) outb(COM1, (u8)*s++); }
 static void putdec(u64 v)
 {
     char b[21]; int i = 20; b[i] = 0;
     do { b[--i] = '0' + v % 10; v /= 10; } while (v);
     puts_(b + i);
 }
-static void kv(const char *k, u64 v) { puts_(k); puts_("="); putdec(v); puts_(" "); }
+static void kvd(const char *k, u64 v) { puts_(k); puts_("="); putdec(v); puts_(" "); }
 
-static void cf8(int dev, int reg) { outl(0xCF8, 0x80000000u | (u32)dev << 11 | (u32)(reg & 0xFC)); }
-static u32 cfg32(int dev, int reg) { cf8(dev, reg); return inl(0xCFC); }
-static u16 cfg16(int dev, int reg) { cf8(dev, reg); return inw(0xCFC + (reg & 2)); }
-static u8 cfg8(int dev, int reg) { cf8(dev, reg); return inb(0xCFC + (reg & 3)); }
-static void wcfg16(int dev, int reg, u16 v) { cf8(dev, reg); outw(0xCFC + (reg & 2), v); }
-
-enum { DFSEL = 0x00, DF = 0x04, GFSEL = 0x08, GF = 0x0C, STATUS = 0x14,
-       QSEL = 0x16, QSZ = 0x18, QVEC = 0x1A, QEN = 0x1C, QNOFF = 0x1E, QDESC = 0x20, QDRV = 0x28, QDEV = 0x30 };
-
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
 struct req { u32 type; u32 reserved; u64 sector; };
 static struct desc ring_desc[QSIZE] __attribute__((aligned(16)));
 static volatile u16 ring_avail[3 + QSIZE] __attribute__((aligned(2)));
@@ -73,7 +46,6 @@ static u8 idbuf[20];
 static u64 common, notify_addr, devcfg;
 static u16 avail_idx, used_seen;
 
-static void w64(u64 a, u64 v) { R32(a) = (u32)v; R32(a + 4) = (u32)(v >> 32); }
 
 /* Post request k (descriptors 3k..3k+2): header, data (writable for reads) if len, status. */
 static void post(int k, u32 type, u64 sector, u64 data, u32 len, int data_writable)
@@ -163,7 +135,7 @@ long guest_main(long index, long count, long tsc_khz)
     R16(common + QEN) = 1;
     R8(common + STATUS) = 1 | 2 | 8 | 4;
     u64 cap = (u64)R32(devcfg) | (u64)R32(devcfg + 4) << 32;
-    kv("capacity", cap); kv("ro", ro); kv("seg_max", R32(devcfg + 12)); puts_("\n");
+    kvd("capacity", cap); kvd("ro", ro); kvd("seg_max", R32(devcfg + 12)); puts_("\n");
     if (cap < NSECT) return 1;
 
     /* step 2: GET_ID */
@@ -176,7 +148,7 @@ long guest_main(long index, long count, long tsc_khz)
     if (request(0, 0, BIG, NSECT * 512, 1) != 0) return 3;
     for (u32 s = 0; s < NSECT; s++)
         for (u32 j = 0; j < 512; j++)
-            if (big[s * 512 + j] != (u8)(s * 7 + j)) { kv("mismatch sector", s); kv("byte", j); return 3; }
+            if (big[s * 512 + j] != (u8)(s * 7 + j)) { kvd("mismatch sector", s); kvd("byte", j); return 3; }
     puts_("read ok\n");
 
     /* step 4: out of range, unsupported */
@@ -191,7 +163,7 @@ long guest_main(long index, long count, long tsc_khz)
     int fs = request(4, 0, 0, 0, 0);
     for (u32 j = 0; j < 512; j++) big[j] = 0;
     if (request(0, 1, BIG, 512, 1) != 0) return 5;
-    kv("write-status", ws); kv("flush-status", fs);
+    kvd("write-status", ws); kvd("flush-status", fs);
     if (ro) {
         if (ws != 1 || big[0] != 7 || big[1] != 8) return 5;
     } else {
@@ -215,7 +187,7 @@ long guest_main(long index, long count, long tsc_khz)
             bytes += INFLIGHT * CHUNK;
         }
         u64 us = (rdtsc() - t0) * 1000 / (tsc_khz ? tsc_khz : 1);
-        kv("bench-bytes", bytes); kv("bench-us", us); kv("KB/s", us ? bytes * 1000000 / 1024 / us : 0);
+        kvd("bench-bytes", bytes); kvd("bench-us", us); kvd("KB/s", us ? bytes * 1000000 / 1024 / us : 0);
         puts_("\nbench ok\n");
     }
     return 100;

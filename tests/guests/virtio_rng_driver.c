@@ -20,57 +20,14 @@
  * number that failed.  Interrupts stay disabled throughout (IF=0).
  * Loops are bounded: ring-0 code is emulated on the nested hosts (~1.6M instr/s).
  */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
+#include "virtio_guest.h"
 
-#define COM1 0x3F8
 #define LAPIC 0xFEE00000UL
 #define IOAPIC 0xFEC00000UL
 #define QSIZE 8
 #define SPIN 3000000
 #define BAD_ADDR 0xF0000000UL      /* inside the PCI MMIO window: not RAM */
 
-static inline void outb(u16 p, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(p)); }
-static inline void outw(u16 p, u16 v) { __asm__ volatile("outw %0, %1" :: "a"(v), "Nd"(p)); }
-static inline void outl(u16 p, u32 v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(p)); }
-static inline u8 inb(u16 p) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u16 inw(u16 p) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u32 inl(u16 p) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-#define barrier() __asm__ volatile("" ::: "memory")
-
-#define R8(a) (*(volatile u8 *)(u64)(a))
-#define R16(a) (*(volatile u16 *)(u64)(a))
-#define R32(a) (*(volatile u32 *)(u64)(a))
-
-static void puts_(const char *s) { while (*s) outb(COM1, (u8)*s++); }
-static void puthex(u64 v)
-{
-    char b[17];
-    int i;
-    for (i = 15; i >= 0; i--) { b[i] = "0123456789abcdef"[v & 15]; v >>= 4; }
-    b[16] = 0;
-    i = 0;
-    while (i < 15 && b[i] == '0') i++;
-    puts_(b + i);
-}
-static void kv(const char *k, u64 v) { puts_(k); puts_("=0x"); puthex(v); puts_(" "); }
-
-/* config mechanism #1; `dev` is the slot on bus 0, function 0 */
-static void cf8(int dev, int reg) { outl(0xCF8, 0x80000000u | (u32)dev << 11 | (u32)(reg & 0xFC)); }
-static u32 cfg32(int dev, int reg) { cf8(dev, reg); return inl(0xCFC); }
-static u16 cfg16(int dev, int reg) { cf8(dev, reg); return inw(0xCFC + (reg & 2)); }
-static u8 cfg8(int dev, int reg) { cf8(dev, reg); return inb(0xCFC + (reg & 3)); }
-static void wcfg32(int dev, int reg, u32 v) { cf8(dev, reg); outl(0xCFC, v); }
-static void wcfg16(int dev, int reg, u16 v) { cf8(dev, reg); outw(0xCFC + (reg & 2), v); }
-
-/* virtio_pci_common_cfg offsets */
-enum { DFSEL = 0x00, DF = 0x04, GFSEL = 0x08, GF = 0x0C, CFGVEC = 0x10, NUMQ = 0x12, STATUS = 0x14,
-       QSEL = 0x16, QSZ = 0x18, QVEC = 0x1A, QEN = 0x1C, QNOFF = 0x1E, QDESC = 0x20, QDRV = 0x28,
-       QDEV = 0x30 };
-
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
 static struct desc ring_desc[QSIZE] __attribute__((aligned(16)));
 static volatile u16 ring_avail[3 + QSIZE] __attribute__((aligned(2)));     /* flags, idx, ring[], used_event */
 static volatile u32 ring_used[1 + 2 * QSIZE + 1] __attribute__((aligned(4))); /* flags|idx, {id,len}[], avail_event */
@@ -79,8 +36,6 @@ static u8 buf[64] __attribute__((aligned(64)));
 static u64 common, notify_base, isr_addr, msix_table, msix_pba;
 static u32 notify_mult, qnotify_off;
 static u16 avail_idx, used_seen;
-
-static void w64(u64 a, u64 v) { R32(a) = (u32)v; R32(a + 4) = (u32)(v >> 32); }
 
 static int reset_device(void)
 {
