@@ -1,14 +1,41 @@
 #!/usr/bin/env bash
-# Sets up pyhv on a fresh machine and runs the demo guest: install the project
-# (builds the cffi KVM extension), fetch and build the Linux guest artefacts
-# (cached in ${HV_ARTEFACTS:-/var/cache/pyhv}: minutes the first time, instant
-# after), build the example guest from source, boot it.
+# Sets up pyhv on a fresh machine and runs the demo guest.  A virtual
+# environment in .venv (HV_VENV names another) gets the project, editable, with
+# its test extras (this builds the cffi KVM extension), so Debian's own python3
+# works too (PEP 668: nothing is pip-installed outside the venv).  Then:
+# bytecode, the Linux guest artefacts (cached in ${HV_ARTEFACTS:-/var/cache/pyhv}:
+# minutes the first time, instant after), the example guest built from source
+# and booted.  hvctl is $VENV/bin/hvctl; the last line says how to reach it.
 set -euo pipefail
 cd "$(dirname "$0")"
-python3 -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+VENV=${HV_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+	if ! "$PY" -m venv "$VENV" >/dev/null 2>&1; then
+		rm -rf "$VENV"                  # Debian ships venv's ensurepip in python3-venv
+		if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+			apt-get install -y -qq python3-venv >/dev/null
+		fi
+		"$PY" -m venv "$VENV"
+	fi
+fi
+"$VENV/bin/python" -m pip install -q -e '.[test]'
 # Bytecode now: hvctl run starts in ~100 ms only if it need not compile itself
 # (and PYTHONDONTWRITEBYTECODE may be set, so it would compile every time).
-python3 -m compileall -q -j 0 supervisor vcpu_worker devices proto >/dev/null
-bash guests/fetch.sh
+"$VENV/bin/python" -m compileall -q -j 0 pyhv supervisor vcpu_worker devices proto >/dev/null
+PYTHON="$VENV/bin/python" bash guests/fetch.sh
 make -s -C examples
-hvctl run --boot raw64 --kernel examples/build/hello.bin
+"$VENV/bin/hvctl" run --boot raw64 --kernel examples/build/hello.bin
+
+hvctl=$(cd "$VENV/bin" && pwd)/hvctl
+case ":$PATH:" in
+*":$HOME/.local/bin:"*)
+	if [ ! -e "$HOME/.local/bin/hvctl" ] || [ -L "$HOME/.local/bin/hvctl" ]; then
+		ln -sfn "$hvctl" "$HOME/.local/bin/hvctl"
+		echo "setup.sh: hvctl is on your PATH ($HOME/.local/bin/hvctl -> $hvctl)"
+	else
+		echo "setup.sh: $HOME/.local/bin/hvctl is another program; run $hvctl"
+	fi ;;
+*)	echo "setup.sh: hvctl is $hvctl; to type just hvctl: export PATH=\"$(dirname "$hvctl"):\$PATH\"" ;;
+esac

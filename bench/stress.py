@@ -260,7 +260,7 @@ class Pipe:
 
     def __init__(self, endpoint):
         import zmq
-        from proto import codec
+        from pyhv.proto import codec
         self.codec = codec
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -303,7 +303,7 @@ class Supervisor:
                 raise RuntimeError(f"the supervisor did not start (see {self.log_path})")
             time.sleep(0.02)
         self.pipe = Pipe(self.endpoint)
-        from proto import messages as m
+        from pyhv.proto import messages as m
         self.m = m
         self.pipe.request(m.Ping(), timeout=30)
 
@@ -402,7 +402,7 @@ def scenario(args, mode, n, mem, kill=0, rounds=ROUNDS, say=print, keep=False,
     fail = res["failures"].append
     workdir = os.path.join(sup.dir, "images")
     os.makedirs(workdir)
-    from supervisor.config import build_config
+    from pyhv.supervisor.config import build_config
     try:
         # warm-up: the zygote's imports, page cache, bytecode; not timed
         warm = images([n], workdir, wait=False, rounds=rounds)[n]
@@ -562,7 +562,7 @@ def scenario(args, mode, n, mem, kill=0, rounds=ROUNDS, say=print, keep=False,
 
 
 def _one_guest(sup, name, path, index, rounds, fail):
-    from supervisor.config import build_config
+    from pyhv.supervisor.config import build_config
     m = sup.m
     for msg in (m.Create(build_config(name, path, boot="raw64", mem="16M", timeout="60")), m.Start(name),
                 m.Wait(name)):

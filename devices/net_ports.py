@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 
-from proto import switch as wire
+from pyhv.proto import switch as wire
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002

@@ -1,6 +1,6 @@
 """A learning Ethernet switch in its own process: connects the virtio-net ports of guests over ZeroMQ, no host networking.
 
-    python -m devices.net_switch --dir RUNTIME_DIR --name NAME [--idle-exit S] [--detach]
+    python -m pyhv.devices.net_switch --dir RUNTIME_DIR --name NAME [--idle-exit S] [--detach]
 
 One switch per NAME per runtime dir.  It holds an flock on
 RUNTIME_DIR/switch-NAME.lock for its whole life and only then binds
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from proto import switch as wire
+from pyhv.proto import switch as wire
 
 ALREADY_SERVED = 3
 QUEUE_FRAMES = 1024
@@ -178,8 +178,8 @@ def ensure(runtime_dir, name, idle_exit=15.0, timeout=10.0):
     """
     os.makedirs(runtime_dir, exist_ok=True)
     if not is_served(runtime_dir, name):
-        from supervisor.spawn import child_env
-        r = subprocess.run([sys.executable, "-m", "devices.net_switch", "--dir", runtime_dir, "--name", name,
+        from pyhv.supervisor.spawn import child_env
+        r = subprocess.run([sys.executable, "-m", "pyhv.devices.net_switch", "--dir", runtime_dir, "--name", name,
                             "--idle-exit", str(idle_exit), "--detach"],
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            timeout=timeout, env=child_env())
@@ -189,7 +189,7 @@ def ensure(runtime_dir, name, idle_exit=15.0, timeout=10.0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m devices.net_switch")
+    p = argparse.ArgumentParser(prog="python -m pyhv.devices.net_switch")
     p.add_argument("--dir", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--idle-exit", type=float, default=0.0, help="exit after this many seconds without ports (0: never)")

@@ -1,6 +1,6 @@
 """The device-service process: one virtio device model in its own process, over the guest's RAM memfd.
 
-    python -m devices.service --device rng|blk|console|net --mem-size N --mem-fd FD
+    python -m pyhv.devices.service --device rng|blk|console|net --mem-size N --mem-fd FD
         --control ipc://DIR/ctl.sock --events ipc://DIR/evt.sock
         --notify-fds FD[,FD...] --irq-fds FD[,FD...] [--lifeline FD] [--disk PATH[,ro]]
         [--console-sock PATH [--console-log PATH]]
@@ -47,13 +47,13 @@ import threading
 
 import zmq
 
-from devices.guest_memory import GuestMemory
-from devices.virtio.backend import QueueConfig, TransportEvents
-from devices.virtio.queue import QueueConfigError, VirtQueue
+from pyhv.devices.guest_memory import GuestMemory
+from pyhv.devices.virtio.backend import QueueConfig, TransportEvents
+from pyhv.devices.virtio.queue import QueueConfigError, VirtQueue
 
-from proto import codec, errors
-from proto.errors import ProtocolError
-from proto.messages import MESSAGES, Error, Message, Ok, message
+from pyhv.proto import codec, errors
+from pyhv.proto.errors import ProtocolError
+from pyhv.proto.messages import MESSAGES, Error, Message, Ok, message
 
 MAX_CONTROL_BYTES = 64 << 10
 
@@ -171,12 +171,12 @@ def build_model(device, disk=None, console_sock=None, console_log=None, net=None
     nobody serves it yet.
     """
     if device == "net":
-        from devices import net_ports
-        from devices.virtio.net import VirtioNet, parse_mac
+        from pyhv.devices import net_ports
+        from pyhv.devices.virtio.net import VirtioNet, parse_mac
         if not net or not mac:
             raise ValueError("--device net needs --net tap:IFNAME|switch:ENDPOINT and --mac")
         if switch_dir and switch_name:
-            from devices import net_switch
+            from pyhv.devices import net_switch
             try:
                 net_switch.ensure(switch_dir, switch_name)
             except (RuntimeError, OSError) as e:
@@ -189,15 +189,15 @@ def build_model(device, disk=None, console_sock=None, console_log=None, net=None
             raise ValueError(str(e)) from None
         return model
     if device == "console":
-        from devices.virtio.console import HostedConsole
+        from pyhv.devices.virtio.console import HostedConsole
         if not console_sock:
             raise ValueError("--device console needs --console-sock PATH")
         return HostedConsole(console_sock, console_log)
     if device == "rng":
-        from devices.virtio.rng import VirtioRng
+        from pyhv.devices.virtio.rng import VirtioRng
         return VirtioRng()
     if device == "blk":
-        from devices.virtio.blk import VirtioBlk
+        from pyhv.devices.virtio.blk import VirtioBlk
         if not disk:
             raise ValueError("--device blk needs --disk PATH[,ro]")
         path, ro = parse_disk(disk)
@@ -223,16 +223,16 @@ def parse_disk(spec):
 def model_class(device):
     """The model class (for its static num_queues) without opening anything."""
     if device == "rng":
-        from devices.virtio.rng import VirtioRng
+        from pyhv.devices.virtio.rng import VirtioRng
         return VirtioRng
     if device == "blk":
-        from devices.virtio.blk import VirtioBlk
+        from pyhv.devices.virtio.blk import VirtioBlk
         return VirtioBlk
     if device == "console":
-        from devices.virtio.console import VirtioConsole
+        from pyhv.devices.virtio.console import VirtioConsole
         return VirtioConsole
     if device == "net":
-        from devices.virtio.net import VirtioNet
+        from pyhv.devices.virtio.net import VirtioNet
         return VirtioNet
     raise ValueError(f"unknown device {device!r}")
 
@@ -403,7 +403,7 @@ def _fd_list(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m devices.service")
+    p = argparse.ArgumentParser(prog="python -m pyhv.devices.service")
     p.add_argument("--device", required=True, choices=("rng", "blk", "console", "net"))
     p.add_argument("--mem-size", required=True, type=int)
     p.add_argument("--mem-fd", required=True, type=int)

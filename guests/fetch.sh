@@ -205,7 +205,7 @@ ikey=$(cat "$HERE/initramfs.py" "$INIT" "$A/busybox" | sha256sum | cut -c1-16)
 if [ -z "${HV_FETCH_FORCE:-}" ] && [ "$(cat "$A/initramfs.KEY" 2>/dev/null)" = "$ikey" ] && [ -s "$A/initramfs.cpio" ]; then
 	step "initramfs: cached"
 else
-	step "initramfs: $(python3 "$HERE/initramfs.py" "$A/initramfs.cpio" --busybox "$A/busybox" --init "$INIT")"
+	step "initramfs: $("${PYTHON:-python3}" "$HERE/initramfs.py" "$A/initramfs.cpio" --busybox "$A/busybox" --init "$INIT")"
 	echo "$ikey" > "$A/initramfs.KEY"
 fi
 

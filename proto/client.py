@@ -8,8 +8,8 @@ import time
 
 import zmq
 
-from proto import codec, messages
-from proto.errors import NotResponding, ProtocolError, RequestFailed
+from pyhv.proto import codec, messages
+from pyhv.proto.errors import NotResponding, ProtocolError, RequestFailed
 
 
 DEFAULT = object()

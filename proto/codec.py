@@ -11,8 +11,8 @@ import typing
 
 import msgpack
 
-from proto.errors import ProtocolError
-from proto.messages import MESSAGES, Message, to_plain
+from pyhv.proto.errors import ProtocolError
+from pyhv.proto.messages import MESSAGES, Message, to_plain
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20      # also the sockets' ZMQ_MAXMSGSIZE

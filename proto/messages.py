@@ -181,7 +181,7 @@ class Stats(Message):
 class SpawnService(Message):
     """Worker -> supervisor on RUNTIME/services.sock, with the fds in SCM_RIGHTS: start a device service.
 
-    `args` are `python -m devices.service` options; the fd-valued ones
+    `args` are `python -m pyhv.devices.service` options; the fd-valued ones
     (--mem-fd, --lifeline, --notify-fds, --irq-fds) name the worker's fd
     numbers, `fds` lists those numbers in the order the fds were sent.
     """

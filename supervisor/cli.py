@@ -11,7 +11,8 @@ import os
 import sys
 import time
 
-from supervisor.config import ConfigError, build_config, default_runtime_dir
+import pyhv
+from pyhv.supervisor.config import ConfigError, build_config, default_runtime_dir
 
 PROG = "hvctl"
 COMMANDS = ("run", "supervisor", "create", "start", "stop", "pause", "resume", "destroy", "list", "info",
@@ -61,8 +62,8 @@ def _supervisor_alive(path):
 
 def request(args, msg, timeout=10.0):
     """The supervisor's reply to `msg`, or Fail with a one-line reason."""
-    from proto.client import Client
-    from proto.errors import NotResponding, ProtocolError, RequestFailed
+    from pyhv.proto.client import Client
+    from pyhv.proto.errors import NotResponding, ProtocolError, RequestFailed
     path = _sock_path(args)
     if not _supervisor_alive(path):
         raise Fail(f"no supervisor is running on {args.runtime_dir} (start one with `hvctl supervisor --detach`)")
@@ -89,14 +90,14 @@ def _config(args, name):
 
 def cmd_run(args):
     config = _config(args, "run")
-    from vcpu_worker.runner import run_foreground
+    from pyhv.vcpu_worker.runner import run_foreground
     return run_foreground(config, stats_path=args.stats_json)
 
 
 def cmd_supervisor(args):
     if args.detach:
         return _detach(args)
-    from supervisor.server import AlreadyRunning, Server
+    from pyhv.supervisor.server import AlreadyRunning, Server
     try:
         server = Server(args.runtime_dir)
     except AlreadyRunning as e:
@@ -110,8 +111,8 @@ def cmd_supervisor(args):
 def _detach(args):
     """Start the supervisor as a daemon (own session, log in RUNTIME_DIR/supervisor.log)."""
     import subprocess
-    from supervisor.spawn import child_env
-    from proto import messages as m
+    from pyhv.supervisor.spawn import child_env
+    from pyhv.proto import messages as m
     path = _sock_path(args)
     if _supervisor_alive(path):
         pong = request(args, m.Ping(), timeout=2.0)
@@ -119,7 +120,7 @@ def _detach(args):
     os.makedirs(args.runtime_dir, exist_ok=True)
     log = os.path.join(args.runtime_dir, "supervisor.log")
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "supervisor",
+        proc = subprocess.Popen([sys.executable, "-m", "pyhv.supervisor.cli", "supervisor",
                                  "--runtime-dir", os.path.abspath(args.runtime_dir)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True, env=child_env(), cwd="/")
@@ -137,21 +138,21 @@ def _detach(args):
 
 
 def cmd_create(args):
-    from proto import messages as m
+    from pyhv.proto import messages as m
     request(args, m.Create(_config(args, args.name)))
     return 0
 
 
 def _simple(msg_name):
     def cmd(args):
-        from proto import messages as m
+        from pyhv.proto import messages as m
         request(args, getattr(m, msg_name)(args.name), timeout=30.0)
         return 0
     return cmd
 
 
 def cmd_list(args):
-    from proto import messages as m
+    from pyhv.proto import messages as m
     guests = request(args, m.List()).guests
     if args.json:
         print(json.dumps([g.to_json() for g in guests], indent=2))
@@ -172,8 +173,8 @@ def _size(n):
 
 
 def cmd_info(args):
-    from proto import messages as m
-    from vcpu_worker.compat import profile
+    from pyhv.proto import messages as m
+    from pyhv.vcpu_worker.compat import profile
     g = request(args, m.Info(args.name))
     compat = profile(g.config.compat).describe()
     if args.json:
@@ -210,7 +211,7 @@ def _device_line(name, d):
 
 
 def cmd_wait(args):
-    from proto import messages as m
+    from pyhv.proto import messages as m
     try:
         g = request(args, m.Wait(args.name), timeout=args.timeout)
     except TimedOut:
@@ -224,7 +225,7 @@ def cmd_wait(args):
 
 
 def cmd_logs(args):
-    from proto import messages as m
+    from pyhv.proto import messages as m
     g = request(args, m.Info(args.name))
     out = sys.stdout.buffer
     try:
@@ -254,7 +255,7 @@ def cmd_logs(args):
 def cmd_console(args):
     import select
     import socket
-    from proto import messages as m
+    from pyhv.proto import messages as m
     g = request(args, m.Info(args.name))
     if g.state not in ("running", "paused"):
         raise Fail(f"guest {g.name} is {g.state}: no console to attach to")
@@ -297,10 +298,10 @@ def cmd_console(args):
 
 
 def cmd_stats(args):
-    from proto import messages as m
+    from pyhv.proto import messages as m
     symbols = None
     if args.symbols:
-        from supervisor.symbols import SymbolError, SymbolMap
+        from pyhv.supervisor.symbols import SymbolError, SymbolMap
         try:
             symbols = SymbolMap(args.symbols)
         except SymbolError as e:
@@ -338,8 +339,8 @@ def cmd_stats(args):
 
 
 def cmd_top(args):
-    from proto import messages as m
-    from supervisor import top
+    from pyhv.proto import messages as m
+    from pyhv.supervisor import top
 
     def fetch_stats(name):
         try:
@@ -404,6 +405,7 @@ def build_parser(only=None):
     common.add_argument("--runtime-dir", metavar="DIR", default=argparse.SUPPRESS, help=help)
     p = Parser(prog=PROG, description="Run KVM guests in the foreground, or manage them through a supervisor.")
     p.add_argument("--runtime-dir", metavar="DIR", default=default_runtime_dir(), help=help)
+    p.add_argument("--version", action="version", version=f"{PROG} (pyhv) {pyhv.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
@@ -474,6 +476,10 @@ def main(argv=None):
         status = 130
     except BrokenPipeError:
         status = 0
+    except ImportError as e:          # a clone without setup.sh, or a broken environment
+        print(f"{PROG}: cannot import {e.name or e}: pyhv is not fully installed here "
+              f"(run `bash setup.sh` in the checkout, or pip install it)", file=sys.stderr)
+        status = 1
     except OSError as e:              # the environment, not a bug: still one line
         print(f"{PROG}: {e}", file=sys.stderr)
         status = 1

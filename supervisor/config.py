@@ -8,8 +8,8 @@ msgpack/zmq import here: `hvctl run` must start fast.
 import os
 import re
 
-from devices.guest_memory import ram_regions
-from proto.messages import BOOT_MODES, COMPAT_PROFILES, DEFAULT_MEM_BYTES, GuestConfig
+from pyhv.devices.guest_memory import ram_regions
+from pyhv.proto.messages import BOOT_MODES, COMPAT_PROFILES, DEFAULT_MEM_BYTES, GuestConfig
 
 MIN_MEM, MAX_MEM = 1 << 20, 64 << 30
 MAX_VCPUS = 64                  # KVM allows more; our hosts have 2 cores

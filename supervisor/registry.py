@@ -12,9 +12,9 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
-from proto import errors
-from proto.errors import RequestFailed
-from proto.messages import GuestConfig, GuestInfo, to_plain
+from pyhv.proto import errors
+from pyhv.proto.errors import RequestFailed
+from pyhv.proto.messages import GuestConfig, GuestInfo, to_plain
 
 UNIX_PATH_MAX = 107
 

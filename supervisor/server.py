@@ -20,14 +20,14 @@ import traceback
 
 import zmq
 
-from proto import codec, errors, messages as m
-from proto.client import Client
-from proto.errors import NotResponding, ProtocolError, RequestFailed
-from supervisor import spawn
-from supervisor.config import ConfigError, parse_net, validate
-from supervisor.registry import UNIX_PATH_MAX, Registry
-from supervisor.services import ServiceLauncher
-from supervisor.switches import Switches
+from pyhv.proto import codec, errors, messages as m
+from pyhv.proto.client import Client
+from pyhv.proto.errors import NotResponding, ProtocolError, RequestFailed
+from pyhv.supervisor import spawn
+from pyhv.supervisor.config import ConfigError, parse_net, validate
+from pyhv.supervisor.registry import UNIX_PATH_MAX, Registry
+from pyhv.supervisor.services import ServiceLauncher
+from pyhv.supervisor.switches import Switches
 
 TICK = 0.05             # seconds between worker polls
 WORKER_TIMEOUT = 2.0    # a worker that does not answer a request within this is "not responding"

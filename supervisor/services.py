@@ -4,7 +4,7 @@ A worker asks on RUNTIME/services.sock (unix SEQPACKET: one SpawnService
 message with its fds in SCM_RIGHTS per connection; see
 devices/virtio/launch.py for why the fds come from the worker).  A request
 is served only if its sender is the running worker of the guest it names
-(SO_PEERCRED), its options are `devices.service` options, and every fd
+(SO_PEERCRED), its options are `pyhv.devices.service` options, and every fd
 option names one of the fds it sent.  The service starts in its own session
 with the guest's worker log as stderr; the reply carries its pid and a
 pidfd.  Its exit status goes to the supervisor's log.  Services also exit by
@@ -18,9 +18,9 @@ import socket
 import subprocess
 import sys
 
-from proto import codec, messages as m
-from proto.errors import ProtocolError
-from supervisor.spawn import REPO_ROOT, child_env
+from pyhv.proto import codec, messages as m
+from pyhv.proto.errors import ProtocolError
+from pyhv.supervisor.spawn import REPO_ROOT, child_env
 
 MAX_REQUEST = 64 << 10
 MAX_FDS = 64
@@ -98,7 +98,7 @@ class ServiceLauncher:
         mine = dict(zip(msg.fds, fds))                  # worker's number -> ours
         args = _checked_args(msg.args, mine)
         with open(g.path("worker.log"), "ab") as log:
-            p = subprocess.Popen([sys.executable, "-m", "devices.service", *args], pass_fds=fds,
+            p = subprocess.Popen([sys.executable, "-m", "pyhv.devices.service", *args], pass_fds=fds,
                                  start_new_session=True, cwd=REPO_ROOT, env=child_env(),
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         self.procs.setdefault(g.name, []).append(p)

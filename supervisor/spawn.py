@@ -14,7 +14,7 @@ supervisor also kills its workers when it shuts down).  Asking the zygote is
 asynchronous: the supervisor goes on serving while the zygote forks, up to
 MAX_IN_FLIGHT starts at once, and finishes each start when the answer comes.
 If the zygote is dead or hung, the starts it owes fall back to direct spawns
-(`python -m vcpu_worker.worker`) and a new zygote is started (at most once
+(`python -m pyhv.vcpu_worker.worker`) and a new zygote is started (at most once
 per ZYGOTE_RESTART_BACKOFF).  HV_ZYGOTE=0 in the supervisor's environment
 disables the zygote: every worker is spawned directly, as before.
 
@@ -30,16 +30,17 @@ import subprocess
 import sys
 import time
 
-from devices.guest_memory import create_memfd
-from proto import codec
+import pyhv
+from pyhv.devices.guest_memory import create_memfd
+from pyhv.proto import codec
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = pyhv.import_root()
 ZYGOTE_RESTART_BACKOFF = 5.0    # seconds between restarts of a zygote that keeps dying
 MAX_IN_FLIGHT = 32              # starts the zygote may owe us at once (bounds its socket buffer and our fds)
 
 
 def child_env():
-    """os.environ with this checkout first on PYTHONPATH, so `-m` finds our packages uninstalled."""
+    """os.environ with this pyhv first on PYTHONPATH, so `python -m pyhv....` runs this very code."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     return env
@@ -130,7 +131,7 @@ class Spawner:
         """Become a child subreaper and start the zygote (call from the main thread, before any spawn)."""
         if not self.use_zygote:
             return
-        from supervisor import zygote
+        from pyhv.supervisor import zygote
         try:
             zygote.set_child_subreaper()
         except OSError as e:
@@ -140,7 +141,7 @@ class Spawner:
         self._start_zygote()
 
     def _start_zygote(self):
-        from supervisor import zygote
+        from pyhv.supervisor import zygote
         self._next_start = time.monotonic() + ZYGOTE_RESTART_BACKOFF
         try:
             self.zygote = zygote.Zygote(child_env(), self.log)
@@ -217,7 +218,7 @@ class Spawner:
         self._directly(guest, done)
 
     def _submit(self, guest, done):
-        from supervisor.zygote import WORKER_MEM_FD, ZygoteError
+        from pyhv.supervisor.zygote import WORKER_MEM_FD, ZygoteError
         out = err = go_r = go_w = None
         try:
             out, err = _open_logs(guest)
@@ -244,7 +245,7 @@ class Spawner:
         """Finish the starts the zygote has answered (never blocks)."""
         if self.zygote is None:
             return
-        from supervisor.zygote import ZygoteError
+        from pyhv.supervisor.zygote import ZygoteError
         try:
             replies = self.zygote.replies()
         except ZygoteError as e:
@@ -290,11 +291,11 @@ class Spawner:
             self.collect()
 
     def _directly(self, guest, done):
-        """`python -m vcpu_worker.worker` in a fresh interpreter."""
+        """`python -m pyhv.vcpu_worker.worker` in a fresh interpreter."""
         out = err = None
         try:
             out, err = _open_logs(guest)
-            cmd = [sys.executable, "-m", "vcpu_worker.worker"] + worker_argv(guest, guest.mem_fd)
+            cmd = [sys.executable, "-m", "pyhv.vcpu_worker.worker"] + worker_argv(guest, guest.mem_fd)
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                      pass_fds=(guest.mem_fd,), start_new_session=True,
                                      env=child_env(), cwd=guest.dir)
@@ -362,7 +363,7 @@ def _reap_strays(exclude=()):
 
 
 def worker_argv(guest, mem_fd):
-    """The worker's command-line arguments (after `python -m vcpu_worker.worker`)."""
+    """The worker's command-line arguments (after `python -m pyhv.vcpu_worker.worker`)."""
     return ["--config", base64.b64encode(codec.encode(guest.config)).decode(),
             "--mem-fd", str(mem_fd), "--control", guest.control,
             "--console-sock", guest.path("console.sock"), "--result", guest.path("result.json"),

@@ -1,4 +1,4 @@
-"""The virtual switches of one supervisor: one `devices.net_switch` process per switch name, started and restarted here.
+"""The virtual switches of one supervisor: one `pyhv.devices.net_switch` process per switch name, started and restarted here.
 
 A guest with `--net switch:NAME` gets its switch started before its worker
 (the switch's NIC ports connect by path; ZeroMQ queues until the switch has
@@ -14,8 +14,8 @@ import subprocess
 import sys
 import time
 
-from devices.net_switch import ALREADY_SERVED
-from supervisor.spawn import REPO_ROOT, child_env
+from pyhv.devices.net_switch import ALREADY_SERVED
+from pyhv.supervisor.spawn import REPO_ROOT, child_env
 
 RESTART_BACKOFF = 1.0
 
@@ -37,7 +37,7 @@ class Switches:
         log = open(os.path.join(self.dir, f"switch-{name}.log"), "ab")
         try:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "devices.net_switch", "--dir", self.dir, "--name", name],
+                [sys.executable, "-m", "pyhv.devices.net_switch", "--dir", self.dir, "--name", name],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO_ROOT, env=child_env(),
                 start_new_session=True)
         finally:

@@ -1,6 +1,6 @@
 """The zygote: a fork server that has imported everything a worker needs and forks one worker per guest.
 
-A fresh `python -m vcpu_worker.worker` costs ~150 ms of CPU in imports and
+A fresh `python -m pyhv.vcpu_worker.worker` costs ~150 ms of CPU in imports and
 ~10-20 MiB of private memory.  The zygote pays the imports once, calls
 gc.freeze() so its objects' GC headers are never written again, and forks.
 A forked worker shares the zygote's pages copy-on-write, so it starts in a few
@@ -38,7 +38,7 @@ it is on every guest's start path and uses little CPU; a worker gets the
 zygote's original nice value back.
 
 This module is both sides: `Zygote` is the supervisor's handle; `main()` is
-the zygote process (`python -m supervisor.zygote --fd N --supervisor-pid P`).
+the zygote process (`python -m pyhv.supervisor.zygote --fd N --supervisor-pid P`).
 """
 import gc
 import json
@@ -89,7 +89,7 @@ class Zygote:
         self.sock, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.zygote", "--fd", str(peer.fileno()),
+                [sys.executable, "-m", "pyhv.supervisor.zygote", "--fd", str(peer.fileno()),
                  "--supervisor-pid", str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(peer.fileno(),),
                 start_new_session=True, env=env, cwd="/")
@@ -173,12 +173,12 @@ def _preload():
     """Import everything a worker imports, including what it imports lazily."""
     import argparse, base64, ctypes, json, random, selectors, threading, traceback  # noqa: F401,E401
     import zmq  # noqa: F401
-    from proto import codec, errors, messages  # noqa: F401
-    from vcpu_worker import worker, machine, vcpu, fixups, cpuid, compat, kvm, bus, pci, virtio_pci  # noqa: F401
-    from vcpu_worker.boot import cpu_state, layout, linux, mptable  # noqa: F401
-    from devices import guest_memory, serial, i8042, debug_page, rtc  # noqa: F401
-    from devices.virtio import backend, queue, rng, blk, console, remote  # noqa: F401
-    from devices import service  # noqa: F401
+    from pyhv.proto import codec, errors, messages  # noqa: F401
+    from pyhv.vcpu_worker import worker, machine, vcpu, fixups, cpuid, compat, kvm, bus, pci, virtio_pci  # noqa: F401
+    from pyhv.vcpu_worker.boot import cpu_state, layout, linux, mptable  # noqa: F401
+    from pyhv.devices import guest_memory, serial, i8042, debug_page, rtc  # noqa: F401
+    from pyhv.devices.virtio import backend, queue, rng, blk, console, remote  # noqa: F401
+    from pyhv.devices import service  # noqa: F401
     ctypes.CDLL(None, use_errno=True)       # the worker's prctl
 
 
@@ -205,7 +205,7 @@ class _Birth:
 def main(argv=None):
     import argparse
     import selectors
-    p = argparse.ArgumentParser(prog="supervisor.zygote", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="pyhv.supervisor.zygote", description=__doc__.splitlines()[0])
     p.add_argument("--fd", type=int, required=True, help="our end of the supervisor's socketpair")
     p.add_argument("--supervisor-pid", type=int, required=True)
     args = p.parse_args(argv)
@@ -358,7 +358,7 @@ def _become_worker(fds, argv, cwd, name, sup_pid, zygote_pid, initial, nice):
         random.seed()                        # (os.register_at_fork does it too; be explicit)
         _set_comm(f"hvw-{name}")
         os.chdir(cwd)
-        sys.argv = ["vcpu_worker.worker"] + argv
+        sys.argv = ["pyhv.vcpu_worker.worker"] + argv
         if os.read(go_r, 1) != b"g":
             os._exit(1)                      # the supervisor did not get our pid: it runs the guest elsewhere
         os.close(go_r)
@@ -368,7 +368,7 @@ def _become_worker(fds, argv, cwd, name, sup_pid, zygote_pid, initial, nice):
                 os._exit(1)
             time.sleep(0.0002)
         print(f"worker: pid {os.getpid()} forked from zygote pid {zygote_pid}", file=sys.stderr, flush=True)
-        from vcpu_worker import worker
+        from pyhv.vcpu_worker import worker
         worker.main(argv)                    # sets PR_SET_PDEATHSIG, checks the parent, os._exit()s
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else 1

@@ -9,8 +9,8 @@ import os
 import struct
 import time
 
-from devices.guest_memory import GuestMemory, create_memfd
-from devices.virtio.backend import QueueConfig
+from pyhv.devices.guest_memory import GuestMemory, create_memfd
+from pyhv.devices.virtio.backend import QueueConfig
 
 DESC, AVAIL, USED = 0x10000, 0x11000, 0x12000
 F_NEXT, F_WRITE = 1, 2

@@ -16,11 +16,11 @@ import msgpack
 import pytest
 import zmq
 
-from devices import service as S
-from devices.guest_memory import GuestMemory, create_memfd
-from devices.virtio.backend import VIRTIO_F_VERSION_1, QueueConfig
-from devices.virtio.remote import RemoteBackend
-from proto import codec
+from pyhv.devices import service as S
+from pyhv.devices.guest_memory import GuestMemory, create_memfd
+from pyhv.devices.virtio.backend import VIRTIO_F_VERSION_1, QueueConfig
+from pyhv.devices.virtio.remote import RemoteBackend
+from pyhv.proto import codec
 from ringdriver import AVAIL, DESC, USED, RingDriver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +64,7 @@ class Raw:
         self.irqs = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
         self.life_r, self.life_w = os.pipe2(os.O_CLOEXEC)
         ctl, evt = f"ipc://{tmp_path}/c.sock", f"ipc://{tmp_path}/e.sock"
-        cmd = [sys.executable, "-m", "devices.service", "--device", device, "--mem-size", str(RAM),
+        cmd = [sys.executable, "-m", "pyhv.devices.service", "--device", device, "--mem-size", str(RAM),
                "--mem-fd", str(mem_fd), "--control", ctl, "--events", evt, "--notify-fds", str(self.notify),
                "--irq-fds", ",".join(map(str, self.irqs)), "--lifeline", str(self.life_r)]
         if disk:
@@ -186,7 +186,7 @@ def test_lifeline_eof_ends_the_service(raw_blk):
 
 def test_bad_command_line_exits_2_with_one_line(tmp_path, guest):
     fd, _ = guest
-    p = subprocess.run([sys.executable, "-m", "devices.service", "--device", "blk", "--mem-size", str(RAM),
+    p = subprocess.run([sys.executable, "-m", "pyhv.devices.service", "--device", "blk", "--mem-size", str(RAM),
                         "--mem-fd", str(fd), "--control", f"ipc://{tmp_path}/c", "--events", f"ipc://{tmp_path}/e",
                         "--disk", str(tmp_path / "nope.img")], pass_fds=[fd], cwd=ROOT, capture_output=True,
                        timeout=30)
@@ -272,7 +272,7 @@ def test_paused_service_serves_nothing_until_resumed(guest, image):
 
 
 def test_activate_refused_by_the_service_is_a_queue_config_error(guest, image):
-    from devices.virtio.queue import QueueConfigError
+    from pyhv.devices.virtio.queue import QueueConfigError
     _, mem = guest
     rb, _ = remote(mem, disk=str(image))
     try:
@@ -349,7 +349,7 @@ def test_restarts_are_bounded_then_the_device_needs_reset(guest, image):
         c = rb.counters()
         assert c["state"] == "failed" and c["failures"] == 2 and c["pid"] is None
         rb.reset()                                     # returns at once: nothing runs
-        from devices.virtio.queue import QueueConfigError
+        from pyhv.devices.virtio.queue import QueueConfigError
         with pytest.raises(QueueConfigError, match="failed"):
             activate(rb, mem)
     finally:
@@ -374,9 +374,9 @@ def test_services_die_with_their_worker(tmp_path, image):
     code = f"""
 import os, sys, time
 sys.path.insert(0, {ROOT!r})
-from devices.guest_memory import GuestMemory, create_memfd
-from devices.virtio.remote import RemoteBackend
-from proto import codec
+from pyhv.devices.guest_memory import GuestMemory, create_memfd
+from pyhv.devices.virtio.remote import RemoteBackend
+from pyhv.proto import codec
 mem = GuestMemory(create_memfd({RAM}), {RAM})
 rb = RemoteBackend("blk", mem, disk={str(image)!r})
 print(rb.pid, flush=True)
@@ -414,7 +414,7 @@ SAMPLES = [S.Describe(), S.Description(device_type=2, features=1 << 32 | 1 << 9,
 
 
 def test_every_service_message_round_trips_and_stays_out_of_the_supervisor_protocol():
-    from proto.messages import MESSAGES
+    from pyhv.proto.messages import MESSAGES
     assert {type(m) for m in SAMPLES} == set(S.SERVICE_MESSAGES.values())
     for m in SAMPLES:
         assert S.decode(S.encode(m)) == m

@@ -1,7 +1,7 @@
 """I8042 controller model: Linux's probe commands and the reset line, no KVM."""
 import pytest
 
-from devices.i8042 import I8042
+from pyhv.devices.i8042 import I8042
 
 OBF, SYS, CMD, AUXDATA = 0x01, 0x04, 0x08, 0x20
 CTR_KBDDIS, CTR_AUXDIS = 0x10, 0x20

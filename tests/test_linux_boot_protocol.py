@@ -29,7 +29,7 @@ def test_elf_vmlinux_gets_cmdline_and_e820(run_guest, probe_elf):
 
 
 def test_nested_profile_adds_its_kernel_arguments_but_keeps_the_users(run_guest, probe_elf):
-    from vcpu_worker.compat import NESTED_KERNEL_ARGS
+    from pyhv.vcpu_worker.compat import NESTED_KERNEL_ARGS
     r = run_guest(probe_elf, "--cmdline", "console=ttyS0 tsc=unstable", "--timeout", "20", timeout=30)
     words = r.stdout.decode().splitlines()[0][len("cmdline="):].split()
     assert words[:2] == ["console=ttyS0", "tsc=unstable"]          # the user's value wins

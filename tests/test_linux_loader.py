@@ -20,10 +20,10 @@ import textwrap
 
 import pytest
 
-from devices.guest_memory import HIGH_RAM_START, GuestMemory, create_memfd
-from vcpu_worker._kvm import ffi, lib
-from vcpu_worker.boot import layout
-from vcpu_worker.boot.linux import (KernelImageError, LinuxBoot, detect_kernel_format, e820_map,
+from pyhv.devices.guest_memory import HIGH_RAM_START, GuestMemory, create_memfd
+from pyhv.vcpu_worker._kvm import ffi, lib
+from pyhv.vcpu_worker.boot import layout
+from pyhv.vcpu_worker.boot.linux import (KernelImageError, LinuxBoot, detect_kernel_format, e820_map,
                                     load_linux)
 
 MiB = 1 << 20
@@ -613,7 +613,7 @@ def test_hostile_bzimage(mem, elf_kernel, name):
 
 
 def test_lz4_decompression_bomb_is_refused(mem, monkeypatch):
-    from vcpu_worker.boot import linux
+    from pyhv.vcpu_worker.boot import linux
     monkeypatch.setattr(linux, "MAX_DECOMPRESSED", 4 * MiB)
     raw = bytes(6 * MiB)                          # compresses to almost nothing
     with pytest.raises(KernelImageError, match="more than"):
@@ -714,7 +714,7 @@ def test_lz4_fuzz_never_crashes():
     comp = lz4_legacy(raw)
     script = textwrap.dedent("""
         import random, sys
-        from vcpu_worker._kvm import ffi, lib
+        from pyhv.vcpu_worker._kvm import ffi, lib
         comp = sys.stdin.buffer.read()
         rng = random.Random(5)
         cap = 9 << 20

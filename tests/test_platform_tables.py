@@ -3,8 +3,8 @@ import struct
 
 import pytest
 
-from devices.guest_memory import GuestMemory, create_memfd
-from vcpu_worker.boot import acpi, layout, mptable
+from pyhv.devices.guest_memory import GuestMemory, create_memfd
+from pyhv.vcpu_worker.boot import acpi, layout, mptable
 
 
 @pytest.fixture

@@ -3,9 +3,9 @@ import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from proto import codec, messages as m
-from proto.messages import to_plain
-from proto.errors import ProtocolError
+from pyhv.proto import codec, messages as m
+from pyhv.proto.messages import to_plain
+from pyhv.proto.errors import ProtocolError
 
 CONFIG = m.GuestConfig(name="g1", kernel="/k", boot="raw16", load_addr=0x7C00, initrd=None,
                        cmdline="console=ttyS0", mem_bytes=64 << 20, vcpus=2, disks=["/d"], timeout=1.5)

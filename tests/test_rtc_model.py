@@ -1,7 +1,7 @@
 """The CMOS RTC model: BCD host time in 24-hour mode, valid status, CMOS RAM bytes kept."""
 import calendar
 
-from devices.rtc import CENTURY, DAY, HOURS, MINUTES, MONTH, SECONDS, STATUS_B, STATUS_D, YEAR, CmosRtc
+from pyhv.devices.rtc import CENTURY, DAY, HOURS, MINUTES, MONTH, SECONDS, STATUS_B, STATUS_D, YEAR, CmosRtc
 
 WHEN = calendar.timegm((2026, 11, 24, 23, 59, 7, 0, 0, 0))
 

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from devices.serial import RX_FIFO_SIZE, Serial8250
+from pyhv.devices.serial import RX_FIFO_SIZE, Serial8250
 
 THR, IER, IIR, LCR, MCR, LSR, MSR, SCR = range(8)
 FCR = IIR

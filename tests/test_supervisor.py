@@ -17,7 +17,7 @@ import msgpack
 import pytest
 import zmq
 
-from proto import codec, messages as m
+from pyhv.proto import codec, messages as m
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HVCTL = [sys.executable, os.path.join(REPO, "bin", "hvctl")]
@@ -386,7 +386,7 @@ def test_top_shows_rates_for_running_guests(sup, build_guest):
 
 
 def test_info_lists_the_compatibility_profile(sup, build_guest):
-    from vcpu_worker.compat import NESTED_KERNEL_ARGS
+    from pyhv.vcpu_worker.compat import NESTED_KERNEL_ARGS
     img = guest(build_guest, EXIT7)
     sup.hvctl("create", "c1", "--kernel", img, "--boot", "raw16", check=0)
     sup.hvctl("create", "c2", "--kernel", img, "--boot", "raw16", "--compat", "none", check=0)
@@ -402,7 +402,7 @@ def test_info_lists_the_compatibility_profile(sup, build_guest):
 @needs_kvm
 def test_service_requests_from_anyone_but_the_guests_worker_are_refused(sup, build_guest):
     """RUNTIME/services.sock starts device services only for the worker of a running guest."""
-    from devices.virtio.launch import LaunchError, SupervisorLauncher
+    from pyhv.devices.virtio.launch import LaunchError, SupervisorLauncher
     sup.hvctl("create", "g", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "60", check=0)
     sup.hvctl("start", "g", check=0)
     launch = SupervisorLauncher(os.path.join(sup.dir, "services.sock"), "g", timeout=5)
@@ -424,7 +424,7 @@ def test_service_requests_from_anyone_but_the_guests_worker_are_refused(sup, bui
 
 
 def test_service_options_are_checked_and_fds_renumbered():
-    from supervisor.services import BadRequest, _checked_args
+    from pyhv.supervisor.services import BadRequest, _checked_args
     mine = {7: 20, 8: 21, 9: 22}
     assert _checked_args(["--device", "blk", "--mem-fd", "7", "--notify-fds", "8,9", "--disk", "/d.img"], mine) == \
         ["--device", "blk", "--mem-fd", "20", "--notify-fds", "21,22", "--disk", "/d.img"]

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from devices.guest_memory import GuestMemory, create_memfd
-from devices.virtio.backend import VIRTIO_F_VERSION_1, QueueConfig
-from devices.virtio import blk as B
+from pyhv.devices.guest_memory import GuestMemory, create_memfd
+from pyhv.devices.virtio.backend import VIRTIO_F_VERSION_1, QueueConfig
+from pyhv.devices.virtio import blk as B
 from ringdriver import AVAIL, DESC, USED, RingDriver
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -216,15 +216,15 @@ def _driver_image(build_c_guest):
 
 
 def _transport_takes_backend_fds():
-    from vcpu_worker.virtio_pci import VirtioPciDevice
+    from pyhv.vcpu_worker.virtio_pci import VirtioPciDevice
     return "transport_eventfds" in inspect.getsource(VirtioPciDevice.__init__)
 
 
 def _boot(kernel, make_backend, mem_bytes=64 << 20):
-    from proto.messages import GuestConfig
-    from vcpu_worker import pci as P
-    from vcpu_worker import virtio_pci as V
-    from vcpu_worker.machine import Machine
+    from pyhv.proto.messages import GuestConfig
+    from pyhv.vcpu_worker import pci as P
+    from pyhv.vcpu_worker import virtio_pci as V
+    from pyhv.vcpu_worker.machine import Machine
     out = bytearray()
     cfg = GuestConfig(name="t", kernel=str(kernel), boot="raw64", mem_bytes=mem_bytes, timeout=GUEST_TIMEOUT)
     m = Machine(cfg, create_memfd(mem_bytes), out.extend)
@@ -257,7 +257,7 @@ def test_guest_driver_reads_and_writes_in_process(build_c_guest, image):
 def test_guest_driver_through_a_device_service(build_c_guest, image):
     if not _transport_takes_backend_fds():
         pytest.skip("the transport makes its own eventfds: apply docs/device-service-integration.patch")
-    from devices.virtio.remote import RemoteBackend
+    from pyhv.devices.virtio.remote import RemoteBackend
     outcome, text, c = _boot(_driver_image(build_c_guest), lambda mem: RemoteBackend("blk", mem, disk=str(image)))
     assert outcome.status == 100, text
     assert image.read_bytes()[512:1024] == bytes((0xA5 ^ j) & 0xFF for j in range(512))
@@ -267,7 +267,7 @@ def test_guest_driver_through_a_device_service(build_c_guest, image):
 
 
 def _hvctl_disk_supported():
-    import supervisor.config as C
+    import pyhv.supervisor.config as C
     return "--disk is not supported yet" not in inspect.getsource(C)
 
 
@@ -288,7 +288,7 @@ def test_guest_sequential_read_throughput(build_c_guest, tmp_path, capsys):
     """16 MiB read by the guest, 4 x 256 KiB in flight; printed next to a host preadv of the same file."""
     if not _transport_takes_backend_fds():
         pytest.skip("needs docs/device-service-integration.patch")
-    from devices.virtio.remote import RemoteBackend
+    from pyhv.devices.virtio.remote import RemoteBackend
     img = tmp_path / "big.img"
     with open(img, "wb") as f:
         f.write(b"".join(pattern(s) for s in range(SECTORS)))

@@ -2,7 +2,7 @@
 
 The unit tests drive VirtioConsole in this process (its ThreadedBackend
 thread) with a two-queue variant of the Python ring driver.  The service
-tests spawn `python -m devices.service --device console` by hand, as
+tests spawn `python -m pyhv.devices.service --device console` by hand, as
 tests/test_device_service.py does, and need the devices/service.py part of
 docs/virtio-console.patch (skipped without it).  The slow test boots our
 Linux kernel with `--vconsole` (the whole patch) and writes to /dev/hvc0.
@@ -19,9 +19,9 @@ import time
 
 import pytest
 
-from devices.guest_memory import GuestMemory, create_memfd
-from devices.virtio.backend import VIRTIO_F_VERSION_1, QueueConfig
-from devices.virtio import console as C
+from pyhv.devices.guest_memory import GuestMemory, create_memfd
+from pyhv.devices.virtio.backend import VIRTIO_F_VERSION_1, QueueConfig
+from pyhv.devices.virtio import console as C
 from ringdriver import F_NEXT, F_WRITE, RX_RINGS, RXBUF, RXTX_QSIZE, RXTX_RAM as RAM, TX_RINGS, TXBUF
 from ringdriver import RxTxGuest as Guest
 
@@ -226,7 +226,7 @@ def test_hosted_console_socket_both_ways_and_log(guest, tmp_path):
 # --- through a device-service process ---------------------------------------------------
 
 def _service_knows_console():
-    from devices import service as S
+    from pyhv.devices import service as S
     return "console" in S.RESTARTABLE
 
 
@@ -237,11 +237,11 @@ needs_service = pytest.mark.skipif(not _service_knows_console(),
 @needs_service
 def test_device_service_process(guest, tmp_path):
     import zmq
-    from devices import service as S
+    from pyhv.devices import service as S
     sock, log = tmp_path / "vc.sock", tmp_path / "vc.log"
     life_r, life_w = os.pipe2(os.O_CLOEXEC)
     ctl_ep, evt_ep = f"ipc://{tmp_path}/c.sock", f"ipc://{tmp_path}/e.sock"
-    cmd = [sys.executable, "-m", "devices.service", "--device", "console", "--mem-size", str(RAM),
+    cmd = [sys.executable, "-m", "pyhv.devices.service", "--device", "console", "--mem-size", str(RAM),
            "--mem-fd", str(guest.fd), "--control", ctl_ep, "--events", evt_ep,
            "--notify-fds", ",".join(map(str, guest.notify)), "--irq-fds", ",".join(map(str, guest.irq)),
            "--lifeline", str(life_r), "--console-sock", str(sock), "--console-log", str(log)]
@@ -304,7 +304,7 @@ def test_device_service_process(guest, tmp_path):
 
 @needs_service
 def test_device_service_refuses_console_without_a_socket(guest, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "devices.service", "--device", "console", "--mem-size", str(RAM),
+    r = subprocess.run([sys.executable, "-m", "pyhv.devices.service", "--device", "console", "--mem-size", str(RAM),
                         "--mem-fd", "0", "--control", "ipc://x", "--events", "ipc://y"],
                        cwd=str(ROOT), capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "--console-sock" in r.stderr
@@ -318,7 +318,7 @@ INITRAMFS = pathlib.Path("/var/cache/pyhv/initramfs.cpio")
 
 def _cli_has_vconsole():
     try:
-        from supervisor import cli
+        from pyhv.supervisor import cli
         return "--vconsole" in (pathlib.Path(cli.__file__).read_text())
     except Exception:
         return False
@@ -331,7 +331,7 @@ def _cli_has_vconsole():
 def test_linux_guest_writes_to_hvc0(tmp_path):
     stats = tmp_path / "stats.json"
     env = dict(os.environ, TMPDIR=str(tmp_path))
-    cmd = [sys.executable, "-m", "supervisor.cli", "run", "--kernel", str(KERNEL), "--initrd", str(INITRAMFS),
+    cmd = [sys.executable, "-m", "pyhv.supervisor.cli", "run", "--kernel", str(KERNEL), "--initrd", str(INITRAMFS),
            "--mem", "256M", "--vconsole", "--timeout", "240", "--stats-json", str(stats),
            "--cmdline", 'console=ttyS0 pyhv.run="exec 3<>/dev/hvc0; echo hello >&3; read line <&3; '
                         'echo got:$line >&3; sleep 1"']

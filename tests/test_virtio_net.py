@@ -1,7 +1,7 @@
 """virtio-net: the model over guest RAM, the ZeroMQ switch, and real guests talking through a switch and a TAP.
 
 The model tests drive VirtioNet in this process with the Python ring driver
-and a fake port.  The switch tests talk to a `devices.net_switch` process
+and a fake port.  The switch tests talk to a `pyhv.devices.net_switch` process
 with raw ZeroMQ sockets.  The guest tests run tests/guests/virtio_net_driver.c
 (a ring-0 driver that broadcasts HELLO and answers ACK) in two guests on one
 switch, standalone and under a supervisor, and one guest on a TAP interface
@@ -24,9 +24,9 @@ import pytest
 import zmq
 
 from conftest import HVCTL
-from devices.virtio import net as N
-from devices.virtio.backend import VIRTIO_F_VERSION_1
-from proto import switch as wire
+from pyhv.devices.virtio import net as N
+from pyhv.devices.virtio.backend import VIRTIO_F_VERSION_1
+from pyhv.proto import switch as wire
 from ringdriver import RXBUF, RXTX_RAM as RAM, RxTxGuest
 from test_supervisor import Supervisor
 
@@ -176,7 +176,7 @@ def switch_dir():
 
 
 def start_switch(d, name="lan"):
-    p = subprocess.Popen([sys.executable, "-m", "devices.net_switch", "--dir", d, "--name", name],
+    p = subprocess.Popen([sys.executable, "-m", "pyhv.devices.net_switch", "--dir", d, "--name", name],
                          stderr=subprocess.PIPE, cwd=ROOT)
     assert wait_for(lambda: os.path.exists(f"{d}/switch-{name}.sock")), "switch did not bind"
     return p
@@ -224,10 +224,10 @@ def test_switch_floods_then_learns_and_drops_garbage(switch_dir):
 
 
 def test_a_second_switch_for_the_same_name_exits_at_once(switch_dir):
-    from devices.net_switch import ALREADY_SERVED
+    from pyhv.devices.net_switch import ALREADY_SERVED
     sw = start_switch(switch_dir)
     try:
-        r = subprocess.run([sys.executable, "-m", "devices.net_switch", "--dir", switch_dir, "--name", "lan"],
+        r = subprocess.run([sys.executable, "-m", "pyhv.devices.net_switch", "--dir", switch_dir, "--name", "lan"],
                            capture_output=True, text=True, timeout=20, cwd=ROOT)
         assert r.returncode == ALREADY_SERVED and "already served" in r.stderr
         assert sw.poll() is None

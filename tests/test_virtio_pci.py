@@ -19,12 +19,12 @@ import pytest
 
 from ringdriver import AVAIL, DESC, USED, RingDriver
 
-from devices.guest_memory import GuestMemory, create_memfd
-from devices.virtio.backend import VIRTIO_F_VERSION_1, QueueConfig, VirtioBackend
-from devices.virtio.queue import QueueConfigError
-from devices.virtio.rng import VirtioRng
-from vcpu_worker import pci as P
-from vcpu_worker import virtio_pci as V
+from pyhv.devices.guest_memory import GuestMemory, create_memfd
+from pyhv.devices.virtio.backend import VIRTIO_F_VERSION_1, QueueConfig, VirtioBackend
+from pyhv.devices.virtio.queue import QueueConfigError
+from pyhv.devices.virtio.rng import VirtioRng
+from pyhv.vcpu_worker import pci as P
+from pyhv.vcpu_worker import virtio_pci as V
 
 HERE = pathlib.Path(__file__).resolve().parent
 GUEST_TIMEOUT = 60
@@ -441,7 +441,7 @@ def test_msix_vectors_route_bind_mask_and_pending_bit():
 
 
 def test_default_routes_are_kvms_irqchip_defaults():
-    from vcpu_worker._kvm import lib
+    from pyhv.vcpu_worker._kvm import lib
     routes = P.default_irqchip_routes()
     assert len(routes) == 24 + 16
     assert (4, "irqchip", lib.KVM_IRQCHIP_IOAPIC, 4) in routes
@@ -451,7 +451,7 @@ def test_default_routes_are_kvms_irqchip_defaults():
 
 
 def test_kvm_gsi_routing_table_and_signal_msi():
-    from vcpu_worker.kvm import Kvm, KvmError
+    from pyhv.vcpu_worker.kvm import Kvm, KvmError
     kvm = Kvm()
     vm = kvm.create_vm()
     try:
@@ -598,8 +598,8 @@ def test_threaded_backend_serves_kicks_made_before_activation():
 
 def _machine(kernel, boot, mem_bytes=64 << 20, with_rng=True):
     """A Machine with a PCI root and (optionally) virtio-rng, with or without the integration patch."""
-    from proto.messages import GuestConfig
-    from vcpu_worker.machine import Machine
+    from pyhv.proto.messages import GuestConfig
+    from pyhv.vcpu_worker.machine import Machine
     out = bytearray()
     cfg = GuestConfig(name="t", kernel=str(kernel), boot=boot, mem_bytes=mem_bytes, timeout=GUEST_TIMEOUT)
     m = Machine(cfg, create_memfd(mem_bytes), out.extend)
@@ -651,7 +651,7 @@ def test_guest_sees_only_the_host_bridge_without_rng(build_c_guest):
 
 
 def test_hvctl_run_rng(build_c_guest, run_guest):
-    from proto.messages import GuestConfig
+    from pyhv.proto.messages import GuestConfig
     if "rng" not in GuestConfig.FIELDS:
         pytest.skip("--rng is not wired: apply docs/virtio-pci-integration.patch")
     r = run_guest(_driver_image(build_c_guest), "--boot", "raw64", "--rng", "--timeout", "30", timeout=60)
@@ -734,7 +734,7 @@ LINUX_CHECK = ("grep -E virtio /proc/interrupts; "
 
 @pytest.mark.slow
 def test_linux_virtio_rng_driver_reads_dev_hwrng(run_guest):
-    from proto.messages import GuestConfig
+    from pyhv.proto.messages import GuestConfig
     kernel, initrd = os.environ.get("HV_LINUX_KERNEL"), os.environ.get("HV_LINUX_INITRD")
     if not (kernel and initrd):
         pytest.skip("set HV_LINUX_KERNEL and HV_LINUX_INITRD to boot Linux with virtio-rng")

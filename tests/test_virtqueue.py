@@ -14,8 +14,8 @@ import tempfile
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from devices.guest_memory import MMIO_HOLE_START, GuestMemory, create_memfd
-from devices.virtio.queue import (
+from pyhv.devices.guest_memory import MMIO_HOLE_START, GuestMemory, create_memfd
+from pyhv.devices.virtio.queue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT as IND_F, VIRTQ_DESC_F_NEXT as NEXT,
     VIRTQ_DESC_F_WRITE as WRITE, VIRTQ_USED_F_NO_NOTIFY, Chain, ChainError, QueueConfigError,
     QueueFatal, VirtQueue)

@@ -202,7 +202,7 @@ def test_zygote_off_spawns_workers_directly(images):
         info = launch(sup, images, 4)
         pid = info["pids"]["worker"]
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            assert b"vcpu_worker.worker" in f.read()
+            assert b"pyhv.vcpu_worker.worker" in f.read()
         assert "forked from zygote" not in worker_log(info)
         release(info)
         check_done(sup, "g4", 4)
@@ -216,8 +216,8 @@ def test_zygote_off_spawns_workers_directly(images):
 ZYGOTE_SCRIPT = r"""
 import json, os, select, socket, sys, tempfile, time
 sys.path.insert(0, sys.argv[1])
-from supervisor import zygote
-from supervisor.spawn import child_env
+from pyhv.supervisor import zygote
+from pyhv.supervisor.spawn import child_env
 zygote.set_child_subreaper()
 z = zygote.Zygote(child_env())
 d = tempfile.mkdtemp()

@@ -6,7 +6,7 @@ per-port action table, so ports no Python device claims never leave C.
 """
 import bisect
 
-from vcpu_worker._kvm import ffi, lib
+from pyhv.vcpu_worker._kvm import ffi, lib
 
 
 class BusConflict(ValueError):

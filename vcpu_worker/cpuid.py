@@ -1,5 +1,5 @@
 """The CPUID a vCPU sees: KVM's supported set, per-vCPU topology, and the compatibility profile's masks."""
-from vcpu_worker._kvm import ffi
+from pyhv.vcpu_worker._kvm import ffi
 
 
 def _clear(entries, leaf, subleaf, reg, bit):

@@ -6,8 +6,8 @@ safe we apply it and resume; otherwise the VM fails with the instruction
 bytes and registers in the message (that is how every row of the table in
 docs/kvm-notes.md was found).
 """
-from vcpu_worker._kvm import ffi, lib
-from vcpu_worker.kvm import ioctl
+from pyhv.vcpu_worker._kvm import ffi, lib
+from pyhv.vcpu_worker.kvm import ioctl
 
 BP_VECTOR = 3
 

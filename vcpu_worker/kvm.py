@@ -6,7 +6,7 @@ reads "KVM_CREATE_VCPU failed: EINVAL" rather than an OSError from nowhere.
 import errno as _errno
 import os
 
-from vcpu_worker._kvm import ffi, lib
+from pyhv.vcpu_worker._kvm import ffi, lib
 
 KVM_API_VERSION = 12
 XSAVE_MXCSR_WORD = 6          # byte 24 of the legacy FXSAVE area

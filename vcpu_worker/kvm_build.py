@@ -302,12 +302,9 @@ long hv_lz4_legacy_decompress(const uint8_t *src, size_t src_len, uint8_t *dst, 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
-    "vcpu_worker._kvm",
+    "pyhv.vcpu_worker._kvm",
     '#include "hv_kvm.c"\n#include "lz4.c"\n',
     include_dirs=[str(HERE / "csrc")],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
     depends=[str(p) for p in (HERE / "csrc").glob("*.c")],
 )
-
-if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(HERE.parent), verbose=True)

@@ -10,17 +10,17 @@ import os
 import threading
 import time
 
-from devices.debug_page import DEBUG_PAGE_ADDR, DEBUG_PAGE_SIZE, DebugPage
-from devices.guest_memory import GuestMemory, ram_regions
-from devices.i8042 import I8042
-from devices.rtc import CmosRtc
-from devices.serial import Serial8250
-from vcpu_worker import compat, cpuid
-from vcpu_worker._kvm import ffi, lib
-from vcpu_worker.boot import acpi, cpu_state, layout, mptable
-from vcpu_worker.bus import MmioBus, PioBus
-from vcpu_worker.kvm import Kvm, KvmError, KvmUnavailable
-from vcpu_worker.vcpu import (EXIT_NAMES, STATUS_FAILED, STATUS_RESET, STATUS_STOPPED, Outcome,
+from pyhv.devices.debug_page import DEBUG_PAGE_ADDR, DEBUG_PAGE_SIZE, DebugPage
+from pyhv.devices.guest_memory import GuestMemory, ram_regions
+from pyhv.devices.i8042 import I8042
+from pyhv.devices.rtc import CmosRtc
+from pyhv.devices.serial import Serial8250
+from pyhv.vcpu_worker import compat, cpuid
+from pyhv.vcpu_worker._kvm import ffi, lib
+from pyhv.vcpu_worker.boot import acpi, cpu_state, layout, mptable
+from pyhv.vcpu_worker.bus import MmioBus, PioBus
+from pyhv.vcpu_worker.kvm import Kvm, KvmError, KvmUnavailable
+from pyhv.vcpu_worker.vcpu import (EXIT_NAMES, STATUS_FAILED, STATUS_RESET, STATUS_STOPPED, Outcome,
                               VcpuThread)
 
 KICK_SIGNAL = lib.SIGUSR1
@@ -114,7 +114,7 @@ class Machine:
         this process does.
         HV_DEVICE_SERVICES=0 runs the models in-process instead (debugging).
         """
-        from vcpu_worker.pci import PciRoot
+        from pyhv.vcpu_worker.pci import PciRoot
         self.pci = PciRoot(self.vm)
         self.virtio = {}                 # name -> VirtioPciDevice
         wanted = (["rng"] if self.config.rng else []) + [("blk", d) for d in self.config.disks]
@@ -122,7 +122,7 @@ class Machine:
             wanted.append("console")
         wanted += [("net", n) for n in self.config.nets]
         if wanted:
-            from vcpu_worker.virtio_pci import VirtioPciDevice
+            from pyhv.vcpu_worker.virtio_pci import VirtioPciDevice
         counts = {}
         try:
             for dev in wanted:
@@ -146,12 +146,12 @@ class Machine:
         elif kind == "net":
             extra = self._net_args(arg)
         if os.environ.get("HV_DEVICE_SERVICES", "1") == "0":
-            from devices.service import main_args_model
+            from pyhv.devices.service import main_args_model
             return main_args_model(kind, arg if kind == "blk" else None, extra)
-        from devices.virtio.remote import RemoteBackend
+        from pyhv.devices.virtio.remote import RemoteBackend
         launcher = None
         if self.runtime_dir:             # supervised: the supervisor starts (and reaps) the service
-            from devices.virtio.launch import SupervisorLauncher
+            from pyhv.devices.virtio.launch import SupervisorLauncher
             launcher = SupervisorLauncher(os.path.join(self._supervisor_dir(), "services.sock"), self.config.name)
         return RemoteBackend(kind, self.mem, disk=arg if kind == "blk" else None, extra_args=extra,
                              launcher=launcher)
@@ -164,8 +164,8 @@ class Machine:
         """Service options for a --net spec.  A switch lives in the supervisor's runtime dir
         (supervised: the supervisor runs it); a standalone run uses the default runtime dir and
         starts the switch itself if nobody serves it."""
-        from proto import switch as wire
-        from supervisor.config import default_runtime_dir, parse_net
+        from pyhv.proto import switch as wire
+        from pyhv.supervisor.config import default_runtime_dir, parse_net
         kind, name, mac = parse_net(spec)
         if kind == "tap":
             return ["--net", f"tap:{name}", "--mac", mac]
@@ -193,7 +193,7 @@ class Machine:
         """Put the boot image in guest RAM; returns (entry RIP, RSI for the boot vCPU or None)."""
         boot = self.config.boot
         if boot == "linux":
-            from vcpu_worker.boot.linux import KernelImageError, load_linux
+            from pyhv.vcpu_worker.boot.linux import KernelImageError, load_linux
             try:
                 cmdline = self.profile.kernel_cmdline(self.config.cmdline or "", self.vm.tsc_khz())
                 info = load_linux(self.mem, image, cmdline, initrd)

@@ -78,7 +78,7 @@ class PciError(ValueError):
 
 def default_irqchip_routes():
     """KVM's default GSI routes for an in-kernel irqchip (arch/x86/kvm default_routing)."""
-    from vcpu_worker._kvm import lib
+    from pyhv.vcpu_worker._kvm import lib
     routes = []
     for gsi in range(IOAPIC_PINS):
         routes.append((gsi, "irqchip", lib.KVM_IRQCHIP_IOAPIC, gsi))

@@ -8,8 +8,8 @@ import os
 import sys
 import threading
 
-from devices.guest_memory import create_memfd
-from vcpu_worker.vcpu import STATUS_TIMEOUT, Outcome
+from pyhv.devices.guest_memory import create_memfd
+from pyhv.vcpu_worker.vcpu import STATUS_TIMEOUT, Outcome
 
 
 def _write_all(fd, data):
@@ -41,7 +41,7 @@ def _write_stats(machine, outcome, path):
 
 def run_foreground(config, stats_path=None):
     """Boot `config` and return the exit status; the one-line reason for a failure goes to stderr."""
-    from vcpu_worker.machine import Machine, MachineError
+    from pyhv.vcpu_worker.machine import Machine, MachineError
 
     mem_fd = create_memfd(config.mem_bytes, f"guest-ram-{config.name or 'run'}")
     try:

@@ -7,8 +7,8 @@ allocates little and never logs; counters live in the C struct hv_vcpu.
 import os
 import threading
 
-from vcpu_worker import fixups
-from vcpu_worker._kvm import ffi, lib
+from pyhv.vcpu_worker import fixups
+from pyhv.vcpu_worker._kvm import ffi, lib
 
 EXIT_NAMES = {getattr(lib, n): n[len("KVM_EXIT_"):] for n in dir(lib)
               if n.startswith("KVM_EXIT_") and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}

@@ -120,9 +120,9 @@ import os
 import struct
 import threading
 
-from devices.virtio.backend import VIRTIO_F_VERSION_1, TransportEvents, QueueConfig
-from devices.virtio.queue import QueueConfigError
-from vcpu_worker.pci import CAP_ID_MSIX, CAP_ID_VNDR, PciFunction, eventfd_pending
+from pyhv.devices.virtio.backend import VIRTIO_F_VERSION_1, TransportEvents, QueueConfig
+from pyhv.devices.virtio.queue import QueueConfigError
+from pyhv.vcpu_worker.pci import CAP_ID_MSIX, CAP_ID_VNDR, PciFunction, eventfd_pending
 
 VIRTIO_PCI_VENDOR = 0x1AF4
 VIRTIO_PCI_DEVICE_BASE = 0x1040

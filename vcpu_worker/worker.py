@@ -2,7 +2,7 @@
 
 Started by the supervisor (supervisor/spawn.py) with the guest RAM memfd
 passed as an fd: forked by the zygote (supervisor/zygote.py), which calls
-main(argv) in the forked process, or as `python -m vcpu_worker.worker`.
+main(argv) in the forked process, or as `python -m pyhv.vcpu_worker.worker`.
 stdout is the guest's console log (append-only), stderr the worker log.  The
 main thread serves Pause/Resume/Stop/Stats/Ping on a ZeroMQ REP socket and
 sleeps until a request, the guest's end or its timeout; a console thread
@@ -24,8 +24,8 @@ import traceback
 
 import zmq
 
-from proto import codec, errors, messages as m
-from proto.errors import ProtocolError
+from pyhv.proto import codec, errors, messages as m
+from pyhv.proto.errors import ProtocolError
 
 STATUS_FAILED, STATUS_TIMEOUT = 70, 124
 PAUSE_TIMEOUT = 1.0     # below the supervisor's worker timeout
@@ -118,7 +118,7 @@ def _die_with_parent(parent_pid):
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="vcpu_worker.worker", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="pyhv.vcpu_worker.worker", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="GuestConfig message, msgpack in base64")
     src.add_argument("--config-fd", type=int, help="fd to read the GuestConfig message (msgpack) from")
@@ -144,8 +144,8 @@ def serve(args):
     try:
         raw = base64.b64decode(args.config) if args.config else _read_fd(args.config_fd)
         config = codec.decode(raw, expect=m.GuestConfig)
-        from vcpu_worker.machine import Machine, MachineError
-        from vcpu_worker.vcpu import Outcome
+        from pyhv.vcpu_worker.machine import Machine, MachineError
+        from pyhv.vcpu_worker.vcpu import Outcome
     except Exception as e:
         traceback.print_exc()
         return STATUS_FAILED, f"worker could not start: {type(e).__name__}: {e}"

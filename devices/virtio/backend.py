@@ -36,7 +36,7 @@ import os
 import select
 import threading
 
-from devices.virtio.queue import ChainError, QueueConfigError, QueueFatal, VirtQueue
+from pyhv.devices.virtio.queue import ChainError, QueueConfigError, QueueFatal, VirtQueue
 
 VIRTIO_F_RING_INDIRECT_DESC = 1 << 28
 VIRTIO_F_RING_EVENT_IDX = 1 << 29

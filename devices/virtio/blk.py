@@ -27,7 +27,7 @@ to put a status: it is returned with length 0 and counted in `errors`.
 import os
 import struct
 
-from devices.virtio.backend import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+from pyhv.devices.virtio.backend import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
                                     VIRTIO_ID_BLOCK, ThreadedBackend)
 
 VIRTIO_BLK_F_SIZE_MAX = 1 << 1

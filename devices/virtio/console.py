@@ -41,7 +41,7 @@ import socket
 import struct
 import threading
 
-from devices.virtio.backend import VIRTIO_F_VERSION_1, VIRTIO_ID_CONSOLE, ThreadedBackend
+from pyhv.devices.virtio.backend import VIRTIO_F_VERSION_1, VIRTIO_ID_CONSOLE, ThreadedBackend
 
 VIRTIO_CONSOLE_F_SIZE = 1 << 0
 VIRTIO_CONSOLE_F_MULTIPORT = 1 << 1

@@ -6,7 +6,7 @@ owns the fds a service needs (the KVM ioeventfds/irqfds it registered, the
 memfd, the lifeline pipe), so it sends them to the supervisor over a unix
 SEQPACKET socket (RUNTIME/services.sock, SCM_RIGHTS) with a SpawnService
 message; the supervisor checks that the request comes from that guest's
-worker (SO_PEERCRED), starts `python -m devices.service` with those fds and
+worker (SO_PEERCRED), starts `python -m pyhv.devices.service` with those fds and
 answers with the pid and a pidfd for it.  The worker watches the service
 through the pidfd (it is not the parent, so it cannot wait for it) and
 signals it through the pidfd too (no pid-reuse race); the supervisor reaps
@@ -19,10 +19,10 @@ import socket
 import subprocess
 import sys
 
-from proto import codec, messages as m
-from proto.errors import ProtocolError
+from pyhv.proto import codec, messages as m
+from pyhv.proto.errors import ProtocolError
 
-SERVICE_ARGV = [sys.executable, "-m", "devices.service"]
+SERVICE_ARGV = [sys.executable, "-m", "pyhv.devices.service"]
 MAX_FDS = 64
 REPLY_BYTES = 4096
 

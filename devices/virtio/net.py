@@ -27,7 +27,7 @@ import collections
 import struct
 import threading
 
-from devices.virtio.backend import VIRTIO_F_VERSION_1, VIRTIO_ID_NET, ThreadedBackend
+from pyhv.devices.virtio.backend import VIRTIO_F_VERSION_1, VIRTIO_ID_NET, ThreadedBackend
 
 VIRTIO_NET_F_MAC = 1 << 5
 VIRTIO_NET_F_STATUS = 1 << 16

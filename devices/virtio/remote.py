@@ -1,7 +1,7 @@
 """RemoteBackend: a VirtioBackend in the worker whose device model runs in a device-service process.
 
 The transport (vcpu_worker/virtio_pci.py) sees an ordinary backend; behind it
-each control call becomes a request to `python -m devices.service` (see that
+each control call becomes a request to `python -m pyhv.devices.service` (see that
 module for the process and its messages).  The data path never comes here.
 
 File descriptors
@@ -47,7 +47,6 @@ answer is killed (SIGKILL) and restarted, which also guarantees that
 """
 import collections
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -57,13 +56,14 @@ import time
 
 import zmq
 
-from devices import service as S
-from devices.virtio import launch
-from devices.virtio.backend import VirtioBackend
-from devices.virtio.queue import QueueConfigError
-from proto.errors import ProtocolError
+import pyhv
+from pyhv.devices import service as S
+from pyhv.devices.virtio import launch
+from pyhv.devices.virtio.backend import VirtioBackend
+from pyhv.devices.virtio.queue import QueueConfigError
+from pyhv.proto.errors import ProtocolError
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pyhv.import_root()
 RESTART_WINDOW = 60.0
 
 
@@ -80,7 +80,7 @@ class ServiceGone(RemoteError):
 
 
 class RemoteBackend(VirtioBackend):
-    """A virtio device whose model runs in `python -m devices.service --device DEVICE`.
+    """A virtio device whose model runs in `python -m pyhv.devices.service --device DEVICE`.
 
     `mem` is the worker's GuestMemory (its memfd and size are handed to the
     service); `disk` is "PATH[,ro]" for blk; `extra_args` are more service

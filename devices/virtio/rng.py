@@ -11,7 +11,7 @@ counted in `errors`; the queue keeps serving.
 """
 import os
 
-from devices.virtio.backend import VIRTIO_F_VERSION_1, VIRTIO_ID_RNG, ThreadedBackend
+from pyhv.devices.virtio.backend import VIRTIO_F_VERSION_1, VIRTIO_ID_RNG, ThreadedBackend
 
 MAX_REQUEST = 64 << 10
 QUEUE_SIZE = 256

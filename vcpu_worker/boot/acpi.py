@@ -11,7 +11,7 @@ this.  The RSDP sits at 0xE0000, inside the BIOS area Linux scans.
 """
 import struct
 
-from vcpu_worker.boot.mptable import IOAPIC_ADDR, LAPIC_ADDR, MAX_VCPUS
+from pyhv.vcpu_worker.boot.mptable import IOAPIC_ADDR, LAPIC_ADDR, MAX_VCPUS
 
 RSDP_ADDR = 0xE0000
 XSDT_ADDR = RSDP_ADDR + 0x40

@@ -6,7 +6,7 @@ selectors and RSI pointing at the zero page.
 """
 import struct
 
-from vcpu_worker.boot import layout
+from pyhv.vcpu_worker.boot import layout
 
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_AM, CR0_PG = 1, 2, 0x10, 0x20, 0x10000, 0x40000, 0x80000000
 CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 0x20, 0x200, 0x400

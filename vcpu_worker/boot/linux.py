@@ -23,9 +23,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from devices.guest_memory import GuestMemory, ram_regions
-from vcpu_worker._kvm import ffi, lib
-from vcpu_worker.boot import layout
+from pyhv.devices.guest_memory import GuestMemory, ram_regions
+from pyhv.vcpu_worker._kvm import ffi, lib
+from pyhv.vcpu_worker.boot import layout
 
 
 class KernelImageError(ValueError):

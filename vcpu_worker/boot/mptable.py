@@ -10,7 +10,7 @@ memory (0x9FC00) for the "_MP_" signature.
 """
 import struct
 
-from vcpu_worker.boot import layout
+from pyhv.vcpu_worker.boot import layout
 
 IOAPIC_ADDR = 0xFEC00000
 LAPIC_ADDR = 0xFEE00000
