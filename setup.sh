@@ -20,7 +20,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 		"$PY" -m venv "$VENV"
 	fi
 fi
-"$VENV/bin/python" -m pip install -q -e '.[test]'
+# compat: the editable install is the repository root on sys.path, which bin/hvctl adds for free;
+# the default (an import hook) costs hvctl ~20 ms of imports at every start.
+"$VENV/bin/python" -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 # Bytecode now: hvctl run starts in ~100 ms only if it need not compile itself
 # (and PYTHONDONTWRITEBYTECODE may be set, so it would compile every time).
 "$VENV/bin/python" -m compileall -q -j 0 pyhv supervisor vcpu_worker devices proto >/dev/null

@@ -22,11 +22,11 @@ used ring polled: no interrupt).
   - random: 4 KiB reads at random 4 KiB-aligned offsets, 16 in flight, for
     2 s (warm cache); beside it the host's os.preadv of 4 KiB at random
     offsets, one at a time (warm: the queue depth makes no difference there);
-  - the same guest figures with HV_BLK_ZMQ_ROUNDTRIP=1: the service makes one
-    ZeroMQ REQ/REP round trip to an echo process per request before doing it
-    (benchmark mode of devices/service.py, docs/blk-bench.patch): what the
-    eventfd data path saves over a per-request message.  Skipped when the
-    service has no such mode.
+  - the same guest figures with HV_BLK_ZMQ_ROUNDTRIP=ENDPOINT: the service
+    makes one ZeroMQ REQ/REP round trip to an echo process this benchmark runs
+    there, per request, before doing it (the benchmark mode of
+    devices/virtio/service.py): what the eventfd data path saves over a
+    per-request message.
 The "vs C" column is the ratio to the host figure of the same kind.  Image
 created at benchmark time in a temp dir (TMPDIR), filled with non-zero data.
 Cases are interleaved, repetition by repetition.
@@ -130,9 +130,14 @@ def guest(args, kernel, image, zmq_roundtrip):
                                     "--mem", GUEST_MEM, "--timeout", "120"]
     env = dict(common.CHILD_ENV)
     env.pop(ZMQ_ENV, None)
-    if zmq_roundtrip:
-        env[ZMQ_ENV] = "1"
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=180)
+    echo = Echo() if zmq_roundtrip else None
+    if echo is not None:
+        env[ZMQ_ENV] = echo.endpoint
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=180)
+    finally:
+        if echo is not None:
+            echo.close()
     out = r.stdout.decode(errors="replace")
     if r.returncode != 0 or "done" not in out:
         sys.exit(f"bench: {' '.join(cmd)} exited {r.returncode}; stdout {out[-300:]!r}; "
@@ -148,26 +153,41 @@ def guest(args, kernel, image, zmq_roundtrip):
     return res
 
 
-def service_has_zmq_mode(args):
-    """Whether the devices/service.py the timed hvctl runs knows ZMQ_ENV (docs/blk-bench.patch applied)."""
-    src = common.REPO / "devices" / "service.py"
-    for part in common.hvctl_cmd(args):
-        p = pathlib.Path(part)
-        if p.name == "hvctl" and p.parent.name == "bin" and (p.parent.parent / "devices" / "service.py").exists():
-            src = p.parent.parent / "devices" / "service.py"
-    return ZMQ_ENV in src.read_text()
+ECHO = """
+import sys, zmq
+s = zmq.Context().socket(zmq.REP)
+s.bind(sys.argv[1])
+p = zmq.Poller()
+p.register(s, zmq.POLLIN)
+p.register(0, zmq.POLLIN)
+print("ready", flush=True)
+while True:
+    ready = dict(p.poll())
+    if 0 in ready:
+        break
+    s.send(s.recv())
+"""
+
+
+class Echo:
+    """The REP end of the per-request round trip: a process of its own, gone when its stdin closes."""
+
+    def __init__(self):
+        self.endpoint = f"ipc://@pyhv-blk-echo-{os.getpid()}"          # abstract: nothing to clean up
+        self.proc = subprocess.Popen([sys.executable, "-c", ECHO, self.endpoint], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=common.CHILD_ENV)
+        self.proc.stdout.readline()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(10)
 
 
 def run(args):
     reps = args.reps or REPS
     full = build_guest(RAND_MS)       # sequential, then random
     seq_only = build_guest(0)         # for the cold runs: the random part would be warm anyway
-    modes = [("eventfd", False)]
-    if service_has_zmq_mode(args):
-        modes.append(("zmq round trip", True))
-    else:
-        print(f"blk_throughput: devices/service.py has no {ZMQ_ENV} mode (docs/blk-bench.patch): "
-              "ZeroMQ rows skipped", file=sys.stderr)
+    modes = [("eventfd", False), ("zmq round trip", True)]
     cold_ok = drop_caches()
     if not cold_ok:
         print("blk_throughput: cannot write /proc/sys/vm/drop_caches (not root): cold rows skipped", file=sys.stderr)

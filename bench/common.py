@@ -23,7 +23,7 @@ import time
 
 BENCH = pathlib.Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "support"))
 import guestbuild  # noqa: E402
 
 CACHE = pathlib.Path(os.environ.get("HV_BENCH_CACHE", pathlib.Path(tempfile.gettempdir()) / "pyhv-bench"))
@@ -54,7 +54,7 @@ def build_ref(name="kvm_loop"):
 
 
 def guest(source):
-    """A raw64 flat binary from assembly source (tests/guestbuild.py, cached)."""
+    """A raw64 flat binary from assembly source (tests/support/guestbuild.py, cached)."""
     return guestbuild.build_asm(source, "raw64")
 
 

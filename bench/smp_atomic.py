@@ -1,6 +1,6 @@
 """SMP correctness and cost at scale: N vCPUs add to one shared counter with locked instructions.
 
-Uses tests/guests/atomic_counter.c (vCPU 0 checks the total and exits with
+Uses tests/support/guests/atomic_counter.c (vCPU 0 checks the total and exits with
 100 + N if it is exact).  user64 runs natively in ring 3; raw64 runs in ring
 0, which nested hosts emulate, so it does far fewer iterations.  The figure
 is wall time from exec to exit and locked adds per second; correctness is
@@ -13,7 +13,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from bench import common
 
-SOURCE = (common.REPO / "tests" / "guests" / "atomic_counter.c").read_text()
+SOURCE = (common.REPO / "tests" / "support" / "guests" / "atomic_counter.c").read_text()
 CASES = (("user64", 2, 1_000_000), ("user64", 64, 10_000), ("raw64", 64, 1_000))
 REPS = 3
 

@@ -261,7 +261,8 @@ class Pipe:
     def __init__(self, endpoint):
         import zmq
         from pyhv.proto import codec
-        self.codec = codec
+        from pyhv.proto.control import CONTROL
+        self.codec, self.channel = codec, CONTROL
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
@@ -269,14 +270,14 @@ class Pipe:
         self.sock.connect(endpoint)
 
     def send(self, msg):
-        self.sock.send_multipart([b"", self.codec.encode(msg)])
+        self.sock.send_multipart([b"", self.codec.encode(msg, self.channel)])
 
     def recv(self, timeout=60.0):
         """The next reply (an Error message is returned, not raised)."""
         if not self.sock.poll(int(timeout * 1000)):
             raise TimeoutError(f"no reply from the supervisor within {timeout:g} s")
         frames = self.sock.recv_multipart()
-        return self.codec.decode(frames[-1])
+        return self.codec.decode(frames[-1], self.channel)
 
     def request(self, msg, timeout=60.0):
         self.send(msg)
@@ -303,7 +304,7 @@ class Supervisor:
                 raise RuntimeError(f"the supervisor did not start (see {self.log_path})")
             time.sleep(0.02)
         self.pipe = Pipe(self.endpoint)
-        from pyhv.proto import messages as m
+        from pyhv.proto import control as m
         self.m = m
         self.pipe.request(m.Ping(), timeout=30)
 

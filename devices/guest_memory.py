@@ -9,20 +9,20 @@ untrusted input.
 import mmap
 import os
 
-MMIO_HOLE_START = 0xC000_0000   # 3 GiB: LAPIC, IOAPIC, debug page, virtio live above
-HIGH_RAM_START = 0x1_0000_0000  # 4 GiB
+from pyhv.proto.errors import HvError
+from pyhv.proto.guest import HIGH_RAM_START, MMIO_HOLE_START, ram_ranges  # noqa: F401
 
 
-class GuestMemoryError(ValueError):
+class GuestMemoryError(HvError):
     """A guest-physical range is not (entirely) guest RAM."""
 
 
 def ram_regions(size):
-    """[(guest_phys_addr, length, memfd_offset)] for a guest of `size` bytes."""
-    low = min(size, MMIO_HOLE_START)
-    regions = [(0, low, 0)]
-    if size > low:
-        regions.append((HIGH_RAM_START, size - low, low))
+    """[(guest_phys_addr, length, memfd_offset)] for a guest of `size` bytes: RAM is one memfd, in order."""
+    regions, offset = [], 0
+    for gpa, length in ram_ranges(size):
+        regions.append((gpa, length, offset))
+        offset += length
     return regions
 
 

@@ -8,21 +8,24 @@ import time
 
 import zmq
 
-from pyhv.proto import codec, messages
-from pyhv.proto.errors import NotResponding, ProtocolError, RequestFailed
+from pyhv.proto import codec
+from pyhv.proto.control import CONTROL
+from pyhv.proto.errors import NotResponding, ProtocolError, from_wire
+from pyhv.proto.messages import Error
 
 
 DEFAULT = object()
 
 
 class Client:
-    def __init__(self, endpoint, timeout=5.0, context=None):
+    def __init__(self, endpoint, timeout=5.0, context=None, channel=CONTROL):
         self.endpoint = endpoint
         self.timeout = timeout
+        self.channel = channel
         self._ctx = context or zmq.Context.instance()
 
     def request(self, msg, timeout=DEFAULT, alive=None):
-        """The reply message to `msg`; raises NotResponding, RequestFailed (an Error reply), ProtocolError.
+        """The reply message to `msg`; raises NotResponding, ProtocolError, or the HvError an Error reply names.
 
         timeout=None waits forever; then `alive()` is asked every second and a
         False answer (the peer is gone) raises NotResponding.
@@ -34,7 +37,7 @@ class Client:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
             sock.connect(self.endpoint)
-            sock.send_multipart([b"", codec.encode(msg)])
+            sock.send_multipart([b"", codec.encode(msg, self.channel)])
             while True:
                 left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if sock.poll(max(0, int(left * 1000))):
@@ -48,7 +51,7 @@ class Client:
             sock.close()
         if len(frames) != 2 or frames[0] != b"":
             raise ProtocolError(f"reply has {len(frames)} frames, expected 2")
-        reply = codec.decode(frames[1])
-        if isinstance(reply, messages.Error):
-            raise RequestFailed(reply.kind, reply.message)
+        reply = codec.decode(frames[1], self.channel)
+        if isinstance(reply, Error):
+            raise from_wire(reply.kind, reply.message)
         return reply

@@ -2,8 +2,9 @@
 
 Envelope: a msgpack map {"v": PROTOCOL_VERSION, "type": TYPE, "fields": {...}}.
 Nested messages (GuestConfig inside Create) are plain field maps, typed by the
-annotation.  decode() raises only ProtocolError, whatever the bytes: every
-peer's input is untrusted.
+annotation.  Every call names the Channel (the socket's set of messages).
+decode() raises only ProtocolError, whatever the bytes: every peer's input is
+untrusted.
 """
 import functools
 import types
@@ -12,26 +13,22 @@ import typing
 import msgpack
 
 from pyhv.proto.errors import ProtocolError
-from pyhv.proto.messages import MESSAGES, Message, to_plain
+from pyhv.proto.messages import Message, to_plain
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20      # also the sockets' ZMQ_MAXMSGSIZE
-_PLAIN_SCALARS = (type(None), bool, int, float, str)
+_PLAIN_SCALARS = (type(None), bool, int, float, str, bytes)
 
 
-def encode(msg, registry=MESSAGES):
-    """msgpack bytes for the message instance `msg` (a class registered in `registry`)."""
-    if registry.get(type(msg).__name__) is not type(msg):
-        raise TypeError(f"not a protocol message: {msg!r}")
+def encode(msg, channel):
+    """msgpack bytes for the message instance `msg` (a top-level message of `channel`)."""
+    if type(msg) not in channel:
+        raise TypeError(f"not a {channel.name} message: {msg!r}")
     return msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.TYPE, "fields": to_plain(msg)})
 
 
-def decode(data, expect=None, registry=MESSAGES, max_bytes=MAX_MESSAGE_BYTES):
-    """The message in `data`; with `expect` (a class or tuple of classes) also check its type.
-
-    `registry` (TYPE -> class) says which messages this channel carries: the
-    control socket's, or a device service's (devices/service.py).
-    """
+def decode(data, channel, expect=None, max_bytes=MAX_MESSAGE_BYTES):
+    """The message of `channel` in `data`; with `expect` (a class or tuple of classes) also check its type."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"a message is bytes, not {type(data).__name__}")
     if len(data) > max_bytes:
@@ -45,13 +42,18 @@ def decode(data, expect=None, registry=MESSAGES, max_bytes=MAX_MESSAGE_BYTES):
     if type(raw["v"]) is not int or raw["v"] != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {_short(raw['v'])} is not supported"
                             f" (this side speaks {PROTOCOL_VERSION})")
-    cls = registry.get(raw["type"]) if isinstance(raw["type"], str) else None
+    cls = channel.get(raw["type"]) if isinstance(raw["type"], str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {_short(raw['type'])}")
     msg = _build(cls, raw["fields"], cls.TYPE)
     if expect is not None and not isinstance(msg, expect):
         raise ProtocolError(f"unexpected message {cls.TYPE}")
     return msg
+
+
+def from_plain(cls, fields):
+    """A message of class `cls` from plain values (e.g. JSON read back from disk), validated like a decoded one."""
+    return _build(cls, fields, cls.TYPE)
 
 
 def _build(cls, fields, where):

@@ -1,23 +1,19 @@
-"""Control messages: one typed class per message that crosses a ZeroMQ socket.
+"""Typed messages: the Message base, the @message decorator, and a Channel per kind of socket.
 
-Every message is a Message subclass with a `TYPE` name; `proto.codec` turns it into
-msgpack and back, checking each field against the annotations here.  Field
-annotations are therefore the wire schema: use only str, int, float, bool,
-dict, list[...], X | None and other message classes.  No msgpack/zmq import
-here: `hvctl run` imports this module and must start fast.
+A message class's annotations are its wire schema (`proto.codec` checks each
+field against them on receipt): use only str, int, float, bool, bytes, dict,
+dict[K, V], list[...], X | None and other message classes.  A Channel names
+the top-level messages one socket carries (the control socket's, a device
+service's, the spawn socket's), so a message of one channel is never accepted
+on another.  No msgpack/zmq import here: `hvctl run` imports this module and
+must start fast.
 """
-MESSAGES = {}   # TYPE -> class
-
-BOOT_MODES = ("linux", "raw16", "raw32", "raw64", "user64")
-COMPAT_PROFILES = ("nested", "none")
-STATES = ("created", "running", "paused", "stopped", "failed")
-DEFAULT_MEM_BYTES = 128 << 20
 
 
 class Message:
     """Base of every message: construction, equality and repr from the class's field annotations.
 
-    Not dataclasses: generating 18 of them (and importing inspect) took
+    Not dataclasses: generating dozens of them (and importing inspect) took
     longer than booting a guest, and `hvctl run` imports this module.
     """
     TYPE = None
@@ -46,10 +42,9 @@ class Message:
     def __repr__(self):
         return f"{self.TYPE}({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
 
-
-def fields(msg_or_cls):
-    """Field names of a message class or instance, in declaration order."""
-    return msg_or_cls.FIELDS
+    def replace(self, **changes):
+        """A copy with some fields changed."""
+        return type(self)(**{**{n: getattr(self, n) for n in self.FIELDS}, **changes})
 
 
 def to_plain(value):
@@ -64,145 +59,39 @@ def to_plain(value):
 
 
 def message(cls):
-    """Register `cls` (TYPE = its class name); its annotations are its fields, class attributes its defaults."""
+    """Make `cls` a message (TYPE = its class name): its annotations are its fields, class attributes its defaults."""
     annotations = cls.__dict__.get("__annotations__", {})
     cls.FIELDS = tuple(annotations)
     cls.DEFAULTS = {n: cls.__dict__[n] for n in cls.FIELDS if n in cls.__dict__}
     for n in cls.DEFAULTS:
         delattr(cls, n)
     cls.TYPE = cls.__name__
-    MESSAGES[cls.TYPE] = cls
     return cls
 
 
-# --- guest description -----------------------------------------------------
+class Channel:
+    """The top-level messages one kind of socket carries; use an instance as a class decorator."""
 
-@message
-class GuestConfig(Message):
-    """Everything needed to build one guest (the options of `hvctl run`/`create`)."""
-    name: str
-    kernel: str                      # absolute path, checked readable before use
-    boot: str = "linux"              # one of BOOT_MODES
-    load_addr: int | None = None     # None: 0x7C00 for raw16, 0x100000 otherwise
-    initrd: str | None = None
-    cmdline: str = ""
-    mem_bytes: int = DEFAULT_MEM_BYTES
-    vcpus: int = 1
-    disks: list[str] = list          # factory: a fresh list per instance
-    timeout: float | None = None     # seconds; past it the guest ends with 124
-    pin: list[int] = list            # host CPUs; vCPU i runs on pin[i % len(pin)]; empty: unpinned
-    compat: str = "nested"           # compatibility profile: "nested" (default) or "none"
-    rng: bool = False                # a virtio-rng PCI device (virtio-pci, MSI-X)
-    vconsole: bool = False           # a virtio-console PCI device (/dev/hvc0), host side on a unix socket
-    nets: list[str] = list           # virtio-net NICs: "tap:IFNAME,mac=MAC" or "switch:NAME,mac=MAC"
+    def __init__(self, name, *shared):
+        self.name = name
+        self.types = {}             # TYPE -> class
+        for cls in shared:
+            self.types[cls.TYPE] = cls
 
+    def __call__(self, cls):
+        if cls.__dict__.get("TYPE") != cls.__name__:     # not yet a message (shared ones already are)
+            cls = message(cls)
+        self.types[cls.TYPE] = cls
+        return cls
 
-@message
-class GuestInfo(Message):
-    """A guest as the supervisor sees it (reply to Create/Start/Stop/Info/Wait...)."""
-    name: str
-    state: str                       # one of STATES
-    vcpus: int
-    mem_bytes: int
-    exit_status: int | None          # None until stopped/failed
-    reason: str                      # why it stopped, or ""
-    pids: dict[str, int]             # process role -> pid, e.g. {"worker": 1234}
-    config: GuestConfig
-    console_log: str                 # path of the console log file
-    console_sock: str                # unix socket for `hvctl console`
-    devices: dict = dict             # running guests: device name -> {state, pid, restarts, reason}; switches too
+    def get(self, type_name):
+        return self.types.get(type_name)
 
-    def to_json(self):
-        """The object `hvctl info/list --json` prints (interface.md)."""
-        return to_plain(self)
+    def __contains__(self, cls):
+        return self.types.get(getattr(cls, "TYPE", None)) is cls
 
 
-# --- requests (hvctl -> supervisor; the guest-control ones also supervisor -> worker) ---
-
-@message
-class Ping(Message):
-    """Is a supervisor (or worker) answering on this socket?"""
-
-
-@message
-class Create(Message):
-    config: GuestConfig
-
-
-@message
-class Start(Message):
-    name: str
-
-
-@message
-class Stop(Message):
-    """End the guest: Outcome 143 "stopped by request"."""
-    name: str
-
-
-@message
-class Pause(Message):
-    name: str
-
-
-@message
-class Resume(Message):
-    name: str
-
-
-@message
-class Destroy(Message):
-    """Stop the guest if needed and forget it (runtime files included)."""
-    name: str
-
-
-@message
-class List(Message):
-    """All guests (reply: GuestList)."""
-
-
-@message
-class Info(Message):
-    name: str
-
-
-@message
-class Wait(Message):
-    """Reply (GuestInfo) deferred until the guest is stopped or failed."""
-    name: str
-
-
-@message
-class Stats(Message):
-    name: str
-
-
-@message
-class SpawnService(Message):
-    """Worker -> supervisor on RUNTIME/services.sock, with the fds in SCM_RIGHTS: start a device service.
-
-    `args` are `python -m pyhv.devices.service` options; the fd-valued ones
-    (--mem-fd, --lifeline, --notify-fds, --irq-fds) name the worker's fd
-    numbers, `fds` lists those numbers in the order the fds were sent.
-    """
-    guest: str
-    args: list[str]
-    fds: list[int]
-
-
-@message
-class ServiceSpawned(Message):
-    """Reply to SpawnService; the service's pidfd travels with it (SCM_RIGHTS)."""
-    pid: int
-
-
-@message
-class DeviceStatus(Message):
-    """Supervisor -> worker: each device service's state, pid, restarts and failure reason (StatsReply)."""
-    name: str
-
-
-# --- replies ---------------------------------------------------------------
+# --- the replies every channel shares ---------------------------------------------
 
 @message
 class Ok(Message):
@@ -211,23 +100,11 @@ class Ok(Message):
 
 @message
 class Error(Message):
-    """A request failed; `kind` is one of proto.errors.KINDS, `message` one line for the user."""
+    """A request failed: `kind` is one of proto.errors.KINDS, `message` one line for the user."""
     kind: str
     message: str
 
-
-@message
-class Pong(Message):
-    pid: int
-    runtime_dir: str
-
-
-@message
-class GuestList(Message):
-    guests: list[GuestInfo]
-
-
-@message
-class StatsReply(Message):
-    """Machine.stats() from the worker, plus host CPU/memory added by the supervisor."""
-    stats: dict
+    @classmethod
+    def of(cls, error):
+        """The Error reply for an HvError."""
+        return cls(error.kind, str(error))

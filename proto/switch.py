@@ -1,4 +1,4 @@
-"""The virtual switch's wire format: what a NIC port and a switch (devices/net_switch.py) exchange over ZeroMQ.
+"""The virtual switch's wire format: what a NIC port and a switch (devices/net/switch.py) exchange over ZeroMQ.
 
 The switch is a ROUTER, each port a DEALER.  A message is two frames:
 [TAG, payload].  TAG is b"pyhv-sw" + version byte + kind byte:
@@ -10,6 +10,8 @@ Frames are data, not control, so they are not msgpack messages; the tag
 versions them and `decode` validates every message, whatever the bytes.
 """
 
+from pyhv.proto.errors import ProtocolError
+
 VERSION = 1
 _PREFIX = b"pyhv-sw" + bytes([VERSION])
 FRAME_TAG = _PREFIX + b"F"
@@ -19,7 +21,7 @@ HELLO_INTERVAL = 1.0            # seconds between a port's hellos
 PORT_TIMEOUT = 5.0              # a port not heard from for this long is forgotten
 
 
-class BadSwitchMessage(ValueError):
+class BadSwitchMessage(ProtocolError):
     """Not a switch message of this version (dropped and counted by the receiver)."""
 
 
@@ -43,12 +45,3 @@ def decode(parts):
     if tag == HELLO_TAG:
         return "hello", b""
     raise BadSwitchMessage(f"unknown tag {bytes(tag[:16])!r}")
-
-
-def endpoint(runtime_dir, name):
-    """The switch NAME's ZeroMQ endpoint under a runtime dir."""
-    return f"ipc://{runtime_dir}/switch-{name}.sock"
-
-
-def lock_path(runtime_dir, name):
-    return f"{runtime_dir}/switch-{name}.lock"

@@ -18,3 +18,11 @@ if not os.path.isdir(os.path.join(_here, "proto")):
 def import_root():
     """The directory to put on PYTHONPATH so that a child process finds this pyhv (`python -m pyhv....`)."""
     return os.path.dirname(_here)
+
+
+def __getattr__(name):
+    """`from pyhv import Client`: the Python API (supervisor/api.py), imported only when asked for."""
+    if name == "Client":
+        from pyhv.supervisor.api import Client
+        return Client
+    raise AttributeError(f"module 'pyhv' has no attribute {name!r}")

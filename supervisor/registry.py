@@ -1,10 +1,9 @@
 """The guest registry: each guest's config, state, exit status, processes and runtime files.
 
 States: created -> running <-> paused -> stopped | failed (and back to running
-on start).  Each guest's record is saved to RUNTIME_DIR/guests/NAME/guest.json
-on every change, so a restarted supervisor still lists the guests it had; a
-guest that was running then is marked failed (its worker died with the
-supervisor).
+on start).  Each guest's record is saved to its guest.json on every change,
+so a restarted supervisor still lists the guests it had; a guest that was
+running then is marked failed (its worker died with the supervisor).
 """
 import json
 import os
@@ -12,17 +11,18 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
-from pyhv.proto import errors
-from pyhv.proto.errors import RequestFailed
-from pyhv.proto.messages import GuestConfig, GuestInfo, to_plain
-
-UNIX_PATH_MAX = 107
+from pyhv.proto import codec
+from pyhv.proto.control import GuestInfo
+from pyhv.proto.errors import BadState, EXIT_VM_FAILED, HvError, NoSuchGuest, UserError
+from pyhv.proto.guest import GuestConfig
+from pyhv.proto.messages import to_plain
+from pyhv.proto.runtime import UNIX_PATH_MAX
 
 
 @dataclass
 class Guest:
     config: GuestConfig
-    dir: str
+    files: object                     # its proto.runtime.GuestDir
     state: str = "created"
     exit_status: int | None = None
     reason: str = ""
@@ -37,12 +37,9 @@ class Guest:
     def name(self):
         return self.config.name
 
-    def path(self, leaf):
-        return os.path.join(self.dir, leaf)
-
     @property
-    def control(self):
-        return "ipc://" + self.path("worker.sock")
+    def dir(self):
+        return self.files.path
 
     @property
     def live(self):
@@ -54,8 +51,7 @@ class Guest:
             name=self.name, state=self.state, vcpus=self.config.vcpus,
             mem_bytes=self.config.mem_bytes, exit_status=self.exit_status, reason=self.reason,
             pids={"worker": self.proc.pid} if self.proc else {},
-            config=self.config, console_log=self.path("console.log"),
-            console_sock=self.path("console.sock"))
+            config=self.config, console_log=self.files.console_log, console_sock=self.files.console_sock)
 
     def set_state(self, state, exit_status=None, reason=""):
         self.state, self.exit_status, self.reason = state, exit_status, reason
@@ -64,33 +60,50 @@ class Guest:
     def save(self):
         record = {"config": to_plain(self.config), "state": self.state,
                   "exit_status": self.exit_status, "reason": self.reason}
-        tmp = self.path("guest.json.tmp")
+        tmp = self.files.record + ".tmp"
         with open(tmp, "w") as f:
             json.dump(record, f)
-        os.replace(tmp, self.path("guest.json"))
+        os.replace(tmp, self.files.record)
+
+
+def _config_from_record(plain):
+    """A GuestConfig from guest.json, including records written before devices were DeviceSpecs."""
+    plain = dict(plain)
+    if "devices" not in plain:
+        devices = ([{"kind": "rng", "options": {}}] if plain.pop("rng", False) else [])
+        for d in plain.pop("disks", []):
+            path, _, opt = d.rpartition(",")
+            devices.append({"kind": "blk", "options": {"path": path, "ro": "1"} if opt == "ro" else {"path": d}})
+        if plain.pop("vconsole", False):
+            devices.append({"kind": "console", "options": {}})
+        for n in plain.pop("nets", []):
+            port, _, mac = n.partition(",mac=")
+            devices.append({"kind": "net", "options": {"port": port, "mac": mac}})
+        plain["devices"] = devices
+    return codec.from_plain(GuestConfig, plain)
 
 
 class Registry:
-    def __init__(self, runtime_dir):
-        self.root = os.path.join(runtime_dir, "guests")
-        os.makedirs(self.root, exist_ok=True)
+    def __init__(self, runtime):
+        self.runtime = runtime             # proto.runtime.RuntimeDir
+        os.makedirs(runtime.guests, exist_ok=True)
         self.guests = {}
-        for name in sorted(os.listdir(self.root)):
+        for name in sorted(os.listdir(runtime.guests)):
             self._load(name)
 
     def _load(self, name):
-        d = os.path.join(self.root, name)
+        files = self.runtime.guest(name)
         try:
-            with open(os.path.join(d, "guest.json")) as f:
+            with open(files.record) as f:
                 record = json.load(f)
-            g = Guest(GuestConfig(**record["config"]), d, record["state"],
+            g = Guest(_config_from_record(record["config"]), files, record["state"],
                       record["exit_status"], record["reason"])
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            print(f"supervisor: ignoring unreadable guest record in {d}: {e}", file=sys.stderr)
+        except (OSError, ValueError, TypeError, KeyError, HvError) as e:
+            print(f"supervisor: ignoring unreadable guest record in {files.path}: {e}", file=sys.stderr)
             return
         self.guests[g.name] = g
         if g.live:
-            g.set_state("failed", 70, "the supervisor exited while the guest was running")
+            g.set_state("failed", EXIT_VM_FAILED, "the supervisor exited while the guest was running")
 
     def __iter__(self):
         return iter(list(self.guests.values()))
@@ -99,20 +112,21 @@ class Registry:
         try:
             return self.guests[name]
         except KeyError:
-            raise RequestFailed(errors.NO_SUCH_GUEST, f"no such guest: {name}") from None
+            raise NoSuchGuest(f"no such guest: {name}") from None
 
     def add(self, config):
         if config.name in self.guests:
-            raise RequestFailed(errors.BAD_STATE, f"guest {config.name} already exists (destroy it first)")
-        d = os.path.join(self.root, config.name)
-        if len(os.path.join(d, "console.sock")) > UNIX_PATH_MAX:
-            raise RequestFailed(errors.BAD_ARGUMENT, f"runtime dir path is too long for unix sockets: {self.root}")
-        shutil.rmtree(d, ignore_errors=True)
-        os.makedirs(d)
-        g = self.guests[config.name] = Guest(config, d)
+            raise BadState(f"guest {config.name} already exists (destroy it first)")
+        files = self.runtime.guest(config.name)
+        if len(files.longest_socket()) > UNIX_PATH_MAX:
+            raise UserError(f"runtime dir path is too long for unix sockets: {self.runtime.path}")
+        shutil.rmtree(files.path, ignore_errors=True)
+        os.makedirs(files.path)
+        g = self.guests[config.name] = Guest(config, files)
         g.save()
         return g
 
     def remove(self, guest):
         del self.guests[guest.name]
         shutil.rmtree(guest.dir, ignore_errors=True)
+

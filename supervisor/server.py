@@ -1,15 +1,15 @@
-"""The supervisor: a ZeroMQ ROUTER loop on ipc://RUNTIME_DIR/control.sock that runs guests.
+"""The supervisor: a ZeroMQ ROUTER on RUNTIME/control.sock that runs guests, one handler per request type.
 
-One thread.  Each turn of the loop answers the requests that arrived, takes
-the zygote's answers (a Start is answered once its worker exists, so a
-burst of Starts is served while the zygote forks) and polls the workers
-(waitpid by pid: they are our children, forked by the zygote or spawned
-directly, see spawn.py) so a worker's exit is noticed within TICK seconds.
-Requests are validated on receipt; bad input gets an Error reply and never
-stops the loop.  `wait` and `stop` replies are deferred until the guest
-ends; any request other than Create, Start and Ping first waits for the
-starts in flight, so it sees every earlier Start done.  Pause/resume/stop/stats are forwarded to the guest's
-worker with a timeout.
+One thread, one EventLoop: requests from hvctl, the zygote's answers (a
+Start is answered once its worker exists, so a burst of Starts is served
+while the zygote forks), workers' device-service requests, and a TICK timer
+that polls the workers (waitpid by pid: they are our children, forked by the
+zygote or spawned directly, see spawn.py) so a worker's exit is noticed
+within TICK seconds.  Requests are validated on receipt; bad input gets an
+Error reply and never stops the loop.  `wait` and `stop` replies are
+deferred until the guest ends; any request other than Create, Start and Ping
+first waits for the starts in flight, so it sees every earlier Start done.
+Pause/resume/stop/stats are forwarded to the guest's worker with a timeout.
 """
 import fcntl
 import os
@@ -20,13 +20,18 @@ import traceback
 
 import zmq
 
-from pyhv.proto import codec, errors, messages as m
+from pyhv.devices.loop import EventLoop
+from pyhv.devices.virtio import kinds
+from pyhv.proto import codec, control as m
 from pyhv.proto.client import Client
-from pyhv.proto.errors import NotResponding, ProtocolError, RequestFailed
+from pyhv.proto.errors import BadState, HvError, InternalError, NotResponding, PeerFailed, ProtocolError, UserError
+from pyhv.proto.messages import Error, Ok
+from pyhv.proto.runtime import UNIX_PATH_MAX, RuntimeDir
 from pyhv.supervisor import spawn
-from pyhv.supervisor.config import ConfigError, parse_net, validate
-from pyhv.supervisor.registry import UNIX_PATH_MAX, Registry
+from pyhv.supervisor.config import validate
+from pyhv.supervisor.registry import Registry
 from pyhv.supervisor.services import ServiceLauncher
+from pyhv.supervisor.stats import process_stats
 from pyhv.supervisor.switches import Switches
 
 TICK = 0.05             # seconds between worker polls
@@ -35,24 +40,25 @@ STOP_GRACE = 3.0        # seconds a worker gets to exit after Stop before SIGKIL
 SWITCH_WATCH = 0.5      # seconds between checks of the net switch processes
 
 
-class AlreadyRunning(RuntimeError):
+class AlreadyRunning(HvError):
     """Another supervisor holds this runtime dir."""
 
 
 class Server:
     def __init__(self, runtime_dir):
-        self.dir = os.path.abspath(runtime_dir)
-        self.sock_path = os.path.join(self.dir, "control.sock")
-        if len(self.sock_path) > UNIX_PATH_MAX:
-            raise ConfigError(f"runtime dir path is too long for unix sockets: {self.dir}")
+        self.runtime = RuntimeDir(runtime_dir)
+        self.dir = self.runtime.path
+        if len(self.runtime.control_sock) > UNIX_PATH_MAX:
+            raise UserError(f"runtime dir path is too long for unix sockets: {self.dir}")
         os.makedirs(self.dir, exist_ok=True)
         self._lock = self._take_lock()
-        self.registry = Registry(self.dir)
+        self.registry = Registry(self.runtime)
         self.ctx = zmq.Context()
         self.spawner = spawn.Spawner()
-        self.switches = Switches(self.dir)
+        self.switches = Switches(self.runtime)
         self._next_switch_watch = 0.0
-        self.running = True
+        self.loop = EventLoop("supervisor")
+        self._zygote_fd = None
         self.handlers = {m.Ping: self.ping, m.Create: self.create, m.Start: self.start,
                          m.Stop: self.stop, m.Pause: self.pause, m.Resume: self.resume,
                          m.Destroy: self.destroy, m.List: self.list, m.Info: self.info,
@@ -60,7 +66,7 @@ class Server:
 
     def _take_lock(self):
         """One supervisor per runtime dir: an flock held for our lifetime (pid inside)."""
-        fd = os.open(os.path.join(self.dir, "supervisor.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.runtime.supervisor_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -75,63 +81,71 @@ class Server:
 
     def serve(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: setattr(self, "running", False))
+            signal.signal(sig, lambda *_: self.loop.stop())
         try:
-            os.unlink(self.sock_path)     # stale: the lock says nobody serves it
+            os.unlink(self.runtime.control_sock)     # stale: the lock says nobody serves it
         except FileNotFoundError:
             pass
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind("ipc://" + self.sock_path)
-        self.services = ServiceLauncher(self.dir, self.registry)
+        self.sock.bind(self.runtime.control_endpoint)
+        self.services = ServiceLauncher(self.runtime, self.registry)
         self.spawner.start()             # the zygote warms up while we already serve
-        print(f"supervisor: pid {os.getpid()} serving ipc://{self.sock_path}", file=sys.stderr, flush=True)
+        self.loop.add_socket(self.sock, self._on_request)
+        self.loop.add(self.services.fileno(), self.services.serve)
+        self.loop.every(TICK, self._watch)
+        self._sync_zygote()
+        print(f"supervisor: pid {os.getpid()} serving {self.runtime.control_endpoint}", file=sys.stderr, flush=True)
         try:
-            while self.running:
-                items = [(self.sock, zmq.POLLIN), (self.services.fileno(), zmq.POLLIN)]
-                zfd = self.spawner.fileno()
-                if zfd is not None:
-                    items.append((zfd, zmq.POLLIN))
-                ready = zmq.zmq_poll(items, int(TICK * 1000))
-                if any(s is self.sock for s, _ in ready):
-                    while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                        self._on_frames(self.sock.recv_multipart())
-                if zfd is not None and any(s == zfd for s, _ in ready):
-                    self.spawner.collect()
-                if any(s == self.services.fileno() for s, _ in ready):
-                    self.services.serve()
-                self._watch()
+            self.loop.run()
         finally:
             self._shutdown()
 
-    def _on_frames(self, frames):
+    def _sync_zygote(self):
+        """Watch the current zygote's socket (it changes when a zygote is dropped and restarted)."""
+        z = self.spawner.zygote
+        fd = z.fileno() if z is not None else None
+        if fd != self._zygote_fd:
+            if self._zygote_fd is not None:
+                self.loop.remove(self._zygote_fd)
+            if fd is not None:
+                self.loop.add(fd, self._on_zygote)
+            self._zygote_fd = fd
+
+    def _on_zygote(self):
+        self.spawner.collect()
+        self._sync_zygote()
+
+    def _on_request(self):
+        try:
+            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
         envelope, body = frames[:1], frames[1:]
         if body and body[0] == b"":
             envelope, body = envelope + [b""], body[1:]
         try:
             if len(body) != 1:
                 raise ProtocolError(f"expected one message frame, got {len(body)}")
-            msg = codec.decode(body[0])
+            msg = codec.decode(body[0], m.CONTROL)
             handler = self.handlers.get(type(msg))
             if handler is None:
                 raise ProtocolError(f"{msg.TYPE} is not a request")
             if type(msg) not in (m.Create, m.Start, m.Ping):
                 self.spawner.drain()
             reply = handler(msg, envelope)
-        except ProtocolError as e:
-            reply = m.Error(errors.PROTOCOL, str(e))
-        except RequestFailed as e:
-            reply = m.Error(e.kind, str(e))
+        except HvError as e:
+            reply = Error.of(e)
         except Exception as e:
             traceback.print_exc()
-            reply = m.Error(errors.INTERNAL, f"supervisor error: {type(e).__name__}: {e}")
+            reply = Error.of(InternalError(f"supervisor error: {type(e).__name__}: {e}"))
         if reply is not None:          # None: deferred (wait/stop)
             self._reply(envelope, reply)
 
     def _reply(self, envelope, msg):
         try:
-            self.sock.send_multipart(envelope + [codec.encode(msg)], zmq.NOBLOCK)
+            self.sock.send_multipart(envelope + [codec.encode(msg, m.CONTROL)], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass                        # the client went away: nothing to tell
 
@@ -148,10 +162,11 @@ class Server:
                 g.proc.kill()
                 g.kill_at = None
         self.spawner.watch()
+        self._sync_zygote()
         self.services.watch()
         if now >= self._next_switch_watch:       # restart dead switches that running guests use
             self._next_switch_watch = now + SWITCH_WATCH
-            self.switches.watch({s for g in self.registry if g.proc is not None for s in _switch_names(g.config)})
+            self.switches.watch({s for g in self.registry if g.proc is not None for s in kinds.switches(g.config.devices)})
 
     def _finished(self, g, returncode):
         g.set_state(*spawn.read_outcome(g, returncode))
@@ -181,69 +196,65 @@ class Server:
         self.switches.close()
         self.sock.close()
         try:
-            os.unlink(self.sock_path)
+            os.unlink(self.runtime.control_sock)
         except FileNotFoundError:
             pass
         self.ctx.term()
+        self.loop.close()
         print("supervisor: exited", file=sys.stderr, flush=True)
 
     # --- requests ------------------------------------------------------------
 
-    def _worker(self, g, msg, expect=m.Ok):
-        """Forward `msg` to the guest's worker; its reply (of type `expect`), or RequestFailed."""
+    def _worker(self, g, msg, expect=Ok):
+        """Forward `msg` to the guest's worker; its reply (of type `expect`), or an HvError."""
         if g.proc is None or g.proc.poll() is not None:
-            raise RequestFailed(errors.BAD_STATE, f"guest {g.name} is not running (state {g.state})")
+            raise BadState(f"guest {g.name} is not running (state {g.state})")
         try:
-            reply = Client(g.control, WORKER_TIMEOUT, self.ctx).request(msg)
+            reply = Client(g.files.worker_endpoint, WORKER_TIMEOUT, self.ctx).request(msg)
         except NotResponding:
-            raise RequestFailed(errors.WORKER, f"guest {g.name}: worker not responding") from None
-        except RequestFailed as e:
-            raise RequestFailed(errors.WORKER, f"guest {g.name}: {e}") from None
+            raise PeerFailed(f"guest {g.name}: worker not responding") from None
         except ProtocolError as e:
-            raise RequestFailed(errors.WORKER, f"guest {g.name}: bad reply from worker: {e}") from None
+            raise PeerFailed(f"guest {g.name}: bad reply from worker: {e}") from None
+        except HvError as e:
+            raise PeerFailed(f"guest {g.name}: {e}") from None
         if not isinstance(reply, expect):
-            raise RequestFailed(errors.WORKER, f"guest {g.name}: unexpected {reply.TYPE} reply from worker")
+            raise PeerFailed(f"guest {g.name}: unexpected {reply.TYPE} reply from worker")
         return reply
 
     def _need_state(self, g, *states):
         if g.state not in states:
-            raise RequestFailed(errors.BAD_STATE, f"guest {g.name} is {g.state}, not {' or '.join(states)}")
+            raise BadState(f"guest {g.name} is {g.state}, not {' or '.join(states)}")
 
     def ping(self, msg, envelope):
         return m.Pong(os.getpid(), self.dir)
 
     def create(self, msg, envelope):
-        try:
-            validate(msg.config)
-        except ConfigError as e:
-            raise RequestFailed(errors.BAD_ARGUMENT, str(e)) from None
+        validate(msg.config)
         return self.registry.add(msg.config).info()
 
     def start(self, msg, envelope):
         g = self.registry.get(msg.name)
         if g.starting:
-            raise RequestFailed(errors.BAD_STATE, f"guest {g.name} is being started")
+            raise BadState(f"guest {g.name} is being started")
         self._need_state(g, "created", "stopped", "failed")
-        try:
-            validate(g.config)          # the kernel file may have gone since create
-        except ConfigError as e:
-            raise RequestFailed(errors.BAD_ARGUMENT, str(e)) from None
+        validate(g.config)              # the kernel file may have gone since create
 
         def done(error):
             g.starting = False
             if error is not None:
-                self._reply(envelope, m.Error(errors.INTERNAL, f"cannot start guest {g.name}: {error}"))
+                self._reply(envelope, Error.of(InternalError(f"cannot start guest {g.name}: {error}")))
                 return
             g.set_state("running")
             self._reply(envelope, g.info())
 
-        for name in _switch_names(g.config):
+        for name in kinds.switches(g.config.devices):
             try:
                 self.switches.ensure(name)
             except OSError as e:
-                raise RequestFailed(errors.INTERNAL, f"cannot start switch {name} for guest {g.name}: {e}") from None
+                raise InternalError(f"cannot start switch {name} for guest {g.name}: {e}") from None
         g.starting = True
         self.spawner.start_worker(g, done)      # done() now (direct spawn) or when the zygote answers
+        self._sync_zygote()
         return None
 
     def stop(self, msg, envelope):
@@ -254,7 +265,7 @@ class Server:
         try:
             self._worker(g, m.Stop(g.name))
             g.kill_at = time.monotonic() + STOP_GRACE
-        except RequestFailed:
+        except HvError:
             g.kill_at = time.monotonic()     # worker hung: kill it on the next tick
         g.waiters.append(envelope)
         return None
@@ -278,7 +289,7 @@ class Server:
         if g.proc is not None:
             self._kill_now(g, "stopped by request (destroyed)")
         self.registry.remove(g)
-        return m.Ok()
+        return Ok()
 
     def list(self, msg, envelope):
         return m.GuestList([g.info() for g in self.registry])
@@ -291,18 +302,18 @@ class Server:
         if g.proc is not None and g.proc.poll() is None:
             try:
                 devices = self._worker(g, m.DeviceStatus(g.name), m.StatsReply).stats
-            except RequestFailed as e:
+            except HvError as e:
                 devices = {"worker": {"state": "not responding", "reason": str(e)}}
             info.devices = devices
             info.pids.update({f"device:{n}": d["pid"] for n, d in devices.items() if isinstance(d.get("pid"), int)})
-        for name in _switch_names(g.config):
+        for name in kinds.switches(g.config.devices):
             info.devices[f"switch:{name}"] = self.switches.status(name)
         return info
 
     def wait(self, msg, envelope):
         g = self.registry.get(msg.name)
         if g.state == "created":
-            raise RequestFailed(errors.BAD_STATE, f"guest {g.name} has not been started")
+            raise BadState(f"guest {g.name} has not been started")
         if g.proc is None:
             return g.info()
         g.waiters.append(envelope)
@@ -314,12 +325,8 @@ class Server:
         pids = {"worker": g.proc.pid, "supervisor": os.getpid()}
         if self.spawner.zygote_pid is not None:
             pids["zygote"] = self.spawner.zygote_pid
-        stats["host"] = spawn.process_stats(pids)
+        stats["host"] = process_stats(pids)
         return m.StatsReply(stats)
-
-
-def _switch_names(config):
-    return [name for kind, name, _ in map(parse_net, config.nets) if kind == "switch"]
 
 
 def serve(runtime_dir):

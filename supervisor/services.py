@@ -1,44 +1,37 @@
 """Device services of supervised guests: started here at their worker's request, reaped and logged here.
 
-A worker asks on RUNTIME/services.sock (unix SEQPACKET: one SpawnService
-message with its fds in SCM_RIGHTS per connection; see
-devices/virtio/launch.py for why the fds come from the worker).  A request
+A worker asks on RUNTIME/services.sock (unix SEQPACKET, one SpawnService per
+connection with its fds in SCM_RIGHTS, vcpu_worker/launchers.py).  A request
 is served only if its sender is the running worker of the guest it names
-(SO_PEERCRED), its options are `pyhv.devices.service` options, and every fd
-option names one of the fds it sent.  The service starts in its own session
-with the guest's worker log as stderr; the reply carries its pid and a
-pidfd.  Its exit status goes to the supervisor's log.  Services also exit by
-themselves when their worker dies (the lifeline pipe), and whatever is left
-when a guest ends is killed.
+(SO_PEERCRED) and the device it names is one of that guest's; what the
+service does (its kind, options, endpoints, memory size) comes from the
+supervisor's own copy of the guest's config, never from the request, and the
+fds must be exactly the ones the device's roles need.  The service starts in
+its own session with the guest's worker log as stderr; the reply carries its
+pid and a pidfd.  Its exit status goes to the supervisor's log.  Services
+also exit by themselves when their worker dies (the lifeline pipe), and
+whatever is left when a guest ends is killed.
 """
-import array
 import os
 import signal
 import socket
 import subprocess
 import sys
 
-from pyhv.proto import codec, messages as m
-from pyhv.proto.errors import ProtocolError
-from pyhv.supervisor.spawn import REPO_ROOT, child_env
+from pyhv.devices.virtio import kinds
+from pyhv.proto import codec, device_service as ds, runtime
+from pyhv.proto.errors import HvError, UserError
+from pyhv.proto.messages import Error
+from pyhv.vcpu_worker.launchers import service_command
 
 MAX_REQUEST = 64 << 10
 MAX_FDS = 64
-DEVICES = ("rng", "blk", "console", "net")
-FD_OPTIONS = ("--mem-fd", "--lifeline")
-FD_LIST_OPTIONS = ("--notify-fds", "--irq-fds")
-VALUE_OPTIONS = ("--device", "--mem-size", "--control", "--events", "--disk", "--console-sock", "--console-log",
-                 "--net", "--mac", "--switch-dir", "--switch-name") + FD_OPTIONS + FD_LIST_OPTIONS
-
-
-class BadRequest(ValueError):
-    """A SpawnService that is refused; the message goes back in the Error reply."""
 
 
 class ServiceLauncher:
     def __init__(self, runtime_dir, registry):
         self.registry = registry
-        self.path = os.path.join(runtime_dir, "services.sock")
+        self.path = runtime_dir.services_sock
         try:
             os.unlink(self.path)        # stale: the supervisor lock says nobody serves it
         except FileNotFoundError:
@@ -67,21 +60,18 @@ class ServiceLauncher:
     def _serve_one(self, conn):
         fds = []
         try:
-            data, anc, _, _ = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS), socket.MSG_CMSG_CLOEXEC)
-            fds = [fd for level, kind, raw in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-                   for fd in array.array("i", raw[:len(raw) - len(raw) % 4])]
+            data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
             reply_fds = []
             try:
-                msg = codec.decode(data, expect=m.SpawnService)
+                msg = codec.decode(data, ds.SPAWN, expect=ds.SpawnService)
                 pid, pidfd = self._spawn(conn, msg, fds)
-                reply, reply_fds = m.ServiceSpawned(pid), [pidfd]
-            except (ProtocolError, BadRequest, OSError) as e:
+                reply, reply_fds = ds.ServiceSpawned(pid), [pidfd]
+            except (HvError, OSError) as e:
                 self.refused += 1
-                reply = m.Error("bad-argument", f"cannot start the device service: {e}")
+                reply = Error.of(UserError(f"cannot start the device service: {e}"))
                 print(f"supervisor: refused a device service request: {e}", file=sys.stderr, flush=True)
             try:
-                conn.sendmsg([codec.encode(reply)],
-                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", reply_fds))] if reply_fds else [])
+                socket.send_fds(conn, [codec.encode(reply, ds.SPAWN)], reply_fds)
             finally:
                 for fd in reply_fds:
                     os.close(fd)
@@ -93,14 +83,20 @@ class ServiceLauncher:
 
     def _spawn(self, conn, msg, fds):
         g = self._guest_of(conn, msg.guest)
-        if len(msg.fds) != len(fds):
-            raise BadRequest(f"{len(fds)} fds received, the request names {len(msg.fds)}")
-        mine = dict(zip(msg.fds, fds))                  # worker's number -> ours
-        args = _checked_args(msg.args, mine)
-        with open(g.path("worker.log"), "ab") as log:
-            p = subprocess.Popen([sys.executable, "-m", "pyhv.devices.service", *args], pass_fds=fds,
-                                 start_new_session=True, cwd=REPO_ROOT, env=child_env(),
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+        names = {name: kind for name, kind, _ in kinds.named(g.config.devices)}
+        if msg.device not in names:
+            raise UserError(f"guest {g.name} has no device {msg.device!r}")
+        nq = names[msg.device].model_class().num_queues
+        if msg.fds != ds.ServiceFds.positions(nq, nq + 1) or len(fds) != 2 + 2 * nq + 1:
+            raise UserError(f"{len(fds)} fds in the wrong roles for {msg.device} ({nq} queues)")
+        if not 1 <= msg.incarnation <= 1 << 20:
+            raise UserError(f"bad incarnation {msg.incarnation}")
+        theirs = msg.fds.renumbered(fds)
+        spec = kinds.service_spec(g.config.devices, msg.device, g.files, g.config.mem_bytes, msg.incarnation, theirs)
+        with open(g.files.worker_log, "ab") as log:
+            p = subprocess.Popen(service_command(spec), pass_fds=fds, start_new_session=True, cwd="/",
+                                 env=runtime.child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=log)
         self.procs.setdefault(g.name, []).append(p)
         self.started += 1
         return p.pid, os.pidfd_open(p.pid)
@@ -108,12 +104,9 @@ class ServiceLauncher:
     def _guest_of(self, conn, name):
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         pid = int.from_bytes(creds[:4], "little")
-        try:
-            g = self.registry.get(name)
-        except Exception:
-            raise BadRequest(f"no guest {name!r}") from None
+        g = self.registry.get(name)
         if g.proc is None or g.proc.pid != pid:
-            raise BadRequest(f"pid {pid} is not the worker of guest {name}")
+            raise UserError(f"pid {pid} is not the worker of guest {name}")
         return g
 
     def watch(self):
@@ -146,32 +139,3 @@ class ServiceLauncher:
             os.unlink(self.path)
         except OSError:
             pass
-
-
-def _checked_args(args, mine):
-    """The service's options with the worker's fd numbers replaced by ours; BadRequest if anything is off."""
-    if len(args) % 2 or len(args) > 64:
-        raise BadRequest("options must be NAME VALUE pairs")
-    out = []
-    seen = set()
-    for name, value in zip(args[::2], args[1::2]):
-        if name not in VALUE_OPTIONS or name in seen:
-            raise BadRequest(f"option {name!r} is not allowed (or repeated)")
-        seen.add(name)
-        if name in FD_OPTIONS:
-            value = str(_fd(value, mine))
-        elif name in FD_LIST_OPTIONS:
-            value = ",".join(str(_fd(v, mine)) for v in value.split(",") if v)
-        elif name == "--device" and value not in DEVICES:
-            raise BadRequest(f"unknown device {value!r}")
-        out += [name, value]
-    if "--device" not in seen:
-        raise BadRequest("no --device")
-    return out
-
-
-def _fd(text, mine):
-    try:
-        return mine[int(text)]
-    except (ValueError, KeyError):
-        raise BadRequest(f"fd {text!r} was not sent with the request") from None

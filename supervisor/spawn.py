@@ -30,20 +30,12 @@ import subprocess
 import sys
 import time
 
-import pyhv
 from pyhv.devices.guest_memory import create_memfd
-from pyhv.proto import codec
-
-REPO_ROOT = pyhv.import_root()
+from pyhv.devices.restarts import RestartPolicy
+from pyhv.proto import codec, guest as guest_msgs, runtime
+from pyhv.proto.errors import EXIT_STOPPED, EXIT_VM_FAILED
 ZYGOTE_RESTART_BACKOFF = 5.0    # seconds between restarts of a zygote that keeps dying
 MAX_IN_FLIGHT = 32              # starts the zygote may owe us at once (bounds its socket buffer and our fds)
-
-
-def child_env():
-    """os.environ with this pyhv first on PYTHONPATH, so `python -m pyhv....` runs this very code."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    return env
 
 
 def zygote_enabled(environ=os.environ):
@@ -121,7 +113,7 @@ class Spawner:
         self.zygote = None
         self.pending = {}               # request id -> (guest, go pipe write end, done, submitted at)
         self._ids = 0
-        self._next_start = 0.0
+        self._restarts = RestartPolicy(interval=ZYGOTE_RESTART_BACKOFF)
         self._strays_until = 0.0        # after a zygote failure: reap orphans it left us until then
         self.fallbacks = 0              # workers that had to be spawned directly although the zygote is on
 
@@ -142,9 +134,9 @@ class Spawner:
 
     def _start_zygote(self):
         from pyhv.supervisor import zygote
-        self._next_start = time.monotonic() + ZYGOTE_RESTART_BACKOFF
+        self._restarts.record()
         try:
-            self.zygote = zygote.Zygote(child_env(), self.log)
+            self.zygote = zygote.Zygote(runtime.child_env(), self.log)
         except OSError as e:
             print(f"supervisor: cannot start the zygote: {e}", file=sys.stderr, flush=True)
             self.zygote = None
@@ -182,7 +174,7 @@ class Spawner:
                     if time.monotonic() > self.zygote.deadline(oldest):
                         self._drop_zygote("no answer in time")
             return
-        if time.monotonic() >= self._next_start:
+        if self._restarts.due():
             self._start_zygote()
 
     @property
@@ -199,9 +191,9 @@ class Spawner:
 
     def start_worker(self, guest, done):
         """Allocate the guest's RAM and start its worker; done(None or reason) when guest.proc is set (or not)."""
-        for leaf in ("result.json", "console.sock", "worker.sock"):
+        for path in (guest.files.result, guest.files.console_sock, guest.files.worker_sock):
             try:
-                os.unlink(guest.path(leaf))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
         try:
@@ -295,10 +287,10 @@ class Spawner:
         out = err = None
         try:
             out, err = _open_logs(guest)
-            cmd = [sys.executable, "-m", "pyhv.vcpu_worker.worker"] + worker_argv(guest, guest.mem_fd)
+            cmd = runtime.python_module("vcpu_worker.worker") + worker_argv(guest, guest.mem_fd)
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                      pass_fds=(guest.mem_fd,), start_new_session=True,
-                                     env=child_env(), cwd=guest.dir)
+                                     env=runtime.child_env(), cwd=guest.dir)
         except OSError as e:
             release_memory(guest)
             _call(done, str(e))
@@ -329,9 +321,9 @@ def _call(done, error):
 def _open_logs(guest):
     """(console log fd, worker log fd), append-only."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-    out = os.open(guest.path("console.log"), flags, 0o644)
+    out = os.open(guest.files.console_log, flags, 0o644)
     try:
-        return out, os.open(guest.path("worker.log"), flags, 0o644)
+        return out, os.open(guest.files.worker_log, flags, 0o644)
     except OSError:
         os.close(out)
         raise
@@ -364,10 +356,8 @@ def _reap_strays(exclude=()):
 
 def worker_argv(guest, mem_fd):
     """The worker's command-line arguments (after `python -m pyhv.vcpu_worker.worker`)."""
-    return ["--config", base64.b64encode(codec.encode(guest.config)).decode(),
-            "--mem-fd", str(mem_fd), "--control", guest.control,
-            "--console-sock", guest.path("console.sock"), "--result", guest.path("result.json"),
-            "--parent-pid", str(os.getpid())]
+    return ["--config", base64.b64encode(codec.encode(guest.config, guest_msgs.GUEST)).decode(),
+            "--mem-fd", str(mem_fd), "--runtime-dir", guest.files.runtime.path, "--parent-pid", str(os.getpid())]
 
 
 def release_memory(guest):
@@ -380,7 +370,7 @@ def release_memory(guest):
 def read_outcome(guest, returncode):
     """(state, exit_status, reason) for a worker that exited with `returncode`."""
     try:
-        with open(guest.path("result.json")) as f:
+        with open(guest.files.result) as f:
             result = json.load(f)
         status, reason = result["status"], result["reason"]
         if type(status) is int and isinstance(reason, str):
@@ -388,7 +378,7 @@ def read_outcome(guest, returncode):
     except (OSError, ValueError, KeyError, TypeError):
         pass
     if guest.stop_reason:
-        return "stopped", 143, guest.stop_reason
+        return "stopped", EXIT_STOPPED, guest.stop_reason
     if returncode < 0:
         try:
             how = f"killed by signal {signal.Signals(-returncode).name}"
@@ -396,31 +386,4 @@ def read_outcome(guest, returncode):
             how = f"killed by signal {-returncode}"
     else:
         how = f"exited with status {returncode} without a result"
-    return "failed", 70, f"worker {how} (see {guest.path('worker.log')})"
-
-
-def process_stats(pids):
-    """{role: {"pid", "cpu_percent", "cpu_seconds", "rss", "pss"}} for live processes (psutil).
-
-    cpu_percent is the average over the process's lifetime; pss is null where
-    the kernel does not let us read smaps.
-    """
-    import psutil
-    out = {}
-    for role, pid in pids.items():
-        try:
-            p = psutil.Process(pid)
-            with p.oneshot():
-                t = p.cpu_times()
-                cpu = t.user + t.system
-                age = max(time.time() - p.create_time(), 1e-3)
-                rss = p.memory_info().rss
-            try:
-                pss = p.memory_full_info().pss
-            except (psutil.AccessDenied, AttributeError):
-                pss = None
-            out[role] = {"pid": pid, "cpu_percent": round(100.0 * cpu / age, 1),
-                         "cpu_seconds": round(cpu, 3), "rss": rss, "pss": pss}
-        except psutil.Error:
-            continue
-    return out
+    return "failed", EXIT_VM_FAILED, f"worker {how} (see {guest.files.worker_log})"

@@ -1,4 +1,4 @@
-"""The virtual switches of one supervisor: one `pyhv.devices.net_switch` process per switch name, started and restarted here.
+"""The virtual switches of one supervisor: one `pyhv.devices.net.switch` process per switch name, started and restarted here.
 
 A guest with `--net switch:NAME` gets its switch started before its worker
 (the switch's NIC ports connect by path; ZeroMQ queues until the switch has
@@ -9,24 +9,24 @@ short loss of frames, nothing else.  A switch that exits ALREADY_SERVED found
 another process serving that name in this runtime dir (a standalone
 `hvctl run` started it first): that one is used.
 """
-import os
 import subprocess
 import sys
-import time
 
-from pyhv.devices.net_switch import ALREADY_SERVED
-from pyhv.supervisor.spawn import REPO_ROOT, child_env
+from pyhv.devices.net.switch import ALREADY_SERVED
+from pyhv.devices.restarts import RestartPolicy
+from pyhv.proto import runtime
+from pyhv.vcpu_worker.launchers import switch_command
 
 RESTART_BACKOFF = 1.0
 
 
 class Switches:
     def __init__(self, runtime_dir):
-        self.dir = runtime_dir
+        self.runtime = runtime_dir          # a proto.runtime.RuntimeDir
         self.procs = {}                 # name -> Popen
         self.restarts = {}              # name -> count
         self.failures = {}              # name -> last exit status
-        self._next_try = {}
+        self._policy = {}               # name -> RestartPolicy
 
     def ensure(self, name):
         p = self.procs.get(name)
@@ -34,12 +34,11 @@ class Switches:
             return
         if p is not None:
             self._ended(name, p)
-        log = open(os.path.join(self.dir, f"switch-{name}.log"), "ab")
+        log = open(self.runtime.switch_file(name, "log"), "ab")
         try:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "pyhv.devices.net_switch", "--dir", self.dir, "--name", name],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO_ROOT, env=child_env(),
-                start_new_session=True)
+                switch_command(self.runtime, name), stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
+                env=runtime.child_env(), start_new_session=True)
         finally:
             log.close()
 
@@ -53,21 +52,21 @@ class Switches:
 
     def watch(self, in_use):
         """Restart dead switches among `in_use` (names used by running guests)."""
-        now = time.monotonic()
         for name in in_use:
             p = self.procs.get(name)
             if p is not None and p.poll() is None:
                 continue
-            if now < self._next_try.get(name, 0.0):
+            policy = self._policy.setdefault(name, RestartPolicy(interval=RESTART_BACKOFF))
+            if not policy.due():
                 continue
-            self._next_try[name] = now + RESTART_BACKOFF
+            policy.record()
             self.ensure(name)
 
     def status(self, name):
         p = self.procs.get(name)
         running = p is not None and p.poll() is None
         return {"name": name, "state": "running" if running else "stopped", "pid": p.pid if running else None,
-                "restarts": self.restarts.get(name, 0), "endpoint": f"ipc://{self.dir}/switch-{name}.sock"}
+                "restarts": self.restarts.get(name, 0), "endpoint": self.runtime.switch_endpoint(name)}
 
     def close(self):
         for p in self.procs.values():

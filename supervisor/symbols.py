@@ -1,8 +1,10 @@
 """Guest addresses to kernel symbols, from a System.map: for `hvctl stats --symbols` (where is each vCPU?)."""
 import bisect
 
+from pyhv.proto.errors import UserError
 
-class SymbolError(ValueError):
+
+class SymbolError(UserError):
     """The file is not a System.map (one line per symbol: ADDRESS TYPE NAME)."""
 
 

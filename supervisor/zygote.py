@@ -173,12 +173,15 @@ def _preload():
     """Import everything a worker imports, including what it imports lazily."""
     import argparse, base64, ctypes, json, random, selectors, threading, traceback  # noqa: F401,E401
     import zmq  # noqa: F401
-    from pyhv.proto import codec, errors, messages  # noqa: F401
-    from pyhv.vcpu_worker import worker, machine, vcpu, fixups, cpuid, compat, kvm, bus, pci, virtio_pci  # noqa: F401
-    from pyhv.vcpu_worker.boot import cpu_state, layout, linux, mptable  # noqa: F401
-    from pyhv.devices import guest_memory, serial, i8042, debug_page, rtc  # noqa: F401
-    from pyhv.devices.virtio import backend, queue, rng, blk, console, remote  # noqa: F401
-    from pyhv.devices import service  # noqa: F401
+    from pyhv.proto import codec, control, device_service, errors, guest, messages, runtime  # noqa: F401
+    from pyhv.vcpu_worker import (worker, machine, vcpu, fixups, cpuid, compat, kvm, bus, device_manager,  # noqa: F401
+                                  irq_router, launchers, runner)
+    from pyhv.vcpu_worker.boot import cpu_state, layout, linux, mptable, acpi  # noqa: F401
+    from pyhv.devices import console_host, guest_memory, loop  # noqa: F401
+    from pyhv.devices.legacy import serial, i8042, debug_page, rtc  # noqa: F401
+    from pyhv.devices.pci import config_space, root  # noqa: F401
+    from pyhv.devices.virtio import blk, console, device, kinds, net, proxy, queue, rng, threaded  # noqa: F401
+    from pyhv.devices.virtio.transport import common_config, msix, pci  # noqa: F401
     ctypes.CDLL(None, use_errno=True)       # the worker's prctl
 
 

@@ -1,16 +1,30 @@
-"""Shared fixtures: test guests built from source at test time, and running them through hvctl."""
-import os
+"""Shared fixtures and the three tiers: tests/unit (no /dev/kvm), tests/kvm (real guests), tests/linux (slow Linux boots).
+
+Test guests are built from source at test time (support/guestbuild.py);
+helpers live in support/.  Tests under kvm/ and linux/ are skipped on a
+machine without /dev/kvm; unit/ must pass there.
+"""
 import pathlib
-import subprocess
+import shutil
 import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+SUPPORT = pathlib.Path(__file__).resolve().parent / "support"
+sys.path.insert(0, str(SUPPORT))
 import guestbuild  # noqa: E402
+import hv  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-HVCTL = [sys.executable, str(REPO / "bin" / "hvctl")]
+HVCTL = hv.HVCTL
+hvctl = hv.hvctl
+
+
+def pytest_collection_modifyitems(items):
+    skip = pytest.mark.skip(reason="needs /dev/kvm")
+    for item in items:
+        tier = pathlib.Path(str(item.fspath)).parent.name
+        if tier in ("kvm", "linux") and not hv.HAVE_KVM:
+            item.add_marker(skip)
 
 
 @pytest.fixture
@@ -24,15 +38,17 @@ def build_c_guest():
     return guestbuild.build_c
 
 
-def hvctl(*args, timeout=60, input=None, env=None):
-    """Run bin/hvctl; returns CompletedProcess with bytes stdout/stderr."""
-    return subprocess.run(HVCTL + [str(a) for a in args], capture_output=True, timeout=timeout,
-                          input=input, env={**os.environ, **(env or {})})
-
-
 @pytest.fixture
 def run_guest():
     """run_guest(path, *options, timeout=60) -> CompletedProcess of `hvctl run --kernel path ...`."""
     def run(path, *options, timeout=60, input=None):
-        return hvctl("run", "--kernel", path, *options, timeout=timeout, input=input)
+        return hv.hvctl("run", "--kernel", path, *options, timeout=timeout, input=input)
     return run
+
+
+@pytest.fixture
+def sup():
+    s = hv.Supervisor()
+    yield s
+    s.stop()
+    shutil.rmtree(s.dir, ignore_errors=True)

@@ -6,10 +6,11 @@ per-port action table, so ports no Python device claims never leave C.
 """
 import bisect
 
+from pyhv.proto.errors import HvError
 from pyhv.vcpu_worker._kvm import ffi, lib
 
 
-class BusConflict(ValueError):
+class BusConflict(HvError):
     """Two devices claimed overlapping ranges: a VMM configuration bug."""
 
 

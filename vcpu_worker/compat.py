@@ -13,7 +13,7 @@ each entry are in docs/kvm-notes.md and ../shared/docs/kvm-on-these-machines.md.
 NESTED_CPUID_MASKS = (
     (1, None, "ecx", 13, "CX16: lock cmpxchg16b cannot be emulated"),
 )
-# Measured (tests/test_emulator_fixups.py): KVM here honours a cleared CX16 but not cleared
+# Measured (tests/kvm/test_emulator_fixups.py): KVM here honours a cleared CX16 but not cleared
 # SSSE3/SSE4.1/SSE4.2/AES/PCLMULQDQ bits (nor XSAVE or leaf 7): those need clearcpuid= below.
 
 # Kernel arguments added to Linux command lines (unless the user set the same key).

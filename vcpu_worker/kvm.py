@@ -6,6 +6,7 @@ reads "KVM_CREATE_VCPU failed: EINVAL" rather than an OSError from nowhere.
 import errno as _errno
 import os
 
+from pyhv.proto.errors import HvError, VmFailure
 from pyhv.vcpu_worker._kvm import ffi, lib
 
 KVM_API_VERSION = 12
@@ -14,8 +15,9 @@ XSAVE_XSTATE_BV_WORD = 128    # byte 512: the XSAVE header's XSTATE_BV
 XFEATURE_SSE = 1 << 1
 
 
-class KvmError(OSError):
+class KvmError(HvError, OSError):
     """An ioctl on /dev/kvm, a VM or a vCPU failed."""
+    exit_status = VmFailure.exit_status
 
     def __init__(self, name, err):
         code = _errno.errorcode.get(err, str(err))
@@ -23,7 +25,7 @@ class KvmError(OSError):
         self.ioctl = name
 
 
-class KvmUnavailable(RuntimeError):
+class KvmUnavailable(VmFailure):
     """/dev/kvm cannot be used on this machine."""
 
 

@@ -2,6 +2,8 @@
 
 API mode: the cdef below is checked against <linux/kvm.h> by the C compiler,
 so a wrong field or ioctl number fails the build instead of corrupting a VM.
+pyhv's own structs and functions are declared once, in csrc/hv_kvm.h, which
+both the C source and the cdef read.
 """
 import pathlib
 
@@ -94,13 +96,6 @@ CDEF = r"""
 #define KVM_SYSTEM_EVENT_SHUTDOWN ...
 #define KVM_SYSTEM_EVENT_RESET ...
 
-#define HV_NR_REASONS ...
-#define HV_PORT_PYTHON ...
-#define HV_PORT_SINK ...
-#define HV_PORT_UNCLAIMED ...
-#define HV_PORT_EXIT ...
-#define HV_EXIT_GUEST_EXIT ...
-#define HV_EXIT_ERRNO ...
 
 struct kvm_userspace_memory_region {
     uint32_t slot;
@@ -257,54 +252,24 @@ struct kvm_vcpu_events {
     ...;
 };
 
-struct hv_exit {
-    uint32_t reason;
-    int32_t err;
-    uint32_t io_dir, io_size, io_port, io_count;
-    char *io_data;
-    uint64_t mmio_addr;
-    uint32_t mmio_len, mmio_write;
-    char *mmio_data;
-    uint32_t suberror, ndata;
-    uint64_t data[16];
-    uint64_t exit_value;
-};
-
-struct hv_vcpu {
-    int fd;
-    struct kvm_run *run;
-    const uint8_t *port_action;
-    uint64_t exits[64];
-    uint64_t io_fast;
-    uint64_t io_unclaimed;
-    uint64_t ns_in_guest;
-    uint64_t ns_in_vmm;
-    uint64_t last_return_ns;
-};
-
 struct kvm_run;
 
-long hv_ioctl(int fd, unsigned long req, void *arg);
-long hv_ioctl_int(int fd, unsigned long req, unsigned long arg);
-void *hv_map_run(int vcpu_fd, long size);
-long hv_irq_line(int vm_fd, uint32_t irq, uint32_t level);
-long hv_get_supported_cpuid(int kvm_fd, struct kvm_cpuid_entry2 *out, int max);
-long hv_set_cpuid(int vcpu_fd, const struct kvm_cpuid_entry2 *ents, int n);
-uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e);
-void hv_set_immediate_exit(struct kvm_run *run, uint8_t value);
-int hv_install_kick_handler(int sig);
-int hv_kick_thread(unsigned long thread, int sig);
 #define SIGUSR1 ...
-
-long hv_lz4_legacy_decompress(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap);
 """
 
+
+def _header_cdef(path):
+    """hv_kvm.h as cffi's cdef takes it: its declarations and #defines, without the other directives."""
+    return "\n".join(line for line in path.read_text().splitlines()
+                     if not line.startswith("#") or line.startswith("#define HV_") and len(line.split()) == 3)
+
+
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
+ffibuilder.cdef(CDEF + _header_cdef(HERE / "csrc" / "hv_kvm.h"))
 ffibuilder.set_source(
     "pyhv.vcpu_worker._kvm",
     '#include "hv_kvm.c"\n#include "lz4.c"\n',
     include_dirs=[str(HERE / "csrc")],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
-    depends=[str(p) for p in (HERE / "csrc").glob("*.c")],
+    depends=[str(p) for p in (HERE / "csrc").glob("*.[ch]")],
 )

@@ -1,23 +1,27 @@
 """`hvctl run`: one guest in this process, console on stdout, stdin to COM1, exit with its status.
 
-No supervisor and no ZeroMQ: the guest's RAM is a memfd made here, and the
-vCPU threads belong to this process.  Kept free of heavy imports so the
-first guest byte appears within milliseconds of exec.
+No supervisor: the guest's RAM is a memfd made here, the vCPU threads belong
+to this process, its device services are children of this process
+(LocalLauncher) with their sockets in a private temp dir, and net switches
+are started in the default runtime dir if nobody serves them.  Kept free of
+heavy imports (no ZeroMQ unless the guest has devices) so the first guest
+byte appears within milliseconds of exec.
 """
 import os
-import sys
 import threading
 
 from pyhv.devices.guest_memory import create_memfd
-from pyhv.vcpu_worker.vcpu import STATUS_TIMEOUT, Outcome
+from pyhv.proto.errors import EXIT_TIMEOUT
+from pyhv.vcpu_worker.vcpu import Outcome
 
 
-def _write_all(fd, data):
+def write_all(fd, data):
+    """All of `data` to `fd`; a reader that went away is not the guest's problem."""
     try:
         while data:
             data = data[os.write(fd, data):]
     except OSError:
-        pass  # the reader went away; the guest keeps running
+        pass
 
 
 def _pump_stdin(machine):
@@ -31,33 +35,46 @@ def _pump_stdin(machine):
         return
 
 
-def _write_stats(machine, outcome, path):
-    import json
-    stats = machine.stats()
-    stats["outcome"] = {"status": outcome.status, "reason": outcome.reason}
-    with open(path, "w") as f:
-        json.dump(stats, f, indent=2)
+class Foreground:
+    """A guest being built and run in the foreground; `notices` are lines for the user (the CLI prints them)."""
 
+    def __init__(self, config):
+        from pyhv.vcpu_worker.machine import Machine
+        self.config = config
+        self.notices = []
+        self.host = None
+        launcher = None
+        if config.devices:
+            from pyhv.devices.virtio import kinds
+            from pyhv.proto import runtime
+            from pyhv.vcpu_worker.launchers import LocalLauncher, ensure_switch
+            self.host = runtime.PrivateDir()
+            switch_dir = runtime.RuntimeDir(self.host.switch_root)
+            for name in kinds.switches(config.devices):
+                ensure_switch(switch_dir, name)
+            launcher = LocalLauncher(config, self.host)
+            if config.devices_of("console"):
+                self.notices.append(f"virtio console on {self.host.socket_path('vconsole')}")
+        mem_fd = create_memfd(config.mem_bytes, f"guest-ram-{config.name or 'run'}")
+        try:
+            self.machine = Machine(config, mem_fd, lambda data: write_all(1, data), host=self.host, launcher=launcher)
+        except BaseException:
+            self.close()
+            raise
 
-def run_foreground(config, stats_path=None):
-    """Boot `config` and return the exit status; the one-line reason for a failure goes to stderr."""
-    from pyhv.vcpu_worker.machine import Machine, MachineError
+    def run(self):
+        """Run to the end; the Outcome."""
+        machine = self.machine
+        threading.Thread(target=_pump_stdin, args=(machine,), name="stdin", daemon=True).start()
+        machine.start()
+        outcome = machine.wait(self.config.timeout)
+        if outcome is None:
+            machine.finish(Outcome(EXIT_TIMEOUT, f"timed out after {self.config.timeout:g} s"))
+            outcome = machine.outcome
+        machine.join()
+        return outcome
 
-    mem_fd = create_memfd(config.mem_bytes, f"guest-ram-{config.name or 'run'}")
-    try:
-        machine = Machine(config, mem_fd, lambda data: _write_all(1, data))
-    except MachineError as e:
-        print(f"hvctl: {e}", file=sys.stderr)
-        return e.status
-    threading.Thread(target=_pump_stdin, args=(machine,), name="stdin", daemon=True).start()
-    machine.start()
-    outcome = machine.wait(config.timeout)
-    if outcome is None:
-        machine.finish(Outcome(STATUS_TIMEOUT, f"timed out after {config.timeout:g} s"))
-        outcome = machine.outcome
-    machine.join()
-    if stats_path:
-        _write_stats(machine, outcome, stats_path)
-    if outcome.status == 70:
-        print(f"hvctl: VM failed: {outcome.reason}", file=sys.stderr)
-    return outcome.status
+    def close(self):
+        if self.host is not None:
+            self.host.remove()
+            self.host = None

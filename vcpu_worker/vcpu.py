@@ -1,18 +1,21 @@
-"""The vCPU thread: run KVM_RUN (in C) and dispatch each exit Python must see by its reason.
+"""The vCPU thread and `handle_exit`, one dispatch over exit reasons: an exit in, None (run on) or an Outcome out.
 
 Port exits that need no device never reach this file: the C loop absorbs
-them (vcpu_worker/csrc/hv_kvm.c).  Everything here is on the exit path, so it
-allocates little and never logs; counters live in the C struct hv_vcpu.
+them (vcpu_worker/csrc/hv_kvm.c).  `handle_exit` is a plain function over
+the exit record and an ExitContext (buses, the vCPU, guest memory, the
+fix-up profile, the kick hook), so it can be tested with made-up exits.
+Everything here is on the exit path: it allocates little and never logs;
+counters live in the C struct hv_vcpu and the context.
 """
 import os
 import threading
 
+from pyhv.proto.errors import EXIT_OK, EXIT_VM_FAILED
 from pyhv.vcpu_worker import fixups
 from pyhv.vcpu_worker._kvm import ffi, lib
 
 EXIT_NAMES = {getattr(lib, n): n[len("KVM_EXIT_"):] for n in dir(lib)
               if n.startswith("KVM_EXIT_") and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
-
 SYSTEM_EVENTS = {lib.KVM_SYSTEM_EVENT_SHUTDOWN: "powered off", lib.KVM_SYSTEM_EVENT_RESET: "reset"}
 
 
@@ -31,126 +34,152 @@ class Outcome:
         return isinstance(other, Outcome) and (self.status, self.reason) == (other.status, other.reason)
 
 
-STATUS_RESET = 0
-STATUS_FAILED = 70
-STATUS_TIMEOUT = 124
-STATUS_STOPPED = 143
+class ExitContext:
+    """What handling one vCPU's exits needs; `on_kick(ctx)` answers a kick (park, sample) and may end the loop."""
+    __slots__ = ("vcpu", "pio_lookup", "mmio_lookup", "mem", "fixups", "fixup_counts", "on_kick", "mmio_unclaimed")
+
+    def __init__(self, vcpu, pio_lookup, mmio_lookup, mem, fixups=(), fixup_counts=None, on_kick=None):
+        self.vcpu = vcpu
+        self.pio_lookup = pio_lookup
+        self.mmio_lookup = mmio_lookup
+        self.mem = mem
+        self.fixups = fixups
+        self.fixup_counts = {} if fixup_counts is None else fixup_counts
+        self.on_kick = on_kick
+        self.mmio_unclaimed = 0
+
+
+def _io(e, ctx):
+    device, base = ctx.pio_lookup(e.io_port)
+    offset, size, count = e.io_port - base, e.io_size, e.io_count
+    data = e.io_data
+    if count == 1:                      # the common case: no buffer object
+        if e.io_dir == lib.KVM_EXIT_IO_OUT:
+            device.write(offset, ffi.unpack(data, size))
+        else:
+            ffi.memmove(data, device.read(offset, size)[:size].ljust(size, b"\xff"), size)
+        return None
+    buf = ffi.buffer(data, size * count)   # string I/O (rep outsb/insb)
+    if e.io_dir == lib.KVM_EXIT_IO_OUT:
+        for i in range(0, size * count, size):
+            device.write(offset, buf[i:i + size])
+    else:
+        for i in range(0, size * count, size):
+            buf[i:i + size] = device.read(offset, size)[:size].ljust(size, b"\xff")
+    return None
+
+
+def _mmio(e, ctx):
+    found = ctx.mmio_lookup(e.mmio_addr)
+    n = e.mmio_len
+    if found is None:
+        ctx.mmio_unclaimed += 1
+        if not e.mmio_write:
+            ffi.memmove(e.mmio_data, b"\xff" * n, n)
+        return None
+    device, base = found
+    if e.mmio_write:
+        device.write(e.mmio_addr - base, ffi.unpack(e.mmio_data, n))
+    else:
+        ffi.memmove(e.mmio_data, device.read(e.mmio_addr - base, n)[:n].ljust(n, b"\xff"), n)
+    return None
+
+
+def _guest_exit(e, ctx):
+    return Outcome(e.exit_value, f"guest wrote {e.exit_value} to the exit port")
+
+
+def _interrupted(e, ctx):
+    # Clear the kick first: a stop that lands after this still finds immediate_exit set on the next KVM_RUN.
+    ctx.vcpu.kick_clear()
+    return ctx.on_kick(ctx) if ctx.on_kick is not None else None
+
+
+def _ignore(e, ctx):
+    return None
+
+
+def _shutdown(e, ctx):
+    return Outcome(EXIT_OK, "guest reset (triple fault)")
+
+
+def _system_event(e, ctx):
+    return Outcome(EXIT_OK, f"guest {SYSTEM_EVENTS.get(e.suberror, f'system event {e.suberror}')}")
+
+
+def _failed(ctx, what):
+    return Outcome(EXIT_VM_FAILED, f"vCPU {ctx.vcpu.index}: {what}; {fixups.register_summary(ctx.vcpu)}")
+
+
+def _internal_error(e, ctx):
+    data = [e.data[i] for i in range(e.ndata)]
+    if e.suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
+        insn = fixups.instruction_bytes(ctx.vcpu, ctx.mem, data)
+        if fixups.apply(ctx.vcpu, ctx.mem, insn, ctx.fixups, ctx.fixup_counts):
+            return None
+        return _failed(ctx, f"emulation failure: instruction {fixups.describe(insn)}")
+    return _failed(ctx, f"KVM internal error, suberror {e.suberror}, data {[hex(d) for d in data]}")
+
+
+def _fail_entry(e, ctx):
+    return _failed(ctx, f"VM entry failed, hardware reason 0x{e.data[0]:x}")
+
+
+def _run_failed(e, ctx):
+    return Outcome(EXIT_VM_FAILED, f"vCPU {ctx.vcpu.index}: KVM_RUN failed: {os.strerror(e.err)}")
+
+
+def _unknown(e, ctx):
+    return _failed(ctx, f"unhandled exit {EXIT_NAMES.get(e.reason, str(e.reason))}")
+
+
+HANDLERS = {
+    lib.KVM_EXIT_IO: _io,
+    lib.KVM_EXIT_MMIO: _mmio,
+    lib.HV_EXIT_GUEST_EXIT: _guest_exit,
+    lib.KVM_EXIT_INTR: _interrupted,
+    lib.KVM_EXIT_HLT: _ignore,
+    lib.KVM_EXIT_IRQ_WINDOW_OPEN: _ignore,
+    lib.KVM_EXIT_SHUTDOWN: _shutdown,
+    lib.KVM_EXIT_SYSTEM_EVENT: _system_event,
+    lib.KVM_EXIT_INTERNAL_ERROR: _internal_error,
+    lib.KVM_EXIT_FAIL_ENTRY: _fail_entry,
+    lib.HV_EXIT_ERRNO: _run_failed,
+}
+
+
+def handle_exit(reason, e, ctx):
+    """One exit (`reason`, the struct hv_exit `e`): None to run on, or the Outcome that ends the VM."""
+    return HANDLERS.get(reason, _unknown)(e, ctx)
 
 
 class VcpuThread(threading.Thread):
-    def __init__(self, machine, vcpu):
+    def __init__(self, vcpu, ctx, pin, finish):
         super().__init__(name=f"vcpu{vcpu.index}", daemon=True)
-        self.machine = machine
         self.vcpu = vcpu
-        self.mmio_unclaimed = 0
+        self.ctx = ctx
+        self.pin = pin
+        self.finish = finish
         self.host_tid = None
-        self._pio_lookup = machine.pio.lookup
-        self._mmio_lookup = machine.mmio.lookup
-        self._handlers = {
-            lib.KVM_EXIT_IO: self._io,
-            lib.KVM_EXIT_MMIO: self._mmio,
-            lib.HV_EXIT_GUEST_EXIT: self._guest_exit,
-            lib.KVM_EXIT_INTR: self._interrupted,
-            lib.KVM_EXIT_HLT: self._ignore,
-            lib.KVM_EXIT_IRQ_WINDOW_OPEN: self._ignore,
-            lib.KVM_EXIT_SHUTDOWN: self._shutdown,
-            lib.KVM_EXIT_SYSTEM_EVENT: self._system_event,
-            lib.KVM_EXIT_INTERNAL_ERROR: self._internal_error,
-            lib.KVM_EXIT_FAIL_ENTRY: self._fail_entry,
-            lib.HV_EXIT_ERRNO: self._run_failed,
-        }
+
+    @property
+    def mmio_unclaimed(self):
+        return self.ctx.mmio_unclaimed
 
     def run(self):
-        pin = self.machine.config.pin
         self.host_tid = threading.get_native_id()
         try:
-            if pin:
-                os.sched_setaffinity(0, {pin[self.vcpu.index % len(pin)]})   # 0: this thread
+            if self.pin:
+                os.sched_setaffinity(0, {self.pin[self.vcpu.index % len(self.pin)]})   # 0: this thread
             outcome = self._loop()
         except Exception as e:  # a VMM bug must end this VM, not hang it
-            outcome = Outcome(STATUS_FAILED, f"vCPU {self.vcpu.index}: VMM error: {type(e).__name__}: {e}")
-        self.machine.finish(outcome)
+            outcome = Outcome(EXIT_VM_FAILED, f"vCPU {self.vcpu.index}: VMM error: {type(e).__name__}: {e}")
+        self.finish(outcome)
 
     def _loop(self):
-        run, state, ex = lib.hv_vcpu_run, self.vcpu.state, self.vcpu.exit
-        handlers, unknown = self._handlers, self._unknown
+        run, state, ex, ctx = lib.hv_vcpu_run, self.vcpu.state, self.vcpu.exit, self.ctx
+        handlers, unknown = HANDLERS, _unknown
         while True:
-            outcome = handlers.get(run(state, ex), unknown)(ex)
+            outcome = handlers.get(run(state, ex), unknown)(ex, ctx)
             if outcome is not None:
                 return outcome
-
-    # -- exit handlers: return None to keep running, or an Outcome ----------
-
-    def _io(self, e):
-        device, base = self._pio_lookup(e.io_port)
-        offset, size, count = e.io_port - base, e.io_size, e.io_count
-        data = e.io_data
-        if count == 1:                      # the common case: no buffer object
-            if e.io_dir == lib.KVM_EXIT_IO_OUT:
-                device.write(offset, ffi.unpack(data, size))
-            else:
-                ffi.memmove(data, device.read(offset, size)[:size].ljust(size, b"\xff"), size)
-            return None
-        buf = ffi.buffer(data, size * count)   # string I/O (rep outsb/insb)
-        if e.io_dir == lib.KVM_EXIT_IO_OUT:
-            for i in range(0, size * count, size):
-                device.write(offset, buf[i:i + size])
-        else:
-            for i in range(0, size * count, size):
-                buf[i:i + size] = device.read(offset, size)[:size].ljust(size, b"\xff")
-        return None
-
-    def _mmio(self, e):
-        found = self._mmio_lookup(e.mmio_addr)
-        n = e.mmio_len
-        if found is None:
-            self.mmio_unclaimed += 1
-            if not e.mmio_write:
-                ffi.memmove(e.mmio_data, b"\xff" * n, n)
-            return None
-        device, base = found
-        if e.mmio_write:
-            device.write(e.mmio_addr - base, ffi.unpack(e.mmio_data, n))
-        else:
-            ffi.memmove(e.mmio_data, device.read(e.mmio_addr - base, n)[:n].ljust(n, b"\xff"), n)
-        return None
-
-    def _guest_exit(self, e):
-        return Outcome(e.exit_value, f"guest wrote {e.exit_value} to the exit port")
-
-    def _interrupted(self, e):
-        # Clear the kick first: a stop that lands after this still finds
-        # immediate_exit set on the next KVM_RUN.
-        self.vcpu.kick_clear()
-        return self.machine.on_kick(self)
-
-    def _ignore(self, e):
-        return None
-
-    def _shutdown(self, e):
-        return Outcome(STATUS_RESET, "guest reset (triple fault)")
-
-    def _system_event(self, e):
-        return Outcome(STATUS_RESET, f"guest {SYSTEM_EVENTS.get(e.suberror, f'system event {e.suberror}')}")
-
-    def _internal_error(self, e):
-        data = [e.data[i] for i in range(e.ndata)]
-        if e.suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
-            insn = fixups.instruction_bytes(self.vcpu, self.machine.mem, data)
-            if fixups.apply(self.vcpu, self.machine.mem, insn, self.machine.profile.fixups, self.machine.fixup_counts):
-                return None
-            return Outcome(STATUS_FAILED, f"vCPU {self.vcpu.index}: emulation failure: instruction "
-                           f"{fixups.describe(insn)}; {fixups.register_summary(self.vcpu)}")
-        return Outcome(STATUS_FAILED, f"vCPU {self.vcpu.index}: KVM internal error, suberror {e.suberror}, "
-                       f"data {[hex(d) for d in data]}; {fixups.register_summary(self.vcpu)}")
-
-    def _fail_entry(self, e):
-        return Outcome(STATUS_FAILED, f"vCPU {self.vcpu.index}: VM entry failed, hardware reason 0x{e.data[0]:x}; "
-                       f"{fixups.register_summary(self.vcpu)}")
-
-    def _run_failed(self, e):
-        return Outcome(STATUS_FAILED, f"vCPU {self.vcpu.index}: KVM_RUN failed: {os.strerror(e.err)}")
-
-    def _unknown(self, e):
-        name = EXIT_NAMES.get(e.reason, str(e.reason))
-        return Outcome(STATUS_FAILED, f"vCPU {self.vcpu.index}: unhandled exit {name}; {fixups.register_summary(self.vcpu)}")

@@ -1,22 +1,20 @@
-"""The supervised worker: one guest's Machine, driven over a control socket, with a shared console.
+"""The supervised worker: one guest's Machine, driven over its control socket, with its console on a unix socket.
 
 Started by the supervisor (supervisor/spawn.py) with the guest RAM memfd
 passed as an fd: forked by the zygote (supervisor/zygote.py), which calls
 main(argv) in the forked process, or as `python -m pyhv.vcpu_worker.worker`.
-stdout is the guest's console log (append-only), stderr the worker log.  The
-main thread serves Pause/Resume/Stop/Stats/Ping on a ZeroMQ REP socket and
-sleeps until a request, the guest's end or its timeout; a console thread
-serves clients of the console unix socket (`hvctl console`).  When the guest
-ends, the worker writes result.json ({"status", "reason"}) atomically and
-exits 0.
+Its files are the guest's GuestDir (proto/runtime.py); stdout is the guest's
+console log (append-only), stderr the worker log.  The main thread's event
+loop serves the control requests (one handler per request type), sleeping
+until a request, the guest's end or its timeout; a ConsoleHost serves
+`hvctl console`.  When the guest ends, the worker writes result.json
+({"status", "reason"}) atomically and exits 0.
 """
 import argparse
 import base64
 import json
 import os
-import selectors
 import signal
-import socket
 import sys
 import threading
 import time
@@ -24,77 +22,14 @@ import traceback
 
 import zmq
 
-from pyhv.proto import codec, errors, messages as m
-from pyhv.proto.errors import ProtocolError
+from pyhv.devices.console_host import ConsoleHost
+from pyhv.devices.loop import EventLoop
+from pyhv.proto import codec, control as m, guest as g, runtime
+from pyhv.proto.errors import EXIT_TIMEOUT, EXIT_VM_FAILED, HvError, InternalError, ProtocolError, one_line
+from pyhv.proto.messages import Error, Ok
 
-STATUS_FAILED, STATUS_TIMEOUT = 70, 124
 PAUSE_TIMEOUT = 1.0     # below the supervisor's worker timeout
-
-
-class ConsoleServer:
-    """Console clients on a unix socket: guest output goes to all, their input to COM1.
-
-    Output to a client that cannot keep up is dropped (the console log has it all).
-    """
-
-    def __init__(self, path):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(8)
-        self.clients = set()
-        self.lock = threading.Lock()
-
-    def start(self, feed):
-        threading.Thread(target=self._serve, args=(feed,), name="console", daemon=True).start()
-
-    def _serve(self, feed):
-        sel = selectors.DefaultSelector()
-        sel.register(self.listener, selectors.EVENT_READ)
-        while True:
-            for key, _ in sel.select():
-                sock = key.fileobj
-                if sock is self.listener:
-                    client, _ = sock.accept()
-                    client.setblocking(False)
-                    sel.register(client, selectors.EVENT_READ)
-                    with self.lock:
-                        self.clients.add(client)
-                    continue
-                try:
-                    data = sock.recv(4096)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if data:
-                    feed(data)
-                else:
-                    sel.unregister(sock)
-                    with self.lock:
-                        self.clients.discard(sock)
-                    sock.close()
-
-    def broadcast(self, data):
-        with self.lock:
-            for client in self.clients:
-                try:
-                    client.send(data)
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    client.shutdown(socket.SHUT_RDWR)   # the console thread then drops it
-
-
-def _write_all(fd, data):
-    try:
-        while data:
-            data = data[os.write(fd, data):]
-    except OSError:
-        pass
+MAX_CONSOLE_CLIENTS = 8
 
 
 def write_result(path, status, reason):
@@ -123,9 +58,7 @@ def _parse(argv):
     src.add_argument("--config", help="GuestConfig message, msgpack in base64")
     src.add_argument("--config-fd", type=int, help="fd to read the GuestConfig message (msgpack) from")
     p.add_argument("--mem-fd", type=int, required=True, help="guest RAM memfd (inherited)")
-    p.add_argument("--control", required=True, help="ZeroMQ endpoint to serve control requests on")
-    p.add_argument("--console-sock", required=True, help="unix socket path for console clients")
-    p.add_argument("--result", required=True, help="where to write the outcome (JSON)")
+    p.add_argument("--runtime-dir", required=True, help="the supervisor's runtime dir (the guest's files are below)")
     p.add_argument("--parent-pid", type=int, default=0, help="exit if this process (the supervisor) dies")
     return p.parse_args(argv)
 
@@ -133,105 +66,139 @@ def _parse(argv):
 def main(argv=None):
     args = _parse(argv)
     _die_with_parent(args.parent_pid)
-    status, reason = serve(args)
-    write_result(args.result, status, reason)
+    raw = base64.b64decode(args.config) if args.config else _read_fd(args.config_fd)
+    try:
+        config = codec.decode(raw, g.GUEST, expect=g.GuestConfig)
+    except ProtocolError as e:
+        print(f"worker: bad config: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    guest = runtime.RuntimeDir(args.runtime_dir).guest(config.name)
+    status, reason = serve(config, args.mem_fd, guest)
+    write_result(guest.result, status, reason)
     print(f"worker: guest ended: {status} ({reason})", file=sys.stderr, flush=True)
     os._exit(0)        # vCPU threads may still sit in KVM_RUN
 
 
-def serve(args):
-    """Build and run the guest; returns (status, reason) once it has ended."""
-    try:
-        raw = base64.b64decode(args.config) if args.config else _read_fd(args.config_fd)
-        config = codec.decode(raw, expect=m.GuestConfig)
-        from pyhv.vcpu_worker.machine import Machine, MachineError
-        from pyhv.vcpu_worker.vcpu import Outcome
-    except Exception as e:
-        traceback.print_exc()
-        return STATUS_FAILED, f"worker could not start: {type(e).__name__}: {e}"
+class Worker:
+    """The control handlers over one running Machine."""
 
-    console = ConsoleServer(args.console_sock)
+    def __init__(self, machine, config):
+        self.machine = machine
+        self.deadline = None if config.timeout is None else time.monotonic() + config.timeout
+        self.paused_at = None
+        self.outcome = None
+        self.handlers = {m.Ping: self.ping, m.Pause: self.pause, m.Resume: self.resume, m.Stats: self.stats,
+                         m.DeviceStatus: self.device_status, m.Stop: self.stop}
+
+    def handle(self, data):
+        try:
+            msg = codec.decode(data, m.CONTROL)
+            handler = self.handlers.get(type(msg))
+            if handler is None:
+                raise ProtocolError(f"the worker does not handle {msg.TYPE}")
+            return handler(msg)
+        except HvError as e:
+            return Error.of(e)
+        except Exception as e:
+            traceback.print_exc()
+            return Error.of(InternalError(f"{type(e).__name__}: {one_line(e)}"))
+
+    def ping(self, msg):
+        return m.Pong(os.getpid(), "")
+
+    def pause(self, msg):
+        if not self.machine.pause(PAUSE_TIMEOUT):
+            raise InternalError(f"vCPUs did not stop within {PAUSE_TIMEOUT:g} s")
+        self.paused_at = self.paused_at or time.monotonic()
+        return Ok()
+
+    def resume(self, msg):
+        self.machine.resume()
+        if self.paused_at is not None and self.deadline is not None:
+            self.deadline += time.monotonic() - self.paused_at     # paused time does not count
+        self.paused_at = None
+        return Ok()
+
+    def stats(self, msg):
+        return m.StatsReply(json.loads(json.dumps(self.machine.stats(), default=str)))
+
+    def device_status(self, msg):
+        return m.StatsReply(self.machine.device_status())
+
+    def stop(self, msg):
+        self.outcome = self.machine.stop()
+        return Ok()
+
+
+def serve(config, mem_fd, guest):
+    """Build and run the guest; returns (status, reason) once it has ended."""
+    from pyhv.vcpu_worker.launchers import SupervisorLauncher
+    from pyhv.vcpu_worker.machine import Machine
+    from pyhv.vcpu_worker.runner import write_all
+    from pyhv.vcpu_worker.vcpu import Outcome
+
+    console = None
+    feed = []                        # the machine's feed_console, once there is a machine
 
     def console_out(data):
-        _write_all(1, data)
-        console.broadcast(data)
+        write_all(1, data)
+        if console is not None:
+            console.write(data)
 
     try:
-        machine = Machine(config, args.mem_fd, console_out,
-                          runtime_dir=os.path.dirname(os.path.abspath(args.console_sock)))
-    except MachineError as e:
-        return e.status, str(e)
+        console = ConsoleHost(guest.console_sock, lambda data: feed and feed[0](data),
+                              max_clients=MAX_CONSOLE_CLIENTS)
+        launcher = SupervisorLauncher(guest.runtime.services_sock, config.name, guest)
+        machine = Machine(config, mem_fd, console_out, host=guest, launcher=launcher)
+    except HvError as e:
+        return e.exit_status, str(e)
     except Exception as e:
         traceback.print_exc()
-        return STATUS_FAILED, f"cannot build the VM: {type(e).__name__}: {e}"
+        return EXIT_VM_FAILED, f"cannot build the VM: {type(e).__name__}: {e}"
+    feed.append(machine.feed_console)
 
     ctx = zmq.Context()
     rep = ctx.socket(zmq.REP)
     rep.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
-    rep.bind(args.control)
-    console.start(machine.feed_console)
-    machine.start()
-
-    # Sleep until a request, the VM's end or the timeout: an idle guest costs its worker no CPU.
+    rep.bind(guest.worker_endpoint)
+    worker = Worker(machine, config)
+    loop = EventLoop("worker")
     ended_r, ended_w = os.pipe2(os.O_CLOEXEC)
     threading.Thread(target=lambda: (machine.wait(), os.write(ended_w, b"x")), name="ended", daemon=True).start()
-    poller = zmq.Poller()
-    poller.register(rep, zmq.POLLIN)
-    poller.register(ended_r, zmq.POLLIN)
-    deadline = None if config.timeout is None else time.monotonic() + config.timeout
-    paused_at = None
-    outcome = None
+    timer = []
+
+    def arm():
+        """The guest's timeout, which pausing moves."""
+        if timer:
+            loop.cancel(timer.pop())
+        if worker.deadline is not None and worker.paused_at is None:
+            timer.append(loop.call_at(worker.deadline, timed_out))
+
+    def timed_out():
+        machine.finish(Outcome(EXIT_TIMEOUT, f"timed out after {config.timeout:g} s"))
+
+    def request():
+        try:
+            data = rep.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        rep.send(codec.encode(worker.handle(data), m.CONTROL))
+        arm()
+        if worker.outcome is not None:
+            loop.stop()
+
+    loop.add_socket(rep, request)
+    loop.add(ended_r, loop.stop)
+    machine.start()
+    arm()
     try:
-        while outcome is None:
-            wait_ms = None
-            if deadline is not None and paused_at is None:
-                wait_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
-            if rep in dict(poller.poll(wait_ms)):
-                reply, outcome, paused_at, deadline = _handle(rep.recv(), machine, paused_at, deadline)
-                rep.send(codec.encode(reply))
-            outcome = outcome or machine.wait(0)
-            if outcome is None and deadline is not None and paused_at is None and time.monotonic() >= deadline:
-                machine.finish(Outcome(STATUS_TIMEOUT, f"timed out after {config.timeout:g} s"))
-                outcome = machine.outcome
+        loop.run()
     finally:
         rep.close(linger=1000)       # deliver the last reply (Stop) before exiting
         ctx.term()
+        console.close()
+    outcome = worker.outcome or machine.wait(0)
     return outcome.status, outcome.reason
-
-
-def _handle(data, machine, paused_at, deadline):
-    """(reply, outcome or None, paused_at, deadline) for one control request."""
-    outcome = None
-    try:
-        msg = codec.decode(data)
-        if isinstance(msg, m.Ping):
-            reply = m.Pong(os.getpid(), "")
-        elif isinstance(msg, m.Pause):
-            if not machine.pause(PAUSE_TIMEOUT):
-                raise RuntimeError(f"vCPUs did not stop within {PAUSE_TIMEOUT:g} s")
-            paused_at = paused_at or time.monotonic()
-            reply = m.Ok()
-        elif isinstance(msg, m.Resume):
-            machine.resume()
-            if paused_at is not None and deadline is not None:
-                deadline += time.monotonic() - paused_at     # paused time does not count
-            paused_at = None
-            reply = m.Ok()
-        elif isinstance(msg, m.Stats):
-            reply = m.StatsReply(json.loads(json.dumps(machine.stats(), default=str)))
-        elif isinstance(msg, m.DeviceStatus):
-            reply = m.StatsReply(json.loads(json.dumps(machine.device_status(), default=str)))
-        elif isinstance(msg, m.Stop):
-            outcome = machine.stop()
-            reply = m.Ok()
-        else:
-            reply = m.Error(errors.PROTOCOL, f"the worker does not handle {msg.TYPE}")
-    except ProtocolError as e:
-        reply = m.Error(errors.PROTOCOL, str(e))
-    except Exception as e:
-        traceback.print_exc()
-        reply = m.Error(errors.INTERNAL, f"{type(e).__name__}: {e}")
-    return reply, outcome, paused_at, deadline
 
 
 def _read_fd(fd):

@@ -4,7 +4,7 @@
  * posts requests and reaps completions: it never touches the data.  It polls
  * the used ring (queue vector VIRTIO_MSI_NO_VECTOR) and refills each slot as
  * soon as its request completes, kicking once per scan of the used ring.
- * Driver set-up is tests/guests/virtio_blk_driver.c's (virtio-pci modern).
+ * Driver set-up is tests/support/guests/virtio_blk_driver.c's (virtio-pci modern).
  *
  * Compile-time parameters (-D):
  *   SEQ_CHUNK, SEQ_DEPTH   sequential read of the whole disk: SEQ_CHUNK bytes a
@@ -18,7 +18,7 @@
  * "rand ios=N us=U" (TSC-timed: RDX at entry = TSC kHz), exits 0 on success,
  * else the failing step.
  */
-#include "virtio_guest.h"        /* tests/guests: port I/O, COM1, PCI config, common-cfg offsets */
+#include "virtio_guest.h"        /* tests/support/guests: port I/O, COM1, PCI config, common-cfg offsets */
 
 #ifndef SEQ_CHUNK
 #define SEQ_CHUNK (1024 * 1024)

@@ -27,8 +27,9 @@ to put a status: it is returned with length 0 and counted in `errors`.
 import os
 import struct
 
-from pyhv.devices.virtio.backend import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
-                                    VIRTIO_ID_BLOCK, ThreadedBackend)
+from pyhv.devices.virtio.device import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+                                        VIRTIO_ID_BLOCK)
+from pyhv.devices.virtio.threaded import ThreadedBackend
 
 VIRTIO_BLK_F_SIZE_MAX = 1 << 1
 VIRTIO_BLK_F_SEG_MAX = 1 << 2
@@ -110,8 +111,8 @@ class VirtioBlk(ThreadedBackend):
                 self.io_errors += 1
             elif status == VIRTIO_BLK_S_UNSUPP:
                 self.unsupported += 1
-            addr, ln = chain.writable[-1]
-            chain.mem.view(addr + ln - 1, 1)[0] = status
+            addr, ln = next((a, n) for a, n in reversed(chain.writable) if n)   # zero-length buffers hold no byte
+            chain.mem.write(addr + ln - 1, bytes((status,)))
             vq.put(chain.head, written + 1)
 
     def _request(self, chain):

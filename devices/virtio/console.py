@@ -27,21 +27,16 @@ Data path
 
 Host side
 ---------
-`ConsoleHost` (used by the device-service process, `--console-sock PATH
-[--console-log PATH]`) is a unix stream socket: one client at a time (a
-second one is accepted and closed at once, counted in `rejected_clients`),
-bytes copied both ways by one thread; guest output is also appended to the
-log file.  Output for a client that does not read is kept up to
-OUT_BUFFER_MAX bytes and the rest dropped (counted); with no client, output
-goes to the log only.
+`HostedConsole` (the "console" kind in its device service) serves its host
+end through devices/console_host.py: a unix socket, one client at a time,
+guest output also appended to the log file if there is one.
 """
-import os
-import select
-import socket
 import struct
 import threading
 
-from pyhv.devices.virtio.backend import VIRTIO_F_VERSION_1, VIRTIO_ID_CONSOLE, ThreadedBackend
+from pyhv.devices.console_host import ConsoleHost
+from pyhv.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_ID_CONSOLE
+from pyhv.devices.virtio.threaded import ThreadedBackend
 
 VIRTIO_CONSOLE_F_SIZE = 1 << 0
 VIRTIO_CONSOLE_F_MULTIPORT = 1 << 1
@@ -51,7 +46,6 @@ RECEIVEQ, TRANSMITQ = 0, 1
 QUEUE_SIZE = 128
 BACKLOG_MAX = 64 << 10          # host input waiting for receive buffers
 MAX_TX_CHAIN = 1 << 20          # bytes taken from one transmit chain
-OUT_BUFFER_MAX = 1 << 20        # guest output waiting for a slow socket client
 _CONFIG = struct.Struct("<HHII")
 EMERG_WR_OFFSET = 8
 
@@ -149,6 +143,15 @@ class VirtioConsole(ThreadedBackend):
             self.rx_chains += 1
             self.rx_bytes += n
 
+    def model_state(self):
+        """Host input not yet given to the guest."""
+        with self._in_lock:
+            return {"backlog": bytes(self._backlog)}
+
+    def restore_model_state(self, state):
+        with self._in_lock:
+            self._backlog = bytearray(bytes(state.get("backlog", b""))[:self.backlog_max])
+
     def counters(self):
         c = super().counters()
         c.update(tx_bytes=self.tx_bytes, rx_bytes=self.rx_bytes, dropped=self.dropped,
@@ -157,163 +160,13 @@ class VirtioConsole(ThreadedBackend):
         return c
 
 
-class ConsoleHost:
-    """The host end of a VirtioConsole: a unix socket (one client at a time) and an optional log file."""
-
-    def __init__(self, sock_path, log_path=None, out_max=OUT_BUFFER_MAX):
-        self.sock_path = sock_path
-        self.log_path = log_path
-        self.out_max = out_max
-        self.console = None
-        self._lock = threading.Lock()
-        self._out = bytearray()
-        self._client = None
-        self.clients = self.rejected_clients = self.out_dropped = 0
-        self._log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600) \
-            if log_path else None
-        try:
-            try:
-                os.unlink(sock_path)      # a stale socket from an earlier incarnation
-            except FileNotFoundError:
-                pass
-            self._listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            self._listen.bind(sock_path)
-            os.chmod(sock_path, 0o600)
-            self._listen.listen(4)
-        except OSError:
-            if self._log_fd is not None:
-                os.close(self._log_fd)
-            raise
-        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._stop = False
-        self._thread = None
-
-    def start(self, console):
-        """Serve `console` (a VirtioConsole): its sink becomes this host."""
-        self.console = console
-        console.sink = self.write
-        self._thread = threading.Thread(target=self._run, name="vconsole-host", daemon=True)
-        self._thread.start()
-
-    # called from the backend thread
-    def write(self, data):
-        if self._log_fd is not None:
-            try:
-                os.write(self._log_fd, data)
-            except OSError:
-                pass
-        with self._lock:
-            if self._client is None:
-                return
-            room = max(0, self.out_max - len(self._out))
-            self._out += data[:room]
-            self.out_dropped += max(0, len(data) - room)
-        os.eventfd_write(self._wake_fd, 1)
-
-    @property
-    def connected(self):
-        return self._client is not None
-
-    def _drop_client(self):
-        with self._lock:
-            c, self._client = self._client, None
-            self._out.clear()
-        if c is not None:
-            c.close()
-
-    def _run(self):
-        lfd, wfd = self._listen.fileno(), self._wake_fd
-        while not self._stop:
-            client = self._client
-            rlist, wlist = [lfd, wfd], []
-            if client is not None:
-                rlist.append(client)
-                with self._lock:
-                    if self._out:
-                        wlist.append(client)
-            try:
-                r, w, _ = select.select(rlist, wlist, [])
-            except (OSError, ValueError):
-                if self._stop:
-                    return
-                continue
-            if self._stop:
-                return
-            if wfd in r:
-                try:
-                    os.eventfd_read(wfd)
-                except BlockingIOError:
-                    pass
-            if lfd in r:
-                try:
-                    conn, _ = self._listen.accept()
-                except OSError:
-                    conn = None
-                if conn is not None:
-                    if self._client is None:
-                        conn.setblocking(False)
-                        with self._lock:
-                            self._client = conn
-                            self._out.clear()
-                        self.clients += 1
-                    else:
-                        self.rejected_clients += 1
-                        conn.close()
-            if client is not None and client in r:
-                try:
-                    data = client.recv(4096)
-                except BlockingIOError:
-                    data = None
-                except OSError:
-                    data = b""
-                if data == b"":
-                    self._drop_client()
-                    continue
-                if data and self.console is not None:
-                    self.console.feed(data)
-            if client is not None and client in w and self._client is client:
-                with self._lock:
-                    chunk = bytes(self._out[:65536])
-                try:
-                    n = client.send(chunk)
-                except BlockingIOError:
-                    n = 0
-                except OSError:
-                    self._drop_client()
-                    continue
-                with self._lock:
-                    del self._out[:n]
-
-    def counters(self):
-        return {"socket": self.sock_path, "log": self.log_path, "client_connected": self.connected,
-                "clients": self.clients, "rejected_clients": self.rejected_clients,
-                "out_dropped": self.out_dropped}
-
-    def close(self):
-        self._stop = True
-        if self._thread is not None:
-            os.eventfd_write(self._wake_fd, 1)
-            self._thread.join(2.0)
-            self._thread = None
-        self._drop_client()
-        self._listen.close()
-        try:
-            os.unlink(self.sock_path)
-        except OSError:
-            pass
-        os.close(self._wake_fd)
-        if self._log_fd is not None:
-            os.close(self._log_fd)
-            self._log_fd = None
-
-
 class HostedConsole(VirtioConsole):
-    """A VirtioConsole with its ConsoleHost, as the device service builds it ("console" kind)."""
+    """A VirtioConsole with its host end: the "console" kind as its device service builds it."""
 
     def __init__(self, sock_path, log_path=None, **kw):
         super().__init__(**kw)
-        self.host = ConsoleHost(sock_path, log_path)
-        self.host.start(self)
+        self.host = ConsoleHost(sock_path, self.feed, log_path, max_clients=1)
+        self.sink = self.host.write
 
     def counters(self):
         c = super().counters()

@@ -20,14 +20,16 @@ Data path
   small for a frame is returned with length 0 (`rx_errors`) and the frame is
   dropped.
 
-Ports (`devices/net_ports.py`) own their sockets; the model only calls
+Ports (`devices/net/ports.py`) own their sockets; the model only calls
 `port.send` from its thread and is fed by `deliver` from the port's thread.
 """
 import collections
 import struct
 import threading
 
-from pyhv.devices.virtio.backend import VIRTIO_F_VERSION_1, VIRTIO_ID_NET, ThreadedBackend
+from pyhv.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_ID_NET
+from pyhv.devices.virtio.threaded import ThreadedBackend
+from pyhv.proto.guest import format_mac
 
 VIRTIO_NET_F_MAC = 1 << 5
 VIRTIO_NET_F_STATUS = 1 << 16
@@ -41,21 +43,6 @@ MAX_FRAME = 1514                # no VLAN, no jumbo frames, no GSO
 RX_BACKLOG = 256
 _HDR_RX = struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 1)      # num_buffers = 1
 _CONFIG = struct.Struct("<6sHH")                            # mac, status, max_virtqueue_pairs
-
-
-def parse_mac(text):
-    """'52:54:00:12:34:56' -> 6 bytes; ValueError with the reason."""
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"MAC address {text!r} is not six hex bytes like 52:54:00:12:34:56")
-    mac = bytes(int(p, 16) for p in parts)
-    if mac[0] & 1:
-        raise ValueError(f"MAC address {text!r} is a multicast address (the first byte must be even)")
-    return mac
-
-
-def format_mac(mac):
-    return ":".join(f"{b:02x}" for b in mac)
 
 
 class VirtioNet(ThreadedBackend):
@@ -148,6 +135,16 @@ class VirtioNet(ThreadedBackend):
         if self.port is not None:
             c["port"] = self.port.counters()
         return c
+
+    def model_state(self):
+        """Frames received but not yet given to the guest."""
+        with self._rx_lock:
+            return {"rx": list(self._rx)}
+
+    def restore_model_state(self, state):
+        with self._rx_lock:
+            self._rx = collections.deque(bytes(f) for f in state.get("rx", [])[:self._rx_max]
+                                         if ETH_HLEN <= len(f) <= MAX_FRAME)
 
     def close(self):
         self.reset()                      # no more port.send from the backend thread

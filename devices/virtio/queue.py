@@ -64,6 +64,9 @@ import struct
 import sys
 import threading
 
+from pyhv.proto.device_service import QueueState
+from pyhv.proto.errors import HvError
+
 if sys.byteorder != "little":  # pragma: no cover - the hypervisor is x86-64 only
     raise ImportError("devices.virtio.queue assumes a little-endian host")
 
@@ -73,6 +76,8 @@ VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 
+VIRTIO_F_RING_INDIRECT_DESC = 1 << 28
+VIRTIO_F_RING_EVENT_IDX = 1 << 29
 MAX_QUEUE_SIZE = 32768
 DEFAULT_MAX_CHAIN_BYTES = 256 << 20      # spec bound is 2**32; devices want far less
 DEFAULT_MAX_INDIRECT_LEN = 64 << 10      # 4096 descriptors per indirect table
@@ -89,8 +94,8 @@ def _full_barrier():
     _barrier_lock.release()
 
 
-class VirtQueueError(Exception):
-    """Base of the virtqueue errors."""
+class VirtQueueError(HvError):
+    """Base of the virtqueue errors: what a guest's driver did wrong."""
 
 
 class QueueConfigError(VirtQueueError):
@@ -226,46 +231,55 @@ class VirtQueue:
         self._signalled_used = 0    # used idx at the last needs_interrupt()
         self._signalled_valid = False
 
-    # -- state for a restarted service ------------------------------------------------
-    def state(self):
-        """Everything needed to rebuild this queue in a new process: a JSON-able dict.
+    # -- the one shape of a queue's settings, and its position ------------------------------
+    @classmethod
+    def from_config(cls, mem, config, features, **limits):
+        """The queue a QueueConfig describes, with the ring features negotiated in `features`."""
+        return cls(mem, config.size, config.desc, config.driver, config.device,
+                   event_idx=bool(features & VIRTIO_F_RING_EVENT_IDX),
+                   indirect=bool(features & VIRTIO_F_RING_INDIRECT_DESC), **limits)
+
+    def state(self, config):
+        """This queue's position as a QueueState over `config` (the settings it was built from).
 
         Chains popped but not yet put are the device's to remember (their heads;
         `walk(head)` re-reads them, the driver cannot reuse them until used).
         """
-        return {"size": self.size, "desc_addr": self.desc_addr, "avail_addr": self.avail_addr,
-                "used_addr": self.used_addr, "event_idx": self.event_idx,
-                "indirect": self.indirect, "max_chain_bytes": self.max_chain_bytes,
-                "max_indirect_len": self.max_indirect_len, "last_avail_idx": self._last_avail,
-                "used_idx": self._used_idx, "notify": self._notify, "broken": self.broken}
+        return QueueState(config=config, last_avail_idx=self._last_avail, used_idx=self._used_idx,
+                          notify=self._notify, broken=self.broken)
 
     @classmethod
-    def restore(cls, mem, state):
-        """Rebuild a queue from `state()`, re-validating it; writes nothing to guest memory.
+    def restore(cls, mem, state, features, **limits):
+        """Rebuild a queue from a QueueState, re-validating it; writes nothing to guest memory.
 
         The first `needs_interrupt()` afterwards returns True unless the driver
         set VIRTQ_AVAIL_F_NO_INTERRUPT: the old process may have put chains
         without signalling them, so an interrupt may be spurious, never lost.
         """
-        try:
-            q = cls(mem, state["size"], state["desc_addr"], state["avail_addr"],
-                    state["used_addr"], state["event_idx"], state["indirect"],
-                    state["max_chain_bytes"], state["max_indirect_len"])
-            last, used = state["last_avail_idx"], state["used_idx"]
-            notify, broken = state["notify"], state["broken"]
-        except (KeyError, TypeError) as e:
-            raise QueueConfigError(f"bad queue state: {e!r}") from None
+        q = cls.from_config(mem, state.config, features, **limits)
+        last, used = state.last_avail_idx, state.used_idx
         for v in (last, used):
             if type(v) is not int or not 0 <= v <= 0xFFFF:
+                q.close()
                 raise QueueConfigError(f"bad ring index {v!r} in queue state")
         if (last - used) & 0xFFFF > q.size:
+            q.close()
             raise QueueConfigError(f"{(last - used) & 0xFFFF} chains in flight > queue size")
         q._last_avail = q._avail_shadow = last
         q._used_idx = used
         q._signalled_used = used
-        q._notify = bool(notify)
-        q.broken = bool(broken)
+        q._notify = bool(state.notify)
+        q.broken = bool(state.broken)
         return q
+
+    @classmethod
+    def resumed(cls, mem, config, features):
+        """A queue that continues where another process left it: from used.idx as found in guest RAM.
+
+        Chains that process had popped but not returned are served again.
+        """
+        used = mem.read_u16(config.device + 2) if mem.contains(config.device, 4) else 0
+        return cls.restore(mem, QueueState(config=config, last_avail_idx=used, used_idx=used), features)
 
     def close(self):
         """Release the ring views (GuestMemory.close needs all views released)."""

@@ -11,7 +11,8 @@ counted in `errors`; the queue keeps serving.
 """
 import os
 
-from pyhv.devices.virtio.backend import VIRTIO_F_VERSION_1, VIRTIO_ID_RNG, ThreadedBackend
+from pyhv.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_ID_RNG
+from pyhv.devices.virtio.threaded import ThreadedBackend
 
 MAX_REQUEST = 64 << 10
 QUEUE_SIZE = 256

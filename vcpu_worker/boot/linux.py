@@ -24,11 +24,12 @@ import zlib
 from dataclasses import dataclass
 
 from pyhv.devices.guest_memory import GuestMemory, ram_regions
+from pyhv.proto.errors import UserError
 from pyhv.vcpu_worker._kvm import ffi, lib
 from pyhv.vcpu_worker.boot import layout
 
 
-class KernelImageError(ValueError):
+class KernelImageError(UserError):
     """The kernel image (or the command line / initrd asked of it) cannot be booted; the message says why."""
 
 

@@ -15,45 +15,7 @@
 #include <sys/mman.h>
 #include <linux/kvm.h>
 
-#define HV_NR_REASONS 64
-
-/* port_action[] values: what the C loop does with a port-I/O exit. */
-#define HV_PORT_PYTHON    0   /* return to Python's bus */
-#define HV_PORT_SINK      1   /* writes ignored, reads all-ones (POST port) */
-#define HV_PORT_UNCLAIMED 2   /* like SINK, but counted as unclaimed */
-#define HV_PORT_EXIT      3   /* one-byte write ends the VM with that value */
-
-/* Pseudo exit reasons, above KVM's. */
-#define HV_EXIT_GUEST_EXIT 1000  /* exit port written; value in exit_value */
-#define HV_EXIT_ERRNO      1001  /* KVM_RUN failed; errno in err */
-
-struct hv_exit {
-    uint32_t reason;
-    int32_t err;
-    /* KVM_EXIT_IO */
-    uint32_t io_dir, io_size, io_port, io_count;
-    char *io_data;
-    /* KVM_EXIT_MMIO */
-    uint64_t mmio_addr;
-    uint32_t mmio_len, mmio_write;
-    char *mmio_data;
-    /* KVM_EXIT_INTERNAL_ERROR / FAIL_ENTRY / SYSTEM_EVENT */
-    uint32_t suberror, ndata;
-    uint64_t data[16];
-    uint64_t exit_value;
-};
-
-struct hv_vcpu {
-    int fd;
-    struct kvm_run *run;
-    const uint8_t *port_action;     /* 65536 entries, shared by the VM */
-    uint64_t exits[HV_NR_REASONS];  /* every KVM exit, by reason */
-    uint64_t io_fast;               /* port exits absorbed in C */
-    uint64_t io_unclaimed;          /* of those, to no device */
-    uint64_t ns_in_guest;           /* time inside KVM_RUN */
-    uint64_t ns_in_vmm;             /* time between KVM_RUN calls */
-    uint64_t last_return_ns;        /* when KVM_RUN last returned */
-};
+#include "hv_kvm.h"
 
 static uint64_t hv_now_ns(void)
 {
@@ -63,25 +25,25 @@ static uint64_t hv_now_ns(void)
 }
 
 /* ioctl returning the result, or -errno. */
-static long hv_ioctl(int fd, unsigned long req, void *arg)
+long hv_ioctl(int fd, unsigned long req, void *arg)
 {
     long r = ioctl(fd, req, arg);
     return r < 0 ? -errno : r;
 }
 
-static long hv_ioctl_int(int fd, unsigned long req, unsigned long arg)
+long hv_ioctl_int(int fd, unsigned long req, unsigned long arg)
 {
     long r = ioctl(fd, req, arg);
     return r < 0 ? -errno : r;
 }
 
-static void *hv_map_run(int vcpu_fd, long size)
+void *hv_map_run(int vcpu_fd, long size)
 {
     void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd, 0);
     return p == MAP_FAILED ? NULL : p;
 }
 
-static long hv_irq_line(int vm_fd, uint32_t irq, uint32_t level)
+long hv_irq_line(int vm_fd, uint32_t irq, uint32_t level)
 {
     struct kvm_irq_level l;
     memset(&l, 0, sizeof l);
@@ -91,7 +53,7 @@ static long hv_irq_line(int vm_fd, uint32_t irq, uint32_t level)
 }
 
 /* KVM_GET_SUPPORTED_CPUID into out[max]; returns the entry count or -errno. */
-static long hv_get_supported_cpuid(int kvm_fd, struct kvm_cpuid_entry2 *out, int max)
+long hv_get_supported_cpuid(int kvm_fd, struct kvm_cpuid_entry2 *out, int max)
 {
     char buf[sizeof(struct kvm_cpuid2) + 256 * sizeof(struct kvm_cpuid_entry2)];
     struct kvm_cpuid2 *c = (struct kvm_cpuid2 *)buf;
@@ -106,7 +68,7 @@ static long hv_get_supported_cpuid(int kvm_fd, struct kvm_cpuid_entry2 *out, int
     return c->nent;
 }
 
-static long hv_set_cpuid(int vcpu_fd, const struct kvm_cpuid_entry2 *ents, int n)
+long hv_set_cpuid(int vcpu_fd, const struct kvm_cpuid_entry2 *ents, int n)
 {
     char buf[sizeof(struct kvm_cpuid2) + 256 * sizeof(struct kvm_cpuid_entry2)];
     struct kvm_cpuid2 *c = (struct kvm_cpuid2 *)buf;
@@ -184,7 +146,7 @@ static int hv_fast_io(struct hv_vcpu *v, struct hv_exit *e)
 }
 
 /* Run the vCPU until an exit Python must see.  Returns e->reason. */
-static uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e)
+uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e)
 {
     for (;;) {
         uint64_t t0 = hv_now_ns();
@@ -219,7 +181,7 @@ static uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e)
     }
 }
 
-static void hv_set_immediate_exit(struct kvm_run *run, uint8_t value)
+void hv_set_immediate_exit(struct kvm_run *run, uint8_t value)
 {
     __atomic_store_n(&run->immediate_exit, value, __ATOMIC_SEQ_CST);
 }
@@ -233,7 +195,7 @@ static void hv_set_immediate_exit(struct kvm_run *run, uint8_t value)
 
 static void hv_kick_handler(int sig) { (void)sig; }
 
-static int hv_install_kick_handler(int sig)
+int hv_install_kick_handler(int sig)
 {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -242,7 +204,7 @@ static int hv_install_kick_handler(int sig)
     return sigaction(sig, &sa, NULL) < 0 ? -errno : 0;
 }
 
-static int hv_kick_thread(unsigned long thread, int sig)
+int hv_kick_thread(unsigned long thread, int sig)
 {
     return -pthread_kill((pthread_t)thread, sig);
 }

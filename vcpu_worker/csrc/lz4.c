@@ -62,7 +62,7 @@ static long hv_lz4_block(const uint8_t *src, size_t n, uint8_t *dst, size_t cap)
 }
 
 /* Whole legacy stream; returns decompressed size, -1 malformed, -2 too big. */
-static long hv_lz4_legacy_decompress(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap)
+long hv_lz4_legacy_decompress(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap)
 {
     size_t ip = 0, op = 0;
     if (src_len < 4 || hv_le32(src) != HV_LZ4_LEGACY_MAGIC) return -1;

@@ -1,0 +1,159 @@
+"""i8042 PS/2 controller: enough for Linux to probe it and for the guest to reset the machine.
+
+The guest reboots by pulsing the CPU reset line through the controller
+(command 0xFE, or 0xD1 with output-port bit 0 clear); that calls `reset()`,
+outside the lock.  There is no interrupt line, so replies sit in a small
+output buffer until the guest polls them (status bit 0).
+
+There is no AUX (mouse) port.  0xD3 (AUX loopback) is an unknown command, so
+Linux's loop test fails, and the AUX interface test then answers 0x01 ("clock
+line stuck"): i8042_check_aux gives up at once.  Linux accepts 0x00 and 0xFF
+there as a working port and then waits 250 ms for an IRQ 12 that never comes.
+"""
+import threading
+from collections import deque
+
+STATUS_OBF, STATUS_SYS, STATUS_CMD, STATUS_UNLOCKED = 0x01, 0x04, 0x08, 0x10
+CTR_KBDDIS, CTR_AUXDIS = 0x10, 0x20
+CTR_DEFAULT = 0x65                  # XLATE | AUXDIS | SYS | KBDINT, as firmware leaves it
+OUTPORT_RESET, OUTPORT_DEFAULT = 0x01, 0x03   # bit 0 is the CPU reset line, active low; bit 1 A20
+AUX_TEST_NO_AUX = 0x01
+OUT_BUFFER = 16                     # Linux's i8042_flush gives up after 16 bytes
+
+CMD_READ_CTR, CMD_WRITE_CTR = 0x20, 0x60
+CMD_AUX_DISABLE, CMD_AUX_ENABLE, CMD_AUX_TEST = 0xA7, 0xA8, 0xA9
+CMD_SELF_TEST, CMD_KBD_TEST, CMD_KBD_DISABLE, CMD_KBD_ENABLE = 0xAA, 0xAB, 0xAD, 0xAE
+CMD_READ_OUTPORT, CMD_WRITE_OUTPORT, CMD_WRITE_KBD_OUT = 0xD0, 0xD1, 0xD2
+CMD_PULSE = 0xF0                    # 0xF0..0xFF pulse the output-port bits clear in the low nibble
+
+_REPLIES = {CMD_AUX_TEST: AUX_TEST_NO_AUX, CMD_SELF_TEST: 0x55, CMD_KBD_TEST: 0x00}
+_CTR_BITS = {CMD_AUX_DISABLE: (CTR_AUXDIS, True), CMD_AUX_ENABLE: (CTR_AUXDIS, False),
+             CMD_KBD_DISABLE: (CTR_KBDDIS, True), CMD_KBD_ENABLE: (CTR_KBDDIS, False)}
+_KBD_REPLIES = {0xFF: (0xFA, 0xAA), 0xF2: (0xFA, 0xAB, 0x83), 0xEE: (0xEE,)}   # reset, identify, echo
+_ACK = (0xFA,)
+
+
+class _Port:
+    """One controller port in the bus's `read(offset, size)` / `write(offset, data)` shape."""
+
+    __slots__ = ("_read", "_write")
+
+    def __init__(self, read, write):
+        self._read, self._write = read, write
+
+    def read(self, offset, size):
+        value = self._read() if offset == 0 else 0xFF
+        return bytes((value,)) + b"\xff" * (size - 1) if size > 0 else b""
+
+    def write(self, offset, data):
+        if offset == 0 and data:
+            self._write(data[0])
+
+
+class I8042:
+    """Data port 0x60 and status/command port 0x64 of an AT keyboard controller."""
+
+    def __init__(self, reset):
+        self._reset = reset
+        self._lock = threading.Lock()
+        self._out = deque()             # bytes waiting for the guest at port 0x60
+        self._last = 0                  # what the output register holds once drained
+        self._ctr = CTR_DEFAULT
+        self._outport = OUTPORT_DEFAULT
+        self._pending = None            # a command waiting for its data byte
+        self._status_cmd = 0            # status bit 3: the last write went to port 0x64
+        self._commands = self._resets = 0
+        self._data_port = _Port(self.read_data, self.write_data)
+        self._command_port = _Port(self.read_status, self.write_command)
+
+    def data_port(self):
+        return self._data_port
+
+    def command_port(self):
+        return self._command_port
+
+    def counters(self):
+        with self._lock:
+            return {"commands": self._commands, "resets": self._resets}
+
+    def snapshot(self):
+        with self._lock:
+            return {"out": bytes(self._out), "last": self._last, "ctr": self._ctr, "outport": self._outport,
+                    "pending": self._pending, "status_cmd": self._status_cmd, "commands": self._commands,
+                    "resets": self._resets}
+
+    def restore(self, state):
+        with self._lock:
+            self._out = deque(bytes(state["out"])[:OUT_BUFFER])
+            self._last, self._ctr, self._outport = int(state["last"]), int(state["ctr"]), int(state["outport"])
+            self._pending = None if state["pending"] is None else int(state["pending"])
+            self._status_cmd = int(state["status_cmd"])
+            self._commands, self._resets = int(state["commands"]), int(state["resets"])
+
+    # -- port 0x60 ----------------------------------------------------------
+
+    def read_data(self):
+        with self._lock:
+            if self._out:
+                self._last = self._out.popleft()
+            return self._last
+
+    def write_data(self, b):
+        reset = False
+        with self._lock:
+            self._status_cmd = 0
+            cmd, self._pending = self._pending, None
+            if cmd == CMD_WRITE_CTR:
+                self._ctr = b
+            elif cmd == CMD_WRITE_KBD_OUT:
+                self._queue((b,))
+            elif cmd == CMD_WRITE_OUTPORT:
+                self._outport = b
+                reset = not b & OUTPORT_RESET
+                self._resets += reset
+            else:                           # no command pending: the byte is for the keyboard
+                self._queue(_KBD_REPLIES.get(b, _ACK))
+        if reset:
+            self._reset()
+
+    # -- port 0x64 ----------------------------------------------------------
+
+    def read_status(self):
+        with self._lock:
+            return (STATUS_OBF if self._out else 0) | STATUS_SYS | STATUS_UNLOCKED | self._status_cmd
+
+    def write_command(self, b):
+        with self._lock:
+            self._commands += 1
+            self._status_cmd = STATUS_CMD
+            self._pending = None
+            reset = False
+            if b in (CMD_WRITE_CTR, CMD_WRITE_OUTPORT, CMD_WRITE_KBD_OUT):
+                self._pending = b
+            elif b == CMD_READ_CTR:
+                self._reply(self._ctr)
+            elif b == CMD_READ_OUTPORT:
+                self._reply(self._outport)
+            elif b in _REPLIES:
+                self._reply(_REPLIES[b])
+            elif b in _CTR_BITS:
+                bit, on = _CTR_BITS[b]
+                self._ctr = self._ctr | bit if on else self._ctr & ~bit
+            elif b & 0xF0 == CMD_PULSE:
+                reset = not b & OUTPORT_RESET
+                self._resets += reset
+        if reset:
+            self._reset()
+
+    # -- output buffer (lock held) --------------------------------------------
+
+    def _reply(self, value):
+        """A controller reply replaces anything queued: with no IRQ, stale keyboard
+        bytes would otherwise be read back as the answer to the next command."""
+        self._out.clear()
+        self._out.append(value)
+
+    def _queue(self, values):
+        for v in values:
+            if len(self._out) < OUT_BUFFER:
+                self._out.append(v)

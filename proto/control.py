@@ -1,0 +1,115 @@
+"""The control channel: hvctl -> supervisor requests and replies, and the guest-control ones supervisor -> worker."""
+from pyhv.proto.guest import GuestConfig
+from pyhv.proto.messages import Channel, Error, Message, Ok, message, to_plain
+
+STATES = ("created", "running", "paused", "stopped", "failed")
+
+CONTROL = Channel("control", Ok, Error)
+
+
+@message
+class GuestInfo(Message):
+    """A guest as the supervisor sees it (reply to Create/Start/Stop/Info/Wait...)."""
+    name: str
+    state: str                       # one of STATES
+    vcpus: int
+    mem_bytes: int
+    exit_status: int | None          # None until stopped/failed
+    reason: str                      # why it stopped, or ""
+    pids: dict[str, int]             # process role -> pid, e.g. {"worker": 1234}
+    config: GuestConfig
+    console_log: str                 # path of the console log file
+    console_sock: str                # unix socket for `hvctl console`
+    devices: dict = dict             # running guests: device name -> {state, pid, restarts, reason}; switches too
+
+    def to_json(self):
+        """The object `hvctl info/list --json` prints (interface.md)."""
+        return to_plain(self)
+
+
+# --- requests (hvctl -> supervisor; the guest-control ones also supervisor -> worker) ---
+
+@CONTROL
+class Ping(Message):
+    """Is a supervisor (or worker) answering on this socket?"""
+
+
+@CONTROL
+class Create(Message):
+    config: GuestConfig
+
+
+@CONTROL
+class Start(Message):
+    name: str
+
+
+@CONTROL
+class Stop(Message):
+    """End the guest: status 143 "stopped by request"."""
+    name: str
+
+
+@CONTROL
+class Pause(Message):
+    name: str
+
+
+@CONTROL
+class Resume(Message):
+    name: str
+
+
+@CONTROL
+class Destroy(Message):
+    """Stop the guest if needed and forget it (runtime files included)."""
+    name: str
+
+
+@CONTROL
+class List(Message):
+    """All guests (reply: GuestList)."""
+
+
+@CONTROL
+class Info(Message):
+    name: str
+
+
+@CONTROL
+class Wait(Message):
+    """Reply (GuestInfo) deferred until the guest is stopped or failed."""
+    name: str
+
+
+@CONTROL
+class Stats(Message):
+    name: str
+
+
+@CONTROL
+class DeviceStatus(Message):
+    """Supervisor -> worker: each device's state, pid, restarts and failure reason (reply: StatsReply)."""
+    name: str
+
+
+# --- replies ---------------------------------------------------------------
+
+@CONTROL
+class Pong(Message):
+    pid: int
+    runtime_dir: str
+
+
+@CONTROL
+class GuestList(Message):
+    guests: list[GuestInfo]
+
+
+@CONTROL
+class StatsReply(Message):
+    """The worker's counters, plus host CPU/memory added by the supervisor."""
+    stats: dict
+
+
+CONTROL(GuestInfo)      # also a reply in its own right

@@ -1,0 +1,128 @@
+"""A guest's description: GuestConfig with its typed DeviceSpecs, and the pure parsers and checks of its options.
+
+What every process agrees a guest is: hvctl builds one from the command line,
+the supervisor keeps it in guest.json, the worker builds the VM from it.
+Checks here need nothing but the config itself; the files it names and the
+device kinds' own options are checked by their owners (supervisor/config.py,
+devices/virtio/kinds.py).
+"""
+import re
+
+from pyhv.proto.errors import UserError
+from pyhv.proto.messages import Channel, Message, message
+
+BOOT_MODES = ("linux", "raw16", "raw32", "raw64", "user64")
+COMPAT_PROFILES = ("nested", "none")
+DEFAULT_MEM_BYTES = 128 << 20
+MIN_MEM, MAX_MEM = 1 << 20, 64 << 30
+MAX_VCPUS = 64                  # KVM allows more; our hosts have 2 cores
+PAGE = 4096
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
+_SIZE_RE = re.compile(r"(\d+)([KMG]?)\Z", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+MMIO_HOLE_START = 0xC000_0000   # 3 GiB: RAM above it continues at 4 GiB (devices/guest_memory.py)
+HIGH_RAM_START = 0x1_0000_0000
+
+
+@message
+class DeviceSpec(Message):
+    """One device of a guest: its kind (a row of devices/virtio/kinds.py) and that kind's options, all strings."""
+    kind: str
+    options: dict[str, str] = dict
+
+
+GUEST = Channel("guest-config")     # a GuestConfig on its own: the worker's --config, guest.json
+
+
+@GUEST
+class GuestConfig(Message):
+    """Everything needed to build one guest (the options of `hvctl run`/`create`)."""
+    name: str
+    kernel: str                      # absolute path, checked readable before use
+    boot: str = "linux"              # one of BOOT_MODES
+    load_addr: int | None = None     # None: 0x7C00 for raw16, 0x100000 otherwise
+    initrd: str | None = None
+    cmdline: str = ""
+    mem_bytes: int = DEFAULT_MEM_BYTES
+    vcpus: int = 1
+    timeout: float | None = None     # seconds; past it the guest ends with 124
+    pin: list[int] = list            # host CPUs; vCPU i runs on pin[i % len(pin)]; empty: unpinned
+    compat: str = "nested"           # compatibility profile: "nested" (default) or "none"
+    devices: list[DeviceSpec] = list  # virtio devices, in PCI slot order
+
+    def devices_of(self, kind):
+        return [d for d in self.devices if d.kind == kind]
+
+
+def ram_ranges(size):
+    """[(guest_phys_addr, length)] of guest RAM for a guest of `size` bytes (below the MMIO hole, then above 4 GiB)."""
+    low = min(size, MMIO_HOLE_START)
+    return [(0, low)] + ([(HIGH_RAM_START, size - low)] if size > low else [])
+
+
+def parse_size(text, option="--mem"):
+    """Bytes in "128M", "1G", "65536", "512k" (K/M/G are powers of 1024)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise UserError(f"{option}: cannot parse size {text!r} (use a number with an optional K, M or G suffix, "
+                        f"e.g. 128M)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def parse_int(text, option):
+    """An integer in decimal or 0x hex, for --load-addr and --vcpus."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise UserError(f"{option}: {text!r} is not an integer") from None
+
+
+def parse_cpu_list(text):
+    """'0,1' or '0-3' -> [0, 1] / [0, 1, 2, 3], for --pin."""
+    cpus = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"--pin: {text!r} is not a CPU list like 0,1 or 0-3") from None
+    if not cpus:
+        raise UserError(f"--pin: {text!r} names no CPU")
+    return cpus
+
+
+def parse_mac(text):
+    """'52:54:00:12:34:56' -> 6 bytes; UserError unless it is a unicast MAC address."""
+    if not isinstance(text, str) or not MAC_RE.match(text):
+        raise UserError(f"MAC address {text!r} is not six hex bytes like 52:54:00:12:34:56")
+    mac = bytes(int(p, 16) for p in text.split(":"))
+    if mac[0] & 1:
+        raise UserError(f"MAC address {text} is a multicast address (the first byte must be even)")
+    return mac
+
+
+def format_mac(mac):
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def check(config):
+    """Raise UserError unless `config`'s own values are usable (files and device options are checked elsewhere)."""
+    c = config
+    if not NAME_RE.match(c.name):
+        raise UserError(f"bad guest name {c.name!r}: use 1-63 letters, digits, '_', '.', '-', "
+                        f"starting with a letter or digit")
+    if c.boot not in BOOT_MODES:
+        raise UserError(f"--boot: {c.boot!r} is not one of {', '.join(BOOT_MODES)}")
+    if not MIN_MEM <= c.mem_bytes <= MAX_MEM:
+        raise UserError(f"--mem: {c.mem_bytes} bytes is out of range (1M .. 64G)")
+    if c.mem_bytes % PAGE:
+        raise UserError(f"--mem: {c.mem_bytes} bytes is not a multiple of 4K")
+    if not 1 <= c.vcpus <= MAX_VCPUS:
+        raise UserError(f"--vcpus: {c.vcpus} is out of range (1 .. {MAX_VCPUS})")
+    if c.load_addr is not None and not any(gpa <= c.load_addr < gpa + size for gpa, size in ram_ranges(c.mem_bytes)):
+        raise UserError(f"--load-addr: 0x{c.load_addr:x} is outside guest RAM ({c.mem_bytes >> 20} MiB)")
+    if c.timeout is not None and not c.timeout > 0:
+        raise UserError(f"--timeout: {c.timeout:g} is not a positive number of seconds")
+    if c.compat not in COMPAT_PROFILES:
+        raise UserError(f"--compat: {c.compat!r} is not one of {', '.join(COMPAT_PROFILES)}")

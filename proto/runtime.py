@@ -1,0 +1,132 @@
+"""The runtime dir's layout: every socket, lock and log path in one place, the default dir, and a child's environment.
+
+    RUNTIME/control.sock  supervisor.lock  supervisor.log  services.sock
+            switch-NAME.sock .lock .json .log       (one learning switch per name)
+            guests/NAME/guest.json  console.log  console.sock  worker.log  worker.sock  result.json
+                        vconsole.sock  vconsole.log  svc-DEVICE-N-ctl.sock  svc-DEVICE-N-evt.sock
+
+A GuestDir (supervised) and a PrivateDir (`hvctl run`: a temp dir for its
+sockets, switches in the default runtime dir) answer the same questions, so
+code that needs a host path for a device asks whichever it was given.
+"""
+import os
+
+import pyhv
+
+UNIX_PATH_MAX = 107             # sun_path minus its NUL
+
+
+def default_dir():
+    """$HV_RUNTIME_DIR, else $XDG_RUNTIME_DIR/pyhv, else /tmp/pyhv-UID."""
+    if os.environ.get("HV_RUNTIME_DIR"):
+        return os.environ["HV_RUNTIME_DIR"]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "pyhv")
+    return f"/tmp/pyhv-{os.getuid()}"
+
+
+def child_env():
+    """os.environ with this pyhv first on PYTHONPATH, so `python -m pyhv....` in a child runs this very code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pyhv.import_root(), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def python_module(module):
+    """The argv that runs `python -m pyhv.MODULE` with this interpreter."""
+    import sys
+    return [sys.executable, "-m", f"pyhv.{module}"]
+
+
+class _Dir:
+    """Sockets of device services and switches, common to both kinds of guest directory."""
+    path = ""
+    switch_root = ""
+
+    def file(self, leaf):
+        return os.path.join(self.path, leaf)
+
+    def service_endpoint(self, device, incarnation, role):
+        """The ZeroMQ endpoint of a device service's control ("ctl") or events ("evt") socket."""
+        return f"ipc://{self.file(f'svc-{device}-{incarnation}-{role}.sock')}"
+
+    def switch_endpoint(self, name):
+        return switch_endpoint(self.switch_root, name)
+
+    def socket_path(self, leaf):
+        """A device's host-side unix socket, e.g. vconsole.sock."""
+        return self.file(f"{leaf}.sock")
+
+    def longest_socket(self):
+        """The longest unix socket path below this directory (it must fit UNIX_PATH_MAX)."""
+        return self.service_endpoint("virtio-console", 999, "ctl")[len("ipc://"):]
+
+
+class RuntimeDir:
+    """One supervisor's directory."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self.control_sock = self.file("control.sock")
+        self.control_endpoint = "ipc://" + self.control_sock
+        self.supervisor_lock = self.file("supervisor.lock")
+        self.supervisor_log = self.file("supervisor.log")
+        self.services_sock = self.file("services.sock")
+        self.guests = self.file("guests")
+
+    def file(self, leaf):
+        return os.path.join(self.path, leaf)
+
+    def guest(self, name):
+        return GuestDir(self, name)
+
+    def switch_endpoint(self, name):
+        return switch_endpoint(self.path, name)
+
+    def switch_file(self, name, ext):
+        """switch-NAME.sock / .lock / .json / .log"""
+        return self.file(f"switch-{name}.{ext}")
+
+
+def switch_endpoint(runtime_dir, name):
+    """The ZeroMQ endpoint of switch NAME in `runtime_dir`."""
+    return f"ipc://{os.path.join(os.path.abspath(runtime_dir), f'switch-{name}.sock')}"
+
+
+class GuestDir(_Dir):
+    """RUNTIME/guests/NAME: a supervised guest's files."""
+
+    def __init__(self, runtime, name):
+        self.runtime = runtime
+        self.name = name
+        self.path = os.path.join(runtime.guests, name)
+        self.switch_root = runtime.path
+        self.record = self.file("guest.json")
+        self.console_log = self.file("console.log")
+        self.console_sock = self.file("console.sock")
+        self.worker_log = self.file("worker.log")
+        self.worker_sock = self.file("worker.sock")
+        self.worker_endpoint = "ipc://" + self.worker_sock
+        self.result = self.file("result.json")
+
+    def log_path(self, leaf):
+        return self.file(f"{leaf}.log")
+
+
+class PrivateDir(_Dir):
+    """A standalone guest's (`hvctl run`) temp dir for its sockets; switches live in the default runtime dir."""
+
+    def __init__(self, prefix="pyhv-run-"):
+        import tempfile                # here: hvctl run without devices never needs it
+        self.path = tempfile.mkdtemp(prefix=prefix)
+        if len(self.longest_socket()) > UNIX_PATH_MAX:          # a long TMPDIR: sockets would not bind
+            os.rmdir(self.path)
+            self.path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+        self.switch_root = os.path.abspath(default_dir())
+
+    def log_path(self, leaf):
+        return None                    # a foreground guest keeps no logs
+
+    def remove(self):
+        import shutil
+        shutil.rmtree(self.path, ignore_errors=True)

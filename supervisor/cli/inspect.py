@@ -1,0 +1,122 @@
+"""Looking at guests: list, info, stats, top."""
+import json
+
+from pyhv.devices.virtio.kinds import kind as device_kind
+from pyhv.proto import control as m
+from pyhv.proto.errors import EXIT_OK, HvError
+from pyhv.supervisor.cli.client import mib_text, request, size_text
+
+
+def cmd_list(args):
+    guests = request(args, m.List()).guests
+    if args.json:
+        print(json.dumps([g.to_json() for g in guests], indent=2))
+        return EXIT_OK
+    print(f"{'NAME':20} {'STATE':8} {'VCPUS':>5} {'MEM':>8} {'EXIT':>4}  PID")
+    for g in guests:
+        exit_status = "-" if g.exit_status is None else g.exit_status
+        print(f"{g.name:20} {g.state:8} {g.vcpus:>5} {size_text(g.mem_bytes):>8} {exit_status:>4}  "
+              f"{g.pids.get('worker', '-')}")
+    return EXIT_OK
+
+
+def cmd_info(args):
+    from pyhv.vcpu_worker.compat import profile
+    g = request(args, m.Info(args.name))
+    compat = profile(g.config.compat).describe()
+    if args.json:
+        print(json.dumps({**g.to_json(), "compat_profile": compat}, indent=2))
+        return EXIT_OK
+    c = g.config
+    rows = [("name", g.name), ("state", g.state),
+            ("exit status", "-" if g.exit_status is None else g.exit_status), ("reason", g.reason or "-"),
+            ("pids", " ".join(f"{k}={v}" for k, v in g.pids.items()) or "-"),
+            ("kernel", c.kernel), ("boot", c.boot),
+            ("load addr", "default" if c.load_addr is None else hex(c.load_addr)),
+            ("initrd", c.initrd or "-"), ("cmdline", c.cmdline or "-"), ("mem", size_text(c.mem_bytes)),
+            ("vcpus", c.vcpus), ("timeout", "-" if c.timeout is None else f"{c.timeout:g} s"),
+            ("pin", ",".join(map(str, c.pin)) or "-"), ("console log", g.console_log),
+            *((device_kind(d.kind).flag.lstrip("-"), device_kind(d.kind).describe(d.options)) for d in c.devices),
+            ("compat", compat["name"]),
+            *((f"  {kind}", item) for kind in ("cpuid_masks", "kernel_args", "fixups") for item in compat[kind]),
+            *(("device", _device_line(name, d)) for name, d in g.devices.items())]
+    for k, v in rows:
+        print(f"{k + ':':13} {v}")
+    return EXIT_OK
+
+
+def _device_line(name, d):
+    """'virtio-blk0: running (pid 123)' or 'virtio-rng: failed: why', for info."""
+    line = f"{name}: {d.get('state', '?')}"
+    if d.get("pid"):
+        line += f" (pid {d['pid']})"
+    if d.get("restarts"):
+        line += f", {d['restarts']} restart(s)"
+    if d.get("reason"):
+        line += f": {d['reason']}"
+    return line
+
+
+def cmd_stats(args):
+    symbols = None
+    if args.symbols:
+        from pyhv.supervisor.symbols import SymbolMap
+        symbols = SymbolMap(args.symbols)
+    stats = request(args, m.Stats(args.name)).stats
+    if symbols is not None:
+        for v in stats.get("vcpus", []):
+            pos = v.get("position")
+            if pos:
+                pos["symbol"] = symbols.lookup(int(pos["rip"], 16))
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return EXIT_OK
+    for v in stats.get("vcpus", []):
+        exits = ", ".join(f"{k} {n}" for k, n in sorted(v.get("exits", {}).items(), key=lambda kv: -kv[1]))
+        pos = v.get("position")
+        where = ""
+        if pos:
+            sym = f" {pos['symbol']}" if pos.get("symbol") else ""
+            where = f"at rip {pos['rip']}{sym} (ring {pos['cpl']}); "
+        print(f"vcpu {v.get('index')}: {where}exits: {exits or '-'}")
+        times = {k: v[k] for k in ("ns_in_guest", "ns_in_vmm") if k in v}
+        if times:
+            print("  " + ", ".join(f"{k} {n}" for k, n in times.items()))
+    for name, counters in stats.get("devices", {}).items():
+        print(f"device {name}: " + ", ".join(f"{k} {n}" for k, n in counters.items()))
+    for k in ("pio_unclaimed", "mmio_unclaimed"):
+        if k in stats:
+            print(f"{k}: {stats[k]}")
+    for role, p in stats.get("host", {}).items():
+        pss = "-" if p["pss"] is None else mib_text(p["pss"])
+        print(f"{role} (pid {p['pid']}): cpu {p['cpu_percent']}% ({p['cpu_seconds']} s), "
+              f"rss {mib_text(p['rss'])}, pss {pss}")
+    return EXIT_OK
+
+
+def cmd_top(args):
+    from pyhv.supervisor import top
+
+    def fetch_stats(name):
+        try:
+            return request(args, m.Stats(name)).stats
+        except HvError:
+            return None          # it stopped between list and stats
+
+    top.run(lambda: [g.to_json() for g in request(args, m.List()).guests], fetch_stats,
+            interval=args.interval, iterations=args.iterations)
+    return EXIT_OK
+
+
+def add_commands(add):
+    add("list", cmd_list, "all guests").add_argument("--json", action="store_true")
+    add("info", cmd_info, "one guest: config, state, exit status, pids", "name").add_argument(
+        "--json", action="store_true")
+    stats = add("stats", cmd_stats, "where each vCPU is, exits per vCPU, device counters, host CPU/memory per "
+                "process", "name")
+    stats.add_argument("--json", action="store_true")
+    stats.add_argument("--symbols", metavar="SYSTEM.MAP", help="name the function each vCPU is in, from the "
+                       "guest kernel's System.map")
+    top = add("top", cmd_top, "a live, refreshing table of all guests (exits/s, guest time, CPU, memory)")
+    top.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
+    top.add_argument("--iterations", "-n", type=int, metavar="N", help="stop after N refreshes")

@@ -1,0 +1,369 @@
+"""The supervisor: robust to bad requests, runs guests in isolated workers, reports their ends.
+
+Every guest here has a bound: --timeout, `hvctl wait --timeout`, or the
+subprocess timeout of each hvctl call.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from pyhv.proto import codec, control as m
+from pyhv.proto.control import CONTROL
+from pyhv.proto.messages import Error, Ok
+
+from hv import HVCTL, REPO, Supervisor, needs_kvm, wait_for
+
+# raw16 guests.  EXIT7: prints "hi", exits 7.  ECHO: prints ">", echoes COM1 input, exits 7 on "q".
+# LOOP: prints "x" and spins.
+EXIT7 = r"""
+    mov $0x3f8, %dx
+    mov $'h', %al
+    out %al, %dx
+    mov $'i', %al
+    out %al, %dx
+    mov $'\n', %al
+    out %al, %dx
+    mov $0x501, %dx
+    mov $7, %al
+    out %al, %dx
+1:  jmp 1b
+"""
+ECHO = r"""
+    mov $0x3f8, %dx
+    mov $'>', %al
+    out %al, %dx
+1:  mov $0x3fd, %dx
+    in %dx, %al
+    test $1, %al
+    jz 1b
+    mov $0x3f8, %dx
+    in %dx, %al
+    out %al, %dx
+    cmp $'q', %al
+    jne 1b
+    mov $0x501, %dx
+    mov $7, %al
+    out %al, %dx
+2:  jmp 2b
+"""
+LOOP = r"""
+    mov $0x3f8, %dx
+    mov $'x', %al
+    out %al, %dx
+1:  jmp 1b
+"""
+
+
+def raw_request(endpoint, frames, sock_type=zmq.DEALER, timeout=5.0):
+    """Send raw frames; the reply frames, or None if none came."""
+    sock = zmq.Context.instance().socket(sock_type)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart(frames)
+        return sock.recv_multipart() if sock.poll(int(timeout * 1000)) else None
+    finally:
+        sock.close()
+
+
+def error_kind(frame):
+    reply = codec.decode(frame, CONTROL)
+    assert isinstance(reply, Error), reply
+    assert "\n" not in reply.message
+    return reply.kind
+
+
+def guest(build_guest, source):
+    return str(build_guest(source, "raw16"))
+
+
+# --- control socket robustness ---------------------------------------------
+
+def test_malformed_requests_get_error_replies(sup):
+    ep = sup.endpoint
+    for payload in (b"garbage", b"", msgpack.packb([1, 2]),
+                    msgpack.packb({"v": 99, "type": "Ping", "fields": {}}),
+                    msgpack.packb({"v": 1, "type": "Nope", "fields": {}}),
+                    msgpack.packb({"v": 1, "type": "Start", "fields": {"name": 3}}),
+                    msgpack.packb({"v": 1, "type": "Start", "fields": {"name": "a", "x": 1}}),
+                    codec.encode(Ok(), CONTROL)):                        # a reply is not a request
+        reply = raw_request(ep, [b"", payload])
+        assert reply is not None and reply[0] == b"" and len(reply) == 2
+        assert error_kind(reply[1]) == "protocol"
+    # wrong number of frames, and no empty delimiter
+    reply = raw_request(ep, [b"", b"a", b"b"])
+    assert reply[0] == b"" and error_kind(reply[1]) == "protocol"
+    reply = raw_request(ep, [codec.encode(m.Ping(), CONTROL)])
+    assert len(reply) == 1 and isinstance(codec.decode(reply[0], CONTROL), m.Pong)
+    # a REQ socket sending garbage
+    reply = raw_request(ep, [b"\xc1\xc1"], sock_type=zmq.REQ)
+    assert error_kind(reply[0]) == "protocol"
+    # a frame over ZMQ_MAXMSGSIZE: the peer is dropped, no reply, the supervisor carries on
+    assert raw_request(ep, [b"", b"\x00" * (codec.MAX_MESSAGE_BYTES + 10)], timeout=0.5) is None
+    # unknown guest through a valid request
+    reply = raw_request(ep, [b"", codec.encode(m.Info("nosuch"), CONTROL)])
+    assert error_kind(reply[1]) == "no-such-guest"
+    # still serving
+    assert isinstance(codec.decode(raw_request(ep, [b"", codec.encode(m.Ping(), CONTROL)])[1], CONTROL), m.Pong)
+    assert sup.proc.poll() is None
+    sup.hvctl("list", check=0)
+
+
+def test_stale_socket_is_replaced():
+    d = tempfile.mkdtemp(prefix="hv-", dir="/tmp")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(os.path.join(d, "control.sock"))
+    s.close()
+    sup = Supervisor(d)
+    try:
+        assert sup.hvctl("list", "--json", check=0).stdout.strip() == "[]"
+    finally:
+        sup.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_detach():
+    d = tempfile.mkdtemp(prefix="hv-", dir="/tmp")
+    env = {**os.environ, "HV_RUNTIME_DIR": d}
+    try:
+        r = subprocess.run(HVCTL + ["supervisor", "--detach"], capture_output=True, text=True, timeout=30, env=env)
+        assert r.returncode == 0, r
+        r = subprocess.run(HVCTL + ["list", "--json"], capture_output=True, text=True, timeout=30, env=env)
+        assert r.returncode == 0 and json.loads(r.stdout) == []
+    finally:
+        with open(os.path.join(d, "supervisor.lock")) as f:
+            pid = int(f.read())
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not os.path.exists(os.path.join(d, "control.sock")))
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# --- guests ----------------------------------------------------------------
+
+def send_console(info, data):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(info["console_sock"])
+        s.sendall(data)
+        time.sleep(0.2)
+
+
+@needs_kvm
+def test_killed_worker_fails_only_its_guest(sup, build_guest):
+    echo = guest(build_guest, ECHO)
+    for name in ("a", "b"):
+        sup.hvctl("create", name, "--kernel", echo, "--boot", "raw16", "--timeout", "60", check=0)
+        sup.hvctl("start", name, check=0)
+    a = sup.info("a")
+    assert a["state"] == "running" and a["exit_status"] is None
+    os.kill(a["pids"]["worker"], signal.SIGKILL)
+    r = sup.hvctl("wait", "a", "--timeout", "20", check=70)
+    assert "killed by signal SIGKILL" in r.stderr
+    a = sup.info("a")
+    assert (a["state"], a["exit_status"], a["pids"]) == ("failed", 70, {})
+    b = sup.info("b")
+    assert b["state"] == "running"
+    wait_for(lambda: os.path.exists(b["console_sock"]))
+    send_console(b, b"zq")
+    sup.hvctl("wait", "b", "--timeout", "20", check=7)
+    assert sup.hvctl("logs", "b", check=0).stdout == ">zq"
+    guests = json.loads(sup.hvctl("list", "--json", check=0).stdout)
+    assert [(g["name"], g["state"], g["exit_status"]) for g in guests] == [("a", "failed", 70), ("b", "stopped", 7)]
+    for g in guests:
+        assert {"name", "state", "vcpus", "mem_bytes", "exit_status", "pids", "config", "reason"} <= set(g)
+        assert g["vcpus"] == 1 and g["mem_bytes"] == 128 << 20
+
+
+@needs_kvm
+def test_wait_info_logs(sup, build_guest):
+    sup.hvctl("create", "g", "--kernel", guest(build_guest, EXIT7), "--boot", "raw16", "--mem", "16M", check=0)
+    assert sup.info("g")["state"] == "created"
+    sup.hvctl("start", "g", check=0)
+    sup.hvctl("wait", "g", "--timeout", "20", check=7)
+    info = sup.info("g")
+    assert (info["state"], info["exit_status"], info["mem_bytes"]) == ("stopped", 7, 16 << 20)
+    assert "7" in info["reason"]
+    assert sup.hvctl("logs", "g", check=0).stdout == "hi\n"
+    assert sup.hvctl("logs", "g", "--follow", check=0).stdout == "hi\n"
+    sup.hvctl("start", "g", check=0)                 # a stopped guest can start again
+    sup.hvctl("wait", "g", "--timeout", "20", check=7)
+    assert sup.hvctl("logs", "g", check=0).stdout == "hi\nhi\n"
+
+
+@needs_kvm
+def test_pause_resume_stats_stop(sup, build_guest):
+    sup.hvctl("create", "g", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "60", check=0)
+    sup.hvctl("start", "g", check=0)
+    sup.hvctl("pause", "g", check=0)
+    assert sup.info("g")["state"] == "paused"
+    sup.hvctl("pause", "g", check=1)
+    stats = json.loads(sup.hvctl("stats", "g", "--json", check=0).stdout)
+    assert stats["vcpus"][0]["index"] == 0 and "devices" in stats
+    assert stats["host"]["worker"]["rss"] > 0 and stats["host"]["worker"]["pid"] == sup.info("g")["pids"]["worker"]
+    # where the vCPU is: LOOP spins on `jmp 1b` right after its 6-byte prologue (raw16: rip is IP)
+    assert stats["vcpus"][0]["position"] == {"rip": hex(0x7C00 + 6), "cpl": 0}
+    assert "at rip 0x7c06 (ring 0)" in sup.hvctl("stats", "g", check=0).stdout
+    smap = os.path.join(sup.dir, "System.map")
+    with open(smap, "w") as f:                       # a System.map for this guest: entry and a data symbol
+        f.write("0000000000007c00 T entry\n0000000000007c03 D not_code\n0000000000007c10 t after\n")
+    named = json.loads(sup.hvctl("stats", "g", "--json", "--symbols", smap, check=0).stdout)
+    assert named["vcpus"][0]["position"]["symbol"] == "entry+0x6"
+    assert "0x7c06 entry+0x6 (ring 0)" in sup.hvctl("stats", "g", "--symbols", smap, check=0).stdout
+    bad = sup.hvctl("stats", "g", "--symbols", os.path.join(sup.dir, "missing.map"), check=2)
+    assert "cannot read" in bad.stderr and len(bad.stderr.splitlines()) == 1
+    sup.hvctl("resume", "g", check=0)
+    assert json.loads(sup.hvctl("stats", "g", "--json", check=0).stdout)["vcpus"][0]["position"]["rip"] == "0x7c06"
+    assert sup.info("g")["state"] == "running"
+    r = sup.hvctl("wait", "g", "--timeout", "0.3", check=124)
+    assert "still running" in r.stderr
+    sup.hvctl("stop", "g", check=0)
+    info = sup.info("g")
+    assert (info["state"], info["exit_status"]) == ("stopped", 143)
+    assert "stopped by request" in info["reason"]
+    sup.hvctl("wait", "g", check=143)
+    assert sup.hvctl("logs", "g", check=0).stdout == "x"
+
+
+@needs_kvm
+def test_timeout_and_follow(sup, build_guest):
+    sup.hvctl("create", "g", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "1", check=0)
+    sup.hvctl("start", "g", check=0)
+    assert sup.hvctl("logs", "g", "--follow", check=0).stdout == "x"
+    assert sup.info("g")["state"] == "stopped"
+    sup.hvctl("wait", "g", check=124)
+
+
+@needs_kvm
+def test_destroy_running_guest(sup, build_guest):
+    sup.hvctl("create", "g", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "60", check=0)
+    sup.hvctl("start", "g", check=0)
+    info = sup.info("g")
+    sup.hvctl("destroy", "g", check=0)
+    sup.hvctl("info", "g", check=1)
+    assert not os.path.exists(os.path.dirname(info["console_log"]))
+    with pytest.raises(ProcessLookupError):
+        os.kill(info["pids"]["worker"], 0)
+
+
+@needs_kvm
+def test_unusable_image_is_reported(sup, tmp_path):
+    k = tmp_path / "notakernel"
+    k.write_text("hello\n")
+    sup.hvctl("create", "g", "--kernel", k, check=0)
+    sup.hvctl("start", "g", check=0)
+    r = sup.hvctl("wait", "g", "--timeout", "20", check=2)
+    assert "not a Linux kernel" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+@needs_kvm
+def test_restarted_supervisor_lists_guests(build_guest):
+    sup = Supervisor()
+    try:
+        sup.hvctl("create", "done", "--kernel", guest(build_guest, EXIT7), "--boot", "raw16", check=0)
+        sup.hvctl("start", "done", check=0)
+        sup.hvctl("wait", "done", "--timeout", "20", check=7)
+        sup.hvctl("create", "busy", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", check=0)
+        sup.hvctl("start", "busy", check=0)
+        pid = sup.info("busy")["pids"]["worker"]
+        sup.stop()                                   # SIGTERM: workers are ended too
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        sup = Supervisor(sup.dir)
+        guests = {g["name"]: g for g in json.loads(sup.hvctl("list", "--json", check=0).stdout)}
+        assert (guests["done"]["state"], guests["done"]["exit_status"]) == ("stopped", 7)
+        assert (guests["busy"]["state"], guests["busy"]["exit_status"]) == ("stopped", 143)
+        sup.hvctl("start", "done", check=0)
+        sup.hvctl("wait", "done", "--timeout", "20", check=7)
+    finally:
+        sup.stop()
+        shutil.rmtree(sup.dir, ignore_errors=True)
+
+
+SPIN64 = "1: jmp 1b\n"
+
+
+@needs_kvm
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two host CPUs to pin to")
+def test_pinned_vcpus_run_on_the_named_host_cpus(sup, build_guest):
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    img = build_guest(SPIN64, "user64")
+    sup.hvctl("create", "p", "--kernel", img, "--boot", "user64", "--vcpus", "3",
+              "--pin", f"{cpus[1]},{cpus[0]}", "--timeout", "60", check=0)
+    sup.hvctl("start", "p", check=0)
+    stats = json.loads(sup.hvctl("stats", "p", "--json", check=0).stdout)
+    placed = {v["index"]: v["host_cpus"] for v in stats["vcpus"]}
+    assert placed == {0: [cpus[1]], 1: [cpus[0]], 2: [cpus[1]]}
+    tids = {v["host_tid"] for v in stats["vcpus"]}
+    assert len(tids) == 3 and all(os.path.exists(f"/proc/{sup.info('p')['pids']['worker']}/task/{t}") for t in tids)
+    sup.hvctl("stop", "p", check=0)
+
+
+@needs_kvm
+def test_top_shows_rates_for_running_guests(sup, build_guest):
+    # A guest that keeps exiting on a Python-handled port (COM1 scratch) so the exit rate is non-zero.
+    busy = "mov $0x3ff, %dx\n1: out %al, %dx\njmp 1b\n"
+    sup.hvctl("create", "busy", "--kernel", guest(build_guest, busy), "--boot", "raw16", "--timeout", "60", check=0)
+    sup.hvctl("create", "idle", "--kernel", guest(build_guest, EXIT7), "--boot", "raw16", check=0)
+    sup.hvctl("start", "busy", check=0)
+    sup.hvctl("start", "idle", check=0)
+    sup.hvctl("wait", "idle", "--timeout", "30", check=7)
+    out = sup.hvctl("top", "--iterations", "2", "--interval", "0.5", check=0).stdout
+    table = out.strip().splitlines()[-3:]           # the second refresh: header + 2 guests
+    header = table[0].split()
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert header[:5] == ["NAME", "STATE", "VCPUS", "MEM", "EXITS/S"]
+    assert rows["busy"][1] == "running" and int(rows["busy"][4].replace(",", "")) > 0
+    assert rows["busy"][5] == "IO"
+    assert rows["idle"][1] == "stopped" and rows["idle"][-1] == "7"
+    sup.hvctl("stop", "busy", check=0)
+
+
+def test_info_lists_the_compatibility_profile(sup, build_guest):
+    from pyhv.vcpu_worker.compat import NESTED_KERNEL_ARGS
+    img = guest(build_guest, EXIT7)
+    sup.hvctl("create", "c1", "--kernel", img, "--boot", "raw16", check=0)
+    sup.hvctl("create", "c2", "--kernel", img, "--boot", "raw16", "--compat", "none", check=0)
+    nested = sup.info("c1")["compat_profile"]
+    assert nested["name"] == "nested" and nested["kernel_args"] == list(NESTED_KERNEL_ARGS)
+    assert any("CX16" in m for m in nested["cpuid_masks"]) and "int3" in nested["fixups"]
+    assert sup.info("c2")["compat_profile"] == {"name": "none", "cpuid_masks": [], "kernel_args": [], "fixups": [],
+                                               "tsc_early_khz": False}
+    text = sup.hvctl("info", "c1", check=0).stdout
+    assert "compat:" in text and "noxsave" in text
+
+
+def test_service_requests_from_anyone_but_the_guests_worker_are_refused(sup, build_guest):
+    """RUNTIME/services.sock starts device services only for the worker of a running guest."""
+    from pyhv.proto import device_service as ds, runtime
+    from pyhv.proto.errors import PeerFailed
+    from pyhv.vcpu_worker.launchers import SupervisorLauncher
+    sup.hvctl("create", "g", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--rng", "--timeout", "60",
+              check=0)
+    sup.hvctl("start", "g", check=0)
+    rd = runtime.RuntimeDir(sup.dir)
+    launch = SupervisorLauncher(rd.services_sock, "g", rd.guest("g"), timeout=5)
+    r, w = os.pipe()
+    fds = ds.ServiceFds(r, r, [r], [r, r])
+    try:
+        with pytest.raises(PeerFailed, match="is not the worker of guest g"):
+            launch.start("virtio-rng", 1, fds)
+        with pytest.raises(PeerFailed, match="no such guest"):
+            SupervisorLauncher(rd.services_sock, "nope", rd.guest("nope")).start("virtio-rng", 1, fds)
+    finally:
+        os.close(r)
+        os.close(w)
+    # garbage on the socket: refused, and the supervisor goes on
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(rd.services_sock)
+        s.send(b"\x93not msgpack")
+        assert b"cannot start the device service" in s.recv(4096)
+    assert sup.info("g")["state"] == "running"

@@ -1,0 +1,221 @@
+"""Full Linux boots (slow): our kernel runs busybox user space on 2 vCPUs with virtio devices; Debian's stock kernel reaches init.
+
+Artefacts come from guests/fetch.sh (idempotent; cached in $HV_ARTEFACTS,
+default /var/cache/pyhv).  Guest kernel code is emulated on nested hosts,
+so each boot takes one to several minutes.
+"""
+import hashlib
+import os
+import pathlib
+import select
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from hv import HVCTL, REPO, Supervisor
+
+pytestmark = pytest.mark.slow
+
+ARTEFACTS = pathlib.Path(os.environ.get("HV_ARTEFACTS", "/var/cache/pyhv"))
+
+
+def _is_nested_kvm():
+    return pathlib.Path("/sys/module/kvm_pvm").exists()
+
+
+@pytest.fixture(scope="session")
+def artefacts():
+    r = subprocess.run(["bash", str(REPO / "guests" / "fetch.sh")], capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, f"guests/fetch.sh failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    paths = {"own": ARTEFACTS / "own" / "vmlinux", "stock": ARTEFACTS / "stock" / "vmlinuz",
+             "initrd": ARTEFACTS / "initramfs.cpio"}
+    for p in paths.values():
+        assert p.exists(), f"{p} missing after guests/fetch.sh"
+    return paths
+
+
+def boot_until(args, marker=None, timeout=900):
+    """Run `hvctl run ARGS`; stop once `marker` (bytes) appears. Returns (status or None if stopped, output)."""
+    p = subprocess.Popen(HVCTL + ["run", *map(str, args)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            chunk = os.read(p.stdout.fileno(), 65536)
+            if not chunk:
+                return p.wait(timeout=30), bytes(out)
+            out += chunk
+            if marker is not None and marker in out:
+                return None, bytes(out)
+        raise AssertionError(f"no {marker!r} within {timeout} s; output ends:\n{out[-3000:].decode(errors='replace')}")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_own_kernel_runs_user_space_on_two_cpus_with_virtio_disk_and_rng(artefacts, tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(1 << 20))
+    digest = hashlib.md5(disk.read_bytes()).hexdigest()
+    script = ("md5sum /dev/vda; echo rng=$(head -c 64 /dev/hwrng | wc -c); "
+              "echo pyhv-wrote-this | dd of=/dev/vda bs=512 seek=100 conv=notrunc,fsync 2>/dev/null; echo done")
+    status, out = boot_until(["--kernel", artefacts["own"], "--initrd", artefacts["initrd"], "--vcpus", 2,
+                              "--disk", disk, "--rng", "--timeout", 800,
+                              "--cmdline", f'console=ttyS0 pyhv.run="{script}"'], timeout=900)
+    text = out.decode(errors="replace")
+    assert "smp: Brought up 1 node, 2 CPUs" in text
+    assert "Run /init as init process" in text
+    assert "pyhv-init: 2 cpus" in text
+    assert f"{digest}  /dev/vda" in text                  # the guest read the whole disk through the service
+    assert "rng=64" in text                                # /dev/hwrng is virtio-rng
+    assert "done" in text
+    assert status == 0                                     # reboot -f
+    assert disk.read_bytes()[100 * 512:100 * 512 + 16] == b"pyhv-wrote-this\n"
+
+
+def _ping_until(peer, tries=90):
+    """Shell: ping `peer` once a second until it answers (the other guest may still be booting)."""
+    return (f"i=0; until ping -c 1 -W 2 {peer} >/dev/null 2>&1; do i=$((i+1)); "
+            f"[ $i -gt {tries} ] && echo ping-failed && exit 1; done; echo ping-ok {peer}")
+
+
+def test_own_kernels_ping_each_other_through_a_switch(artefacts, tmp_path):
+    """Two Linux guests on one ZeroMQ switch (standalone runs share it through the runtime dir)."""
+    env = {**os.environ, "HV_RUNTIME_DIR": str(tmp_path)}
+    procs = []
+    for me, peer in (("10.0.3.1", "10.0.3.2"), ("10.0.3.2", "10.0.3.1")):
+        script = f"{_ping_until(peer)}; ip -s link show eth0 | grep -A1 RX; sleep 15"
+        cmd = [*HVCTL, "run", "--kernel", str(artefacts["own"]), "--initrd", str(artefacts["initrd"]),
+               "--net", "switch:lan", "--timeout", "700",
+               "--cmdline", f'console=ttyS0 ip={me}::::guest:eth0:off pyhv.run="{script}"']
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, env=env))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=800)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for (me, peer), p, text in zip((("10.0.3.1", "10.0.3.2"), ("10.0.3.2", "10.0.3.1")), procs, outs):
+        assert "virtio_net" in text or "eth0" in text, text[-3000:]
+        assert f"ping-ok {peer}" in text, text[-3000:]
+        assert p.returncode == 0
+
+
+def _can_make_taps():
+    if not os.path.exists("/dev/net/tun") or shutil.which("ip") is None:
+        return False
+    r = subprocess.run(["ip", "tuntap", "add", "dev", "pyhvprobe1", "mode", "tap"], capture_output=True)
+    subprocess.run(["ip", "link", "del", "pyhvprobe1"], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not _can_make_taps(), reason="needs /dev/net/tun, iproute2 and CAP_NET_ADMIN to create a TAP")
+def test_own_kernel_pings_the_host_through_a_tap(artefacts):
+    tap = f"pyhvl{os.getpid() % 100000}"
+    subprocess.run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.0.4.1/24", "dev", tap], check=True)
+        subprocess.run(["ip", "link", "set", tap, "up"], check=True)
+        status, out = boot_until(["--kernel", artefacts["own"], "--initrd", artefacts["initrd"],
+                                  "--net", f"tap:{tap}", "--timeout", 600,
+                                  "--cmdline", f'console=ttyS0 ip=10.0.4.2::10.0.4.1:255.255.255.0:guest:eth0:off '
+                                               f'pyhv.run="{_ping_until("10.0.4.1", 30)}"'], timeout=700)
+        text = out.decode(errors="replace")
+        assert "ping-ok 10.0.4.1" in text, text[-3000:]
+        assert status == 0
+    finally:
+        subprocess.run(["ip", "link", "del", tap], capture_output=True)
+
+
+STOCK_BOOT_CAP = 1800      # seconds; it got there inside this in CI (2026-11-24), not inside 10 min
+
+
+@pytest.mark.xfail(_is_nested_kvm(), strict=False,
+                   reason="nested kvm_pvm host: the stock kernel reaches Run /init with both CPUs only after many "
+                          "minutes (ftrace's record check, trace eval maps, BTF parsing and the W+X check all run "
+                          "through KVM's emulator); allowed to miss its 30-min cap on a slower day")
+def test_stock_debian_kernel_reaches_init_with_two_cpus(artefacts):
+    # Its user space cannot make system calls on nested hosts (no hook), so the test stops at Run /init.
+    # Both CPUs come from the ACPI MADT (Debian's cloud kernel has no MP-table parser).
+    status, out = boot_until(["--kernel", artefacts["stock"], "--initrd", artefacts["initrd"], "--vcpus", 2,
+                              "--cmdline", "console=ttyS0", "--timeout", STOCK_BOOT_CAP + 60],
+                             marker=b"Run /init as init process", timeout=STOCK_BOOT_CAP)
+    text = out.decode(errors="replace")
+    assert "smp: Brought up 1 node, 2 CPUs" in text
+    assert "Run /init as init process" in text
+
+
+@pytest.mark.skipif(_is_nested_kvm(), reason="nested kvm_pvm host: the stock kernel's user space cannot make "
+                    "system calls here (SYSCALL stays in ring 3 and the stock kernel has no hook)")
+def test_stock_debian_kernel_runs_user_space_with_its_modules(artefacts):
+    status, out = boot_until(["--kernel", artefacts["stock"], "--initrd", artefacts["initrd"], "--vcpus", 2,
+                              "--rng", "--timeout", 600, "--cmdline", 'console=ttyS0 pyhv.run="uname -r"'], timeout=700)
+    assert b"pyhv-init: 2 cpus" in out and status == 0
+
+
+def test_own_kernel_mounts_an_ext2_root_on_virtio_blk_and_writes_to_it(artefacts, tmp_path):
+    # The root file system: our initramfs's busybox tree plus a data file, as an ext2 image (no initrd).
+    root = tmp_path / "root"
+    root.mkdir()
+    with open(artefacts["initrd"], "rb") as f:
+        subprocess.run(["cpio", "-idm", "--quiet"], stdin=f, cwd=root, check=True)
+    data = os.urandom(256 << 10)
+    (root / "data.bin").write_bytes(data)
+    image = tmp_path / "root.ext2"
+    subprocess.run(["mke2fs", "-q", "-t", "ext2", "-d", str(root), str(image), "16M"], check=True)
+    script = "grep ' / ' /proc/mounts; md5sum /data.bin; echo written-by-guest > /from-guest.txt; sync; echo done"
+    status, out = boot_until(["--kernel", artefacts["own"], "--disk", image, "--timeout", 600,
+                              "--cmdline", f'console=ttyS0 root=/dev/vda rw init=/init pyhv.run="{script}"'],
+                             timeout=700)
+    text = out.decode(errors="replace")
+    assert "VFS: Mounted root (ext2 filesystem)" in text
+    assert "/dev/root / ext2 rw" in text
+    assert f"{hashlib.md5(data).hexdigest()}  /data.bin" in text
+    assert status == 0 and "done" in text
+    written = subprocess.run(["debugfs", "-R", "cat /from-guest.txt", str(image)], capture_output=True, check=True)
+    assert written.stdout == b"written-by-guest\n"
+    assert subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True).returncode == 0
+
+
+def test_own_kernel_gives_an_interactive_shell_through_hvctl_console(artefacts):
+    # The shell's output goes through the tty layer, i.e. the 8250's interrupt-driven transmit path.
+
+    sup = Supervisor()
+    try:
+        sup.hvctl("create", "sh", "--kernel", artefacts["own"], "--initrd", artefacts["initrd"], "--vcpus", 2,
+                  "--cmdline", "console=ttyS0", "--timeout", 600, check=0)
+        sup.hvctl("start", "sh", check=0)
+        deadline = time.monotonic() + 500
+        while b"starting a shell" not in pathlib.Path(sup.info("sh")["console_log"]).read_bytes():
+            assert time.monotonic() < deadline and sup.info("sh")["state"] == "running", "no shell came up"
+            time.sleep(2)
+        console = subprocess.Popen(HVCTL + ["console", "sh"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   env={**os.environ, "HV_RUNTIME_DIR": sup.dir})
+        seen = bytearray()
+
+        def expect(needle, timeout=120):
+            end = time.monotonic() + timeout
+            while needle not in seen:
+                assert time.monotonic() < end, f"no {needle!r} from the shell; got {bytes(seen[-500:])!r}"
+                ready, _, _ = select.select([console.stdout], [], [], 1)
+                if ready:
+                    seen.extend(os.read(console.stdout.fileno(), 4096))
+
+        time.sleep(3)                      # let the shell reach its prompt
+        console.stdin.write(b"echo answer=$((6*7))\n")
+        console.stdin.flush()
+        expect(b"answer=42")
+        console.stdin.write(b"reboot -f\n")
+        console.stdin.flush()
+        assert sup.hvctl("wait", "sh", "--timeout", "120", timeout=150).returncode == 0
+        console.stdin.close()
+        console.wait(timeout=30)
+    finally:
+        sup.stop()

@@ -1,0 +1,97 @@
+"""The devices of one guest, built from its config: legacy PC devices, PCI bus 0 and its virtio devices, owned together.
+
+Every guest has COM1 (IRQ 4), the i8042 (its reset line ends the VM), the
+CMOS RTC, the POST port and the exit port (answered in the C run loop) and
+the debug page; its config's DeviceSpecs (devices/virtio/kinds.py) become
+virtio-pci functions in slot order.  A virtio model runs in a device-service
+process behind a ServiceProxy, started by the `launcher`; with
+`in_process=True` (tests, debugging) the model runs on a thread of this
+process instead.  The manager pauses, resumes, reports on and closes them
+all; user-facing text is not its business.
+"""
+from pyhv.devices.legacy.debug_page import DEBUG_PAGE_ADDR, DEBUG_PAGE_SIZE, DebugPage
+from pyhv.devices.legacy.i8042 import I8042
+from pyhv.devices.legacy.rtc import CmosRtc
+from pyhv.devices.legacy.serial import Serial8250
+from pyhv.devices.pci.root import PciRoot
+from pyhv.proto.errors import HvError, VmFailure
+from pyhv.proto.messages import to_plain
+from pyhv.vcpu_worker._kvm import lib
+
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+I8042_DATA, I8042_COMMAND = 0x60, 0x64
+RTC_PORT = 0x70
+EXIT_PORT, POST_PORT = 0x501, 0x80
+
+
+class DeviceManager:
+    def __init__(self, config, mem, router, pio, mmio, console_out, on_reset, on_exit, host=None, launcher=None,
+                 in_process=False):
+        """`on_reset()` and `on_exit(status)` end the VM (i8042 reset, debug page); `host` resolves device paths."""
+        self.config = config
+        self.serial = Serial8250(irq=lambda level: router.set_irq_line(COM1_IRQ, level), out=console_out)
+        pio.register(COM1_PORT, 8, self.serial, "serial")
+        self.i8042 = I8042(reset=on_reset)
+        pio.register(I8042_DATA, 1, self.i8042.data_port(), "i8042-data")
+        pio.register(I8042_COMMAND, 1, self.i8042.command_port(), "i8042-command")
+        self.rtc = CmosRtc()
+        pio.register(RTC_PORT, 2, self.rtc, "rtc")
+        pio.register_fast(POST_PORT, lib.HV_PORT_SINK, "post")
+        pio.register_fast(EXIT_PORT, lib.HV_PORT_EXIT, "exit-port")
+        self.debug_page = DebugPage(exit_vm=on_exit, console_out=console_out)
+        mmio.register(DEBUG_PAGE_ADDR, DEBUG_PAGE_SIZE, self.debug_page, "debug-page")
+        self.router = router
+        self.pci = PciRoot(router)
+        self.virtio = {}                     # name -> VirtioPciDevice
+        self._eventfds = []
+        try:
+            if config.devices:
+                self._add_virtio(config, mem, router, host, launcher, in_process)
+        except (HvError, OSError) as e:
+            self.close()                      # services already started end here
+            raise VmFailure(f"cannot add PCI devices: {e}") from None
+        self.pci.attach(pio, mmio)
+
+    def _add_virtio(self, config, mem, router, host, launcher, in_process):
+        # Imported here: a guest without virtio devices (most `hvctl run`s) pays for none of it, ZeroMQ included.
+        from pyhv.devices.virtio import kinds
+        from pyhv.devices.virtio.device import Eventfds
+        from pyhv.devices.virtio.proxy import ServiceProxy
+        from pyhv.devices.virtio.transport.pci import VirtioPciDevice
+        for name, kind, spec in kinds.named(config.devices):
+            eventfds = Eventfds.create(kind.model_class().num_queues)
+            self._eventfds.append(eventfds)
+            if in_process:
+                backend = kind.build(kind.service_options(spec.options, host))
+            else:
+                backend = ServiceProxy(kind, name, mem, eventfds, launcher)
+            fn = VirtioPciDevice(backend, mem, router, eventfds)
+            self.pci.add(fn, name)
+            self.virtio[name] = fn
+
+    def feed_console(self, data):
+        self.serial.feed(data)
+
+    def pause(self):
+        """Stop every virtio device's data path (requests in hand are finished)."""
+        for fn in self.virtio.values():
+            fn.pause()
+
+    def resume(self):
+        for fn in self.virtio.values():
+            fn.resume()
+
+    def status(self):
+        """Each virtio device's health (state, pid, restarts, reason, paused): no call to a service."""
+        return {name: to_plain(fn.backend.status()) for name, fn in self.virtio.items()}
+
+    def counters(self):
+        return {"serial": self.serial.counters(), "i8042": self.i8042.counters(),
+                "debug_page": self.debug_page.counters(), "rtc": self.rtc.counters(),
+                "pci": {**self.pci.counters(), **self.router.counters()}}
+
+    def close(self):
+        self.pci.close()                      # models stop, services end
+        for e in self._eventfds:
+            e.close()
+        self._eventfds = []

@@ -1,0 +1,171 @@
+"""How a guest's helper processes start: device services (by this worker, or by the supervisor) and net switches.
+
+Supervised guests have their services started by the supervisor, which
+spawns and watches every process of a guest.  The worker still owns the fds
+a service needs (the KVM ioeventfds/irqfds it registered, the memfd, the
+lifeline pipe), so SupervisorLauncher sends them over RUNTIME/services.sock
+(SCM_RIGHTS) with a SpawnService that names only the device and the
+incarnation; the supervisor builds the ServiceSpec from its own copy of the
+guest's config (supervisor/services.py).  `hvctl run` uses LocalLauncher: the
+same ServiceSpec, built here, for a child of this process.  Either way the
+proxy (devices/virtio/proxy.py) gets a ServiceProcess it watches and signals
+through a pidfd (no pid-reuse race), and binds the endpoints `endpoints()`
+names.
+"""
+import base64
+import os
+import select
+import signal
+import socket
+import subprocess
+import time
+
+from pyhv.devices.net.switch import ALREADY_SERVED
+from pyhv.devices.virtio import kinds
+from pyhv.proto import codec, device_service as ds, runtime
+from pyhv.proto.errors import PeerFailed, ProtocolError
+from pyhv.proto.messages import Error
+
+REPLY_BYTES = 4096
+SWITCH_START_TIMEOUT = 10.0
+
+
+def service_command(spec):
+    """The argv of a device-service process for `spec`."""
+    return runtime.python_module("devices.virtio.service") + [
+        "--spec", base64.b64encode(codec.encode(spec, ds.SPEC)).decode()]
+
+
+def switch_command(runtime_dir, name, idle_exit=0.0):
+    """The argv of the switch process NAME of `runtime_dir` (a RuntimeDir)."""
+    return runtime.python_module("devices.net.switch") + [
+        "--name", name, "--endpoint", runtime_dir.switch_endpoint(name), "--lock", runtime_dir.switch_file(name, "lock"),
+        "--stats", runtime_dir.switch_file(name, "json"), "--idle-exit", str(idle_exit)]
+
+
+def ensure_switch(runtime_dir, name, idle_exit=15.0):
+    """Switch NAME runs in `runtime_dir` afterwards (one is started if nobody serves it): for `hvctl run`.
+
+    The switch outlives this process (its own session; it exits `idle_exit`
+    seconds after its last port).  Supervised guests' switches are the
+    supervisor's (supervisor/switches.py).
+    """
+    from pyhv.devices.net.switch import is_served
+    os.makedirs(runtime_dir.path, exist_ok=True)
+    if is_served(runtime_dir.switch_file(name, "lock")):
+        return
+    log_path = runtime_dir.switch_file(name, "log")
+    with open(log_path, "ab") as log:
+        p = subprocess.Popen(switch_command(runtime_dir, name, idle_exit), stdin=subprocess.DEVNULL, stdout=log,
+                             stderr=log, start_new_session=True, cwd="/", env=runtime.child_env())
+    sock = runtime_dir.switch_endpoint(name)[len("ipc://"):]
+    deadline = time.monotonic() + SWITCH_START_TIMEOUT
+    while not os.path.exists(sock):
+        rc = p.poll()
+        if rc == ALREADY_SERVED:
+            return                              # another one won the race: it serves
+        if rc is not None or time.monotonic() > deadline:
+            with open(log_path, "rb") as f:
+                last = (f.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+            raise PeerFailed(f"switch {name}: could not start: {last}")
+        time.sleep(0.01)
+
+
+class ServiceProcess:
+    """A device service, watched and signalled through its pidfd (whoever its parent is)."""
+
+    def __init__(self, pid, pidfd, popen=None):
+        self.pid, self.pidfd, self.popen = pid, pidfd, popen
+        self.returncode = None          # ours: the exit status; someone else's child: "exited"
+
+    def poll(self):
+        if self.returncode is None:
+            if self.popen is not None:
+                self.returncode = self.popen.poll()
+            elif select.select([self.pidfd], [], [], 0)[0]:
+                self.returncode = "exited"
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            if self.popen is not None:
+                try:
+                    self.returncode = self.popen.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    raise TimeoutError(f"service pid {self.pid} still running") from None
+            elif select.select([self.pidfd], [], [], timeout)[0]:
+                self.returncode = "exited"
+            else:
+                raise TimeoutError(f"service pid {self.pid} still running")
+        return self.returncode
+
+    def kill(self):
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except OSError:
+            pass                        # gone already
+
+    def describe_exit(self):
+        rc = self.returncode
+        if rc == "exited":
+            return f"service pid {self.pid} ended (its exit status is in the supervisor's log)"
+        if rc is not None and rc < 0:
+            try:
+                return f"service pid {self.pid} killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                return f"service pid {self.pid} killed by signal {-rc}"
+        return f"service pid {self.pid} exited with status {rc}"
+
+    def close(self):
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+class LocalLauncher:
+    """Starts a guest's device services as children of this process (`hvctl run`)."""
+
+    def __init__(self, config, host):
+        self.config, self.host = config, host
+
+    def endpoints(self, device, incarnation):
+        return (self.host.service_endpoint(device, incarnation, "ctl"),
+                self.host.service_endpoint(device, incarnation, "evt"))
+
+    def start(self, device, incarnation, fds):
+        spec = kinds.service_spec(self.config.devices, device, self.host, self.config.mem_bytes, incarnation, fds)
+        p = subprocess.Popen(service_command(spec), pass_fds=fds.all(), start_new_session=True,
+                             env=runtime.child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        return ServiceProcess(p.pid, os.pidfd_open(p.pid), p)
+
+
+class SupervisorLauncher:
+    """Asks the supervisor to start the services of guest `guest` (whose files are GuestDir `host`)."""
+
+    def __init__(self, sock_path, guest, host, timeout=10.0):
+        self.sock_path, self.guest, self.host, self.timeout = sock_path, guest, host, timeout
+
+    def endpoints(self, device, incarnation):
+        return (self.host.service_endpoint(device, incarnation, "ctl"),
+                self.host.service_endpoint(device, incarnation, "evt"))
+
+    def start(self, device, incarnation, fds):
+        msg = ds.SpawnService(self.guest, device, incarnation, ds.ServiceFds.positions(len(fds.notify), len(fds.irq)))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self.sock_path)
+                socket.send_fds(s, [codec.encode(msg, ds.SPAWN)], fds.all())
+                data, got, _, _ = socket.recv_fds(s, REPLY_BYTES, 1, socket.MSG_CMSG_CLOEXEC)
+            except OSError as e:
+                raise PeerFailed(f"the supervisor did not start the service: {e}") from None
+        try:
+            reply = codec.decode(data, ds.SPAWN, expect=(ds.ServiceSpawned, Error))
+            if isinstance(reply, Error) or len(got) != 1:
+                raise PeerFailed(f"the supervisor refused to start the service: "
+                                 f"{reply.message if isinstance(reply, Error) else 'no pidfd in its reply'}")
+        except (ProtocolError, PeerFailed) as e:
+            for fd in got:
+                os.close(fd)
+            raise PeerFailed(str(e)) from None
+        return ServiceProcess(reply.pid, got[0])
