@@ -4,8 +4,8 @@ COM1 (in the worker) and virtio-console (in its device service) both use it.
 Guest output goes to the log, if any, and to the attached clients; client
 input goes to `feed(bytes)`.  A client that does not read gets at most
 `out_max` bytes buffered, the rest is dropped and counted (the log has it
-all).  At most `max_clients` clients at once; one more is told so in one
-line and closed.  One thread (an EventLoop) serves the socket; `write` may
+all).  At most `max_clients` clients at once (one, by default: two people
+typing into one shell is nobody's intent); one more gets BUSY and is closed.  One thread (an EventLoop) serves the socket; `write` may
 be called from any thread and never blocks.
 """
 import os
@@ -16,6 +16,7 @@ import threading
 from pyhv.devices.loop import EventLoop
 
 OUT_BUFFER_MAX = 1 << 20
+BUSY = b"\x1b[pyhv: console busy]\r\n"    # all a client gets when another one is attached
 
 
 class _Client:
@@ -26,7 +27,7 @@ class _Client:
 
 
 class ConsoleHost:
-    def __init__(self, sock_path, feed, log_path=None, max_clients=1, out_max=OUT_BUFFER_MAX, busy_message=b""):
+    def __init__(self, sock_path, feed, log_path=None, max_clients=1, out_max=OUT_BUFFER_MAX, busy_message=BUSY):
         self.sock_path = sock_path
         self.log_path = log_path
         self.feed = feed

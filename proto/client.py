@@ -1,16 +1,18 @@
-"""A request/reply client with a timeout, for hvctl -> supervisor and supervisor -> worker.
+"""Request/reply clients with a timeout: over ZeroMQ (supervisor -> worker, anyone -> supervisor) and over a plain
+unix SOCK_SEQPACKET socket (hvctl -> supervisor: no ZeroMQ to import, ~20 ms less per command).
 
-Each request uses a fresh DEALER socket (empty delimiter frame, so REP and
-ROUTER peers both understand it) and closes it afterwards: a late reply to a
-timed-out request can never be mistaken for the answer to the next one.
+Each request uses a fresh socket and closes it afterwards: a late reply to a
+timed-out request can never be mistaken for the answer to the next one.  A
+ZeroMQ request is a DEALER with an empty delimiter frame (REP and ROUTER
+peers both understand it); a seqpacket request is one message on its own
+connection, answered by one message.
 """
+import socket
 import time
-
-import zmq
 
 from pyhv.proto import codec
 from pyhv.proto.control import CONTROL
-from pyhv.proto.errors import NotResponding, ProtocolError, from_wire
+from pyhv.proto.errors import NotResponding, PeerFailed, ProtocolError, from_wire
 from pyhv.proto.messages import Error
 
 
@@ -22,6 +24,8 @@ class Client:
         self.endpoint = endpoint
         self.timeout = timeout
         self.channel = channel
+        import zmq                          # here: the seqpacket client below must not pay for it
+        self._zmq = zmq
         self._ctx = context or zmq.Context.instance()
 
     def request(self, msg, timeout=DEFAULT, alive=None):
@@ -30,6 +34,7 @@ class Client:
         timeout=None waits forever; then `alive()` is asked every second and a
         False answer (the peer is gone) raises NotResponding.
         """
+        zmq = self._zmq
         timeout = self.timeout if timeout is DEFAULT else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         sock = self._ctx.socket(zmq.DEALER)
@@ -52,6 +57,34 @@ class Client:
         if len(frames) != 2 or frames[0] != b"":
             raise ProtocolError(f"reply has {len(frames)} frames, expected 2")
         reply = codec.decode(frames[1], self.channel)
+        if isinstance(reply, Error):
+            raise from_wire(reply.kind, reply.message)
+        return reply
+
+
+class SeqClient:
+    """One request per connection on a unix SOCK_SEQPACKET socket (the supervisor's RUNTIME/hvctl.sock)."""
+
+    def __init__(self, path, timeout=5.0, channel=CONTROL):
+        self.path, self.timeout, self.channel = path, timeout, channel
+
+    def request(self, msg, timeout=DEFAULT):
+        """The reply to `msg`; NotResponding after `timeout` s (None: wait for ever), PeerFailed if the peer
+        closes the connection without answering, or the HvError an Error reply names."""
+        timeout = self.timeout if timeout is DEFAULT else timeout
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+            try:
+                s.connect(self.path)
+                s.settimeout(timeout)
+                s.send(codec.encode(msg, self.channel))
+                data = s.recv(codec.MAX_MESSAGE_BYTES)
+            except TimeoutError:
+                raise NotResponding(f"no answer from {self.path} within {timeout:g} s") from None
+            except OSError as e:
+                raise PeerFailed(f"{self.path}: {e.strerror or e}") from None
+        if not data:
+            raise PeerFailed(f"{self.path} went away without an answer")
+        reply = codec.decode(data, self.channel)
         if isinstance(reply, Error):
             raise from_wire(reply.kind, reply.message)
         return reply

@@ -2,7 +2,8 @@
 
 Envelope: a msgpack map {"v": PROTOCOL_VERSION, "type": TYPE, "fields": {...}}.
 Nested messages (GuestConfig inside Create) are plain field maps, typed by the
-annotation.  Every call names the Channel (the socket's set of messages).
+annotation; a field with a default may be left out (so a field can be added
+without breaking older senders).  Every call names the Channel (the socket's set of messages).
 decode() raises only ProtocolError, whatever the bytes: every peer's input is
 untrusted.
 """
@@ -60,13 +61,13 @@ def _build(cls, fields, where):
     if not isinstance(fields, dict):
         raise ProtocolError(f"{where}: fields must be a map, not {type(fields).__name__}")
     hints, names = _schema(cls)
-    missing = [n for n in names if n not in fields]
+    missing = [n for n in names if n not in fields and n not in cls.DEFAULTS]   # a field added later has a default
     extra = [k for k in fields if k not in names]
     if missing:
         raise ProtocolError(f"{where}: missing field {missing[0]}")
     if extra:
         raise ProtocolError(f"{where}: unknown field {_short(extra[0])}")
-    return cls(**{n: _check(fields[n], hints[n], f"{where}.{n}") for n in names})
+    return cls(**{n: _check(fields[n], hints[n], f"{where}.{n}") for n in names if n in fields})
 
 
 @functools.cache

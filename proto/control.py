@@ -36,7 +36,9 @@ class Ping(Message):
 
 @CONTROL
 class Create(Message):
+    """Define a guest; with start, start it too (the reply waits for the worker, as Start's does)."""
     config: GuestConfig
+    start: bool = False
 
 
 @CONTROL
@@ -62,8 +64,10 @@ class Resume(Message):
 
 @CONTROL
 class Destroy(Message):
-    """Stop the guest if needed and forget it (runtime files included)."""
+    """Forget a guest that is not running (force: stop it first); its logs are kept unless purge."""
     name: str
+    force: bool = False
+    purge: bool = False
 
 
 @CONTROL

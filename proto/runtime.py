@@ -1,9 +1,10 @@
 """The runtime dir's layout: every socket, lock and log path in one place, the default dir, and a child's environment.
 
-    RUNTIME/control.sock  supervisor.lock  supervisor.log  services.sock
+    RUNTIME/control.sock  hvctl.sock  supervisor.lock  supervisor.log  services.sock
             switch-NAME.sock .lock .json .log       (one learning switch per name)
             guests/NAME/guest.json  console.log  console.sock  worker.log  worker.sock  result.json
                         vconsole.sock  vconsole.log  svc-DEVICE-N-ctl.sock  svc-DEVICE-N-evt.sock
+            logs/NAME/console.log  worker.log      (a destroyed guest's, unless destroyed with --purge)
 
 A GuestDir (supervised) and a PrivateDir (`hvctl run`: a temp dir for its
 sockets, switches in the default runtime dir) answer the same questions, so
@@ -69,6 +70,7 @@ class RuntimeDir:
         self.path = os.path.abspath(path)
         self.control_sock = self.file("control.sock")
         self.control_endpoint = "ipc://" + self.control_sock
+        self.hvctl_sock = self.file("hvctl.sock")       # the same requests, one per SEQPACKET connection
         self.supervisor_lock = self.file("supervisor.lock")
         self.supervisor_log = self.file("supervisor.log")
         self.services_sock = self.file("services.sock")
@@ -79,6 +81,10 @@ class RuntimeDir:
 
     def guest(self, name):
         return GuestDir(self, name)
+
+    def kept_logs(self, name):
+        """Where a destroyed guest's console.log and worker.log are kept (until a guest of that name is destroyed again)."""
+        return os.path.join(self.path, "logs", name)
 
     def switch_endpoint(self, name):
         return switch_endpoint(self.path, name)

@@ -27,7 +27,7 @@ import zmq
 from pyhv.devices.virtio.kinds import KINDS
 from pyhv.proto import codec, control as m
 from pyhv.proto.control import CONTROL
-from pyhv.proto.errors import BadState, EXIT_TIMEOUT, NotResponding, PeerFailed, from_wire
+from pyhv.proto.errors import EXIT_TIMEOUT, NotResponding, PeerFailed, from_wire
 from pyhv.proto.messages import Error
 from pyhv.proto.runtime import RuntimeDir, child_env, default_dir, python_module
 from pyhv.supervisor.config import build_config
@@ -67,11 +67,9 @@ class Guest:
     def resume(self):
         return self.client.request(m.Resume(self.name))
 
-    def destroy(self, force=False):
-        """Forget the guest (its files too); a running guest only with force=True, which stops it first."""
-        if force and self.info().state in ("running", "paused"):
-            self.stop()
-        return self.client.request(m.Destroy(self.name))
+    def destroy(self, force=False, purge=False):
+        """Forget the guest; a running one only with force=True, which stops it first.  Logs are kept unless purge."""
+        return self.client.request(m.Destroy(self.name, force=force, purge=purge), timeout=30.0)
 
     def wait(self, timeout=None):
         """The guest's exit status once it has ended; NotResponding if it is still running after `timeout` s."""
@@ -221,12 +219,9 @@ class Client:
                 out[name] = EXIT_TIMEOUT
         return out
 
-    def destroy_all(self, force=True):
+    def destroy_all(self, force=True, purge=False):
         for g in self.guests():
-            try:
-                g.destroy(force=force)
-            except BadState:
-                pass
+            g.destroy(force=force, purge=purge)
 
     # -- the end ------------------------------------------------------------------------
     def close(self):

@@ -126,7 +126,17 @@ class Registry:
         g.save()
         return g
 
-    def remove(self, guest):
+    def remove(self, guest, keep_logs=True):
+        """Forget the guest and its files; its console and worker logs go to RUNTIME/logs/NAME unless not kept."""
         del self.guests[guest.name]
+        if keep_logs:
+            kept = self.runtime.kept_logs(guest.name)
+            shutil.rmtree(kept, ignore_errors=True)
+            os.makedirs(kept, exist_ok=True)
+            for path in (guest.files.console_log, guest.files.worker_log):
+                try:
+                    os.replace(path, os.path.join(kept, os.path.basename(path)))
+                except FileNotFoundError:
+                    pass
         shutil.rmtree(guest.dir, ignore_errors=True)
 

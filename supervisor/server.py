@@ -14,6 +14,7 @@ Pause/resume/stop/stats are forwarded to the guest's worker with a timeout.
 import fcntl
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -93,6 +94,15 @@ class Server:
         self.services = ServiceLauncher(self.runtime, self.registry)
         self.spawner.start()             # the zygote warms up while we already serve
         self.loop.add_socket(self.sock, self._on_request)
+        try:
+            os.unlink(self.runtime.hvctl_sock)
+        except FileNotFoundError:
+            pass
+        self.seq = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        self.seq.bind(self.runtime.hvctl_sock)
+        os.chmod(self.runtime.hvctl_sock, 0o600)
+        self.seq.listen(128)
+        self.loop.add(self.seq, self._accept_seq)
         self.loop.add(self.services.fileno(), self.services.serve)
         self.loop.every(TICK, self._watch)
         self._sync_zygote()
@@ -122,13 +132,42 @@ class Server:
             frames = self.sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        envelope, body = frames[:1], frames[1:]
-        if body and body[0] == b"":
-            envelope, body = envelope + [b""], body[1:]
+        # The envelope is everything up to the empty delimiter (a REQ's, or a pipelining client's request id
+        # before it); a bare DEALER frame is answered bare.
         try:
-            if len(body) != 1:
-                raise ProtocolError(f"expected one message frame, got {len(body)}")
-            msg = codec.decode(body[0], m.CONTROL)
+            cut = frames.index(b"", 1) + 1
+        except ValueError:
+            cut = 1
+        envelope, body = frames[:cut], frames[cut:]
+        if len(body) != 1:
+            return self._reply(envelope, Error.of(ProtocolError(f"expected one message frame, got {len(body)}")))
+        self._handle(body[0], envelope)
+
+    def _accept_seq(self):
+        """hvctl's connections on hvctl.sock: one request each, answered (maybe later) on the same connection."""
+        while True:
+            try:
+                conn, _ = self.seq.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            conn.setblocking(False)
+            self.loop.add(conn, lambda conn=conn: self._on_seq(conn))
+
+    def _on_seq(self, conn):
+        self.loop.remove(conn)
+        try:
+            data = conn.recv(codec.MAX_MESSAGE_BYTES + 1)
+        except OSError:
+            data = b""
+        if not data:
+            conn.close()
+            return
+        self._handle(data, conn)
+
+    def _handle(self, data, envelope):
+        """One request (bytes) from either socket; `envelope` is where its reply goes."""
+        try:
+            msg = codec.decode(data, m.CONTROL)
             handler = self.handlers.get(type(msg))
             if handler is None:
                 raise ProtocolError(f"{msg.TYPE} is not a request")
@@ -144,10 +183,19 @@ class Server:
             self._reply(envelope, reply)
 
     def _reply(self, envelope, msg):
+        """To a ZeroMQ peer (envelope frames) or an hvctl connection (a socket, closed after the reply)."""
+        data = codec.encode(msg, m.CONTROL)
+        if isinstance(envelope, socket.socket):
+            try:
+                envelope.send(data)
+            except OSError:
+                pass                    # the client went away: nothing to tell
+            envelope.close()
+            return
         try:
-            self.sock.send_multipart(envelope + [codec.encode(msg, m.CONTROL)], zmq.NOBLOCK)
+            self.sock.send_multipart(envelope + [data], zmq.NOBLOCK)
         except zmq.ZMQError:
-            pass                        # the client went away: nothing to tell
+            pass
 
     def _watch(self):
         """Notice worker exits; SIGKILL workers that outlived their stop grace."""
@@ -195,10 +243,12 @@ class Server:
         self.services.close()
         self.switches.close()
         self.sock.close()
-        try:
-            os.unlink(self.runtime.control_sock)
-        except FileNotFoundError:
-            pass
+        self.seq.close()
+        for path in (self.runtime.control_sock, self.runtime.hvctl_sock):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         self.ctx.term()
         self.loop.close()
         print("supervisor: exited", file=sys.stderr, flush=True)
@@ -230,7 +280,10 @@ class Server:
 
     def create(self, msg, envelope):
         validate(msg.config)
-        return self.registry.add(msg.config).info()
+        g = self.registry.add(msg.config)
+        if msg.start:
+            return self.start(m.Start(g.name), envelope)      # the reply comes when the worker is there
+        return g.info()
 
     def start(self, msg, envelope):
         g = self.registry.get(msg.name)
@@ -286,9 +339,11 @@ class Server:
 
     def destroy(self, msg, envelope):
         g = self.registry.get(msg.name)
-        if g.proc is not None:
+        if g.proc is not None:              # (starts in flight were finished before this request)
+            if not msg.force:
+                raise UserError(f"guest {g.name} is {g.state}: stop it first, or destroy it with --force")
             self._kill_now(g, "stopped by request (destroyed)")
-        self.registry.remove(g)
+        self.registry.remove(g, keep_logs=not msg.purge)
         return Ok()
 
     def list(self, msg, envelope):

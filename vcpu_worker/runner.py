@@ -11,7 +11,7 @@ import os
 import threading
 
 from pyhv.devices.guest_memory import create_memfd
-from pyhv.proto.errors import EXIT_TIMEOUT
+from pyhv.proto.errors import EXIT_STOPPED, EXIT_TIMEOUT
 from pyhv.vcpu_worker.vcpu import Outcome
 
 
@@ -24,11 +24,16 @@ def write_all(fd, data):
         pass
 
 
-def _pump_stdin(machine):
+def _pump_stdin(machine, escape=None):
+    """stdin to COM1; the `escape` byte (Ctrl-] on a terminal) stops the guest instead."""
     try:
         while True:
             data = os.read(0, 4096)
             if not data:
+                return
+            if escape is not None and escape in data:
+                machine.feed_console(data.split(escape)[0])
+                machine.finish(Outcome(EXIT_STOPPED, "stopped from the console (Ctrl-])"))
                 return
             machine.feed_console(data)
     except OSError:
@@ -62,10 +67,10 @@ class Foreground:
             self.close()
             raise
 
-    def run(self):
-        """Run to the end; the Outcome."""
+    def run(self, escape=None):
+        """Run to the end; the Outcome.  A byte `escape` on stdin stops the guest."""
         machine = self.machine
-        threading.Thread(target=_pump_stdin, args=(machine,), name="stdin", daemon=True).start()
+        threading.Thread(target=_pump_stdin, args=(machine, escape), name="stdin", daemon=True).start()
         machine.start()
         outcome = machine.wait(self.config.timeout)
         if outcome is None:

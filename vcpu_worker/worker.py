@@ -29,7 +29,6 @@ from pyhv.proto.errors import EXIT_TIMEOUT, EXIT_VM_FAILED, HvError, InternalErr
 from pyhv.proto.messages import Error, Ok
 
 PAUSE_TIMEOUT = 1.0     # below the supervisor's worker timeout
-MAX_CONSOLE_CLIENTS = 8
 
 
 def write_result(path, status, reason):
@@ -146,8 +145,7 @@ def serve(config, mem_fd, guest):
             console.write(data)
 
     try:
-        console = ConsoleHost(guest.console_sock, lambda data: feed and feed[0](data),
-                              max_clients=MAX_CONSOLE_CLIENTS)
+        console = ConsoleHost(guest.console_sock, lambda data: feed and feed[0](data))
         launcher = SupervisorLauncher(guest.runtime.services_sock, config.name, guest)
         machine = Machine(config, mem_fd, console_out, host=guest, launcher=launcher)
     except HvError as e:

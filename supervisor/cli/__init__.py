@@ -21,7 +21,7 @@ PROG = "hvctl"
 COMMANDS = {"run": "run", "supervisor": "daemon", "create": "guests", "start": "guests", "stop": "guests",
             "pause": "guests", "resume": "guests", "destroy": "guests", "list": "inspect", "info": "inspect",
             "wait": "guests", "logs": "console", "console": "console", "stats": "inspect", "top": "inspect",
-            "snapshot": "state", "restore": "state"}
+            "apply": "guests", "snapshot": "state", "restore": "state"}
 
 
 class Parser(argparse.ArgumentParser):

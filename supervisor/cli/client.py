@@ -26,19 +26,21 @@ def supervisor_alive(path):
 
 
 def request(args, msg, timeout=10.0):
-    """The supervisor's reply to `msg`; NoSupervisor, NotResponding, PeerFailed or the HvError it replied."""
-    from pyhv.proto.client import Client
+    """The supervisor's reply to `msg` (over RUNTIME/hvctl.sock: no ZeroMQ to import); NoSupervisor,
+    NotResponding, PeerFailed or the HvError it replied."""
+    from pyhv.proto.client import SeqClient
     rd = runtime_dir(args)
-    path = rd.control_sock
-    if not supervisor_alive(path):
-        raise NoSupervisor(f"no supervisor is running on {args.runtime_dir} "
-                           f"(start one with `hvctl supervisor --detach`)")
     try:
-        return Client(rd.control_endpoint).request(msg, timeout=timeout, alive=lambda: supervisor_alive(path))
+        return SeqClient(rd.hvctl_sock).request(msg, timeout=timeout)
+    except PeerFailed as e:
+        if not supervisor_alive(rd.control_sock):
+            raise NoSupervisor(f"no supervisor is running on {args.runtime_dir} "
+                               f"(start one with `hvctl supervisor --detach`)") from None
+        if "went away" in str(e):
+            raise PeerFailed(f"the supervisor on {args.runtime_dir} went away") from None
+        raise
     except NotResponding:
-        if supervisor_alive(path):
-            raise NotResponding(f"the supervisor on {args.runtime_dir} is not responding") from None
-        raise PeerFailed(f"the supervisor on {args.runtime_dir} went away") from None
+        raise NotResponding(f"the supervisor on {args.runtime_dir} is not responding") from None
     except ProtocolError as e:
         raise PeerFailed(f"bad reply from the supervisor: {e}") from None
 
@@ -54,3 +56,10 @@ def size_text(n):
 def mib_text(n):
     return f"{n / (1 << 20):.1f}M"
 
+
+def table(columns, rows):
+    """Rows of strings under their column names, each column as wide as its widest cell."""
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)

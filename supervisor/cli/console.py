@@ -4,43 +4,84 @@ import sys
 import time
 
 from pyhv.proto import control as m
-from pyhv.proto.errors import EXIT_OK, BadState, PeerFailed
-from pyhv.supervisor.cli.client import request
+from pyhv.proto.errors import EXIT_OK, BadState, NoSuchGuest, PeerFailed, UserError
+from pyhv.supervisor.cli.client import NoSupervisor, request, runtime_dir
 
 DETACH_KEY = b"\x1d"            # Ctrl-]
 LIVE = ("running", "paused")
 
 
 def cmd_logs(args):
-    g = request(args, m.Info(args.name))
-    out = sys.stdout.buffer
+    """The console log: asked of the supervisor where it is; read from the runtime dir when it is not running
+    (or the guest was destroyed and its log kept)."""
+    if args.tail is not None and args.tail < 0:
+        raise UserError(f"--tail: {args.tail} is not a number of lines >= 0")
     try:
-        f = open(g.console_log, "rb")
-    except FileNotFoundError:
-        if not args.follow or g.state not in LIVE:
-            return EXIT_OK
-        f = None
+        g = request(args, m.Info(args.name))
+        path, live = g.console_log, g.state in LIVE
+    except (NoSupervisor, NoSuchGuest):
+        rd = runtime_dir(args)
+        path = next((p for p in (rd.guest(args.name).console_log,
+                                 os.path.join(rd.kept_logs(args.name), "console.log")) if os.path.exists(p)), None)
+        if path is None:
+            raise
+        g, live = None, False
+    out = sys.stdout.buffer
+    f = open(path, "rb") if os.path.exists(path) else None
+    if f is not None and args.tail is not None:
+        _seek_to_last_lines(f, args.tail)
     last_check = time.monotonic()
     while True:
-        if f is None and os.path.exists(g.console_log):
-            f = open(g.console_log, "rb")
+        if f is None and os.path.exists(path):
+            f = open(path, "rb")
         data = f.read() if f else b""
         if data:
             out.write(data)
             out.flush()
-        if not args.follow or g.state not in LIVE:
+        if not args.follow or not live:
             break
         if not data:
             time.sleep(0.1)
         if time.monotonic() - last_check > 0.3:
-            g = request(args, m.Info(args.name))   # read once more after it stopped
+            live = request(args, m.Info(args.name)).state in LIVE   # read once more after it stopped
             last_check = time.monotonic()
     return EXIT_OK
+
+
+def _seek_to_last_lines(f, n, block=1 << 16):
+    """Position `f` at the start of its last `n` lines (a final unterminated line counts as one)."""
+    end = f.seek(0, os.SEEK_END)
+    if n == 0:
+        return
+    pos, found = end, 0
+    while pos > 0:
+        step = min(block, pos)
+        pos -= step
+        f.seek(pos)
+        chunk = f.read(step)
+        if pos + step == end and chunk.endswith(b"\n"):
+            chunk = chunk[:-1]                 # the final newline ends the last line, it does not start one
+        for i in range(len(chunk) - 1, -1, -1):
+            if chunk[i] == 0x0A:
+                found += 1
+                if found == n:
+                    f.seek(pos + i + 1)
+                    return
+    f.seek(0)
 
 
 def attach(sock, label):
     """Copy the terminal to `sock` and back until EOF or Ctrl-]; raw mode while stdin is a tty."""
     import select
+    from pyhv.devices.console_host import BUSY
+    sock.settimeout(0.2)
+    try:
+        first = sock.recv(4096)
+    except TimeoutError:
+        first = b""
+    sock.settimeout(None)
+    if first.startswith(BUSY):
+        raise BadState(f"the console of {label} is attached elsewhere (one client at a time)")
     fd_in = sys.stdin.fileno()
     tty = os.isatty(fd_in)
     if tty:
@@ -50,6 +91,8 @@ def attach(sock, label):
         ttymod.setraw(fd_in)
         print(f"[attached to {label}; Ctrl-] detaches]\r", file=sys.stderr)
     try:
+        if first:
+            os.write(1, first)
         while True:
             ready, _, _ = select.select([sock, fd_in], [], [])
             if sock in ready:
@@ -91,6 +134,7 @@ def cmd_console(args):
 
 
 def add_commands(add):
-    add("logs", cmd_logs, "the guest's console output so far", "name").add_argument(
-        "--follow", "-f", action="store_true", help="keep printing until the guest stops")
+    logs = add("logs", cmd_logs, "the guest's console output so far", "name")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the guest stops")
+    logs.add_argument("--tail", "-n", type=int, metavar="N", help="start with the last N lines")
     add("console", cmd_console, "attach the console interactively (Ctrl-] detaches)", "name")

@@ -4,13 +4,15 @@ import subprocess
 import time
 
 from pyhv.proto import runtime
-from pyhv.proto.errors import BadState, EXIT_OK, PeerFailed
+from pyhv.proto.errors import BadState, EXIT_OK, PeerFailed, UserError
 from pyhv.supervisor.cli.client import request, runtime_dir, supervisor_alive
 
 START_TIMEOUT = 10.0
 
 
 def cmd_supervisor(args):
+    if args.stop:
+        return _stop(args)
     if args.detach:
         return _detach(args)
     from pyhv.supervisor.server import Server
@@ -47,6 +49,28 @@ def _detach(args):
     raise PeerFailed(f"the supervisor did not start within {START_TIMEOUT:g} s (see {rd.supervisor_log})")
 
 
+def _stop(args):
+    """End the supervisor: refused while guests run (they would end with it) unless --force stops them."""
+    import signal
+    from pyhv.proto.control import List, Ping
+    rd = runtime_dir(args)
+    pid = request(args, Ping(), timeout=5.0).pid
+    live = [g.name for g in request(args, List()).guests if g.state in ("running", "paused")]
+    if live and not args.force:
+        raise UserError(f"{len(live)} guest(s) still run ({', '.join(live[:5])}): stop them first, or "
+                        f"`hvctl supervisor --stop --force` to stop them with it")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + START_TIMEOUT
+    while supervisor_alive(rd.control_sock):
+        if time.monotonic() > deadline:
+            raise PeerFailed(f"the supervisor (pid {pid}) did not exit within {START_TIMEOUT:g} s")
+        time.sleep(0.05)
+    print(f"supervisor (pid {pid}) on {rd.path} stopped" + (f" with {len(live)} guest(s)" if live else ""))
+    return EXIT_OK
+
+
 def add_commands(add):
-    add("supervisor", cmd_supervisor, "run the supervisor (one per runtime dir)").add_argument(
-        "--detach", action="store_true", help="run it in the background, logging to RUNTIME_DIR/supervisor.log")
+    p = add("supervisor", cmd_supervisor, "run the supervisor (one per runtime dir)")
+    p.add_argument("--detach", action="store_true", help="run it in the background, logging to RUNTIME_DIR/supervisor.log")
+    p.add_argument("--stop", action="store_true", help="end the running supervisor (refused while guests run)")
+    p.add_argument("--force", action="store_true", help="with --stop: stop its running guests too")

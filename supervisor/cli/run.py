@@ -1,18 +1,29 @@
 """`hvctl run`: one guest in the foreground, no supervisor; the exit status is the guest's."""
+import os
 import sys
 
-from pyhv.proto.errors import EXIT_VM_FAILED
+from pyhv.proto.errors import EXIT_STOPPED, EXIT_VM_FAILED
+from pyhv.supervisor.cli.console import DETACH_KEY
 from pyhv.supervisor.cli.options import add_run_options, config_from
 
 
 def cmd_run(args):
+    """On a terminal the guest gets it raw (its own echo, Ctrl-C, arrow keys) and Ctrl-] stops it."""
     config = config_from(args, "run")
     from pyhv.vcpu_worker.runner import Foreground
     guest = Foreground(config)
+    tty = os.isatty(0)
+    saved = None
     try:
+        if tty:
+            import termios
+            import tty as ttymod
+            saved = termios.tcgetattr(0)
+            ttymod.setraw(0)
+            guest.notices.append("Ctrl-] stops the guest")
         for line in guest.notices:
-            print(f"hvctl: {line}", file=sys.stderr, flush=True)
-        outcome = guest.run()
+            print(f"hvctl: {line}\r", file=sys.stderr, flush=True)
+        outcome = guest.run(escape=DETACH_KEY if tty else None)
         if args.stats_json:
             import json
             stats = guest.machine.stats()
@@ -20,7 +31,11 @@ def cmd_run(args):
             with open(args.stats_json, "w") as f:
                 json.dump(stats, f, indent=2)
     finally:
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
         guest.close()
+    if tty and outcome.status == EXIT_STOPPED:
+        print(f"\nhvctl: {outcome.reason}", file=sys.stderr)
     if outcome.status == EXIT_VM_FAILED:
         print(f"hvctl: VM failed: {outcome.reason}", file=sys.stderr)
     return outcome.status

@@ -243,15 +243,27 @@ def test_timeout_and_follow(sup, build_guest):
 
 
 @needs_kvm
-def test_destroy_running_guest(sup, build_guest):
-    sup.hvctl("create", "g", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "60", check=0)
-    sup.hvctl("start", "g", check=0)
+def test_destroy_refuses_a_running_guest_unless_forced_and_keeps_its_logs(sup, build_guest):
+    sup.hvctl("create", "g", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "60",
+              "--start", check=0)                          # create --start: one request
     info = sup.info("g")
-    sup.hvctl("destroy", "g", check=0)
+    assert info["state"] == "running"
+    r = sup.hvctl("destroy", "g", check=2)
+    assert "--force" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert sup.info("g")["state"] == "running"             # refused: nothing changed
+    wait_for(lambda: open(info["console_log"]).read() == "x")
+    sup.hvctl("destroy", "g", "--force", check=0)
     sup.hvctl("info", "g", check=1)
     assert not os.path.exists(os.path.dirname(info["console_log"]))
     with pytest.raises(ProcessLookupError):
         os.kill(info["pids"]["worker"], 0)
+    kept = os.path.join(sup.dir, "logs", "g", "console.log")
+    assert open(kept).read() == "x"
+    assert sup.hvctl("logs", "g", check=0).stdout == "x"   # a destroyed guest's log, from where it was kept
+    sup.hvctl("create", "h", "--kernel", guest(build_guest, EXIT7), "--boot", "raw16", "--start", check=0)
+    sup.hvctl("wait", "h", check=7)
+    sup.hvctl("destroy", "h", "--purge", check=0)          # a stopped guest: no --force needed
+    assert not os.path.exists(os.path.join(sup.dir, "logs", "h"))
 
 
 @needs_kvm
@@ -367,3 +379,15 @@ def test_service_requests_from_anyone_but_the_guests_worker_are_refused(sup, bui
         s.send(b"\x93not msgpack")
         assert b"cannot start the device service" in s.recv(4096)
     assert sup.info("g")["state"] == "running"
+
+
+def test_supervisor_stop_refuses_while_guests_run_unless_forced(sup, build_guest):
+    sup.hvctl("create", "g", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "60", "--start",
+              check=0)
+    r = sup.hvctl("supervisor", "--stop", check=2)
+    assert "still run (g)" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert sup.proc.poll() is None
+    r = sup.hvctl("supervisor", "--stop", "--force", check=0)
+    assert "stopped with 1 guest(s)" in r.stdout
+    assert sup.proc.wait(10) == 0
+    sup.hvctl("list", check=1)                          # nobody serves the runtime dir now

@@ -104,7 +104,7 @@ def test_every_kind_follows_the_device_lifecycle(kind_name, where, guest, host, 
     try:
         # the static description
         assert dev.features & VIRTIO_F_VERSION_1
-        assert dev.num_queues == len(dev.queue_max_sizes) >= 1 and dev.device_type in (1, 2, 3, 4)
+        assert dev.num_queues == len(dev.queue_max_sizes) >= 1 and 0 < dev.device_type < 64
         assert isinstance(dev.config_bytes(), bytes) and dev.name.startswith("virtio-")
         assert isinstance(dev.status(), DeviceHealth) and dev.status().state == "running"
         # activate every queue and post one chain on queue 0 (device-writable, so every kind may use it)
