@@ -16,6 +16,9 @@ COMPAT_PROFILES = ("nested", "none")
 DEFAULT_MEM_BYTES = 128 << 20
 MIN_MEM, MAX_MEM = 1 << 20, 64 << 30
 MAX_VCPUS = 64                  # KVM allows more; our hosts have 2 cores
+MAX_TIMEOUT = 24 * 86400        # seconds; longer ones overflow the millisecond timers of poll() and ZeroMQ (2^31 ms)
+MAX_CMDLINE = 2048              # bytes; x86 Linux's COMMAND_LINE_SIZE, and what fits the exec of a worker
+MAX_CPU = 8191                  # the highest CPU number Linux supports (NR_CPUS <= 8192)
 PAGE = 4096
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
@@ -84,7 +87,10 @@ def parse_cpu_list(text):
     try:
         for part in text.split(","):
             lo, _, hi = part.partition("-")
-            cpus.extend(range(int(lo), int(hi or lo) + 1))
+            lo, hi = int(lo), int(hi or lo)
+            if not 0 <= lo <= hi <= MAX_CPU:
+                raise UserError(f"--pin: {part!r} is not a range of CPU numbers 0 .. {MAX_CPU}")
+            cpus.extend(range(lo, hi + 1))
     except ValueError:
         raise UserError(f"--pin: {text!r} is not a CPU list like 0,1 or 0-3") from None
     if not cpus:
@@ -122,7 +128,9 @@ def check(config):
         raise UserError(f"--vcpus: {c.vcpus} is out of range (1 .. {MAX_VCPUS})")
     if c.load_addr is not None and not any(gpa <= c.load_addr < gpa + size for gpa, size in ram_ranges(c.mem_bytes)):
         raise UserError(f"--load-addr: 0x{c.load_addr:x} is outside guest RAM ({c.mem_bytes >> 20} MiB)")
-    if c.timeout is not None and not c.timeout > 0:
-        raise UserError(f"--timeout: {c.timeout:g} is not a positive number of seconds")
+    if c.timeout is not None and not 0 < c.timeout <= MAX_TIMEOUT:
+        raise UserError(f"--timeout: {c.timeout:g} is not a number of seconds > 0 and <= {MAX_TIMEOUT} (24 days)")
+    if len(c.cmdline.encode()) > MAX_CMDLINE:
+        raise UserError(f"--cmdline: {len(c.cmdline.encode())} bytes is longer than Linux reads ({MAX_CMDLINE})")
     if c.compat not in COMPAT_PROFILES:
         raise UserError(f"--compat: {c.compat!r} is not one of {', '.join(COMPAT_PROFILES)}")

@@ -45,6 +45,9 @@ def validate(config):
     """Raise UserError unless `config` can be handed to a worker on this host (files included)."""
     guest.check(config)
     kinds.validate(config.devices)
+    host_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if config.mem_bytes > host_mem:
+        raise UserError(f"--mem: {config.mem_bytes >> 20} MiB is more than this host has ({host_mem >> 20} MiB)")
     host_cpus = os.sched_getaffinity(0)
     for cpu in config.pin:
         if cpu not in host_cpus:

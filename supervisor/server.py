@@ -362,7 +362,9 @@ class Server:
             info.devices = devices
             info.pids.update({f"device:{n}": d["pid"] for n, d in devices.items() if isinstance(d.get("pid"), int)})
         for name in kinds.switches(g.config.devices):
-            info.devices[f"switch:{name}"] = self.switches.status(name)
+            status = info.devices[f"switch:{name}"] = self.switches.status(name)
+            if g.proc is not None and status["pid"] is not None:
+                info.pids[f"switch:{name}"] = status["pid"]
         return info
 
     def wait(self, msg, envelope):
@@ -377,7 +379,7 @@ class Server:
     def stats(self, msg, envelope):
         g = self.registry.get(msg.name)
         stats = dict(self._worker(g, m.Stats(g.name), m.StatsReply).stats)
-        pids = {"worker": g.proc.pid, "supervisor": os.getpid()}
+        pids = {**self.info(msg, envelope).pids, "supervisor": os.getpid()}     # worker, devices, switches
         if self.spawner.zygote_pid is not None:
             pids["zygote"] = self.spawner.zygote_pid
         stats["host"] = process_stats(pids)

@@ -4,7 +4,7 @@ import json
 from pyhv.devices.virtio.kinds import kind as device_kind
 from pyhv.proto import control as m
 from pyhv.proto.errors import EXIT_OK, HvError
-from pyhv.supervisor.cli.client import mib_text, request, size_text
+from pyhv.supervisor.cli.client import mib_text, request, size_text, table
 
 
 def cmd_list(args):
@@ -71,27 +71,68 @@ def cmd_stats(args):
     if args.json:
         print(json.dumps(stats, indent=2))
         return EXIT_OK
-    for v in stats.get("vcpus", []):
-        exits = ", ".join(f"{k} {n}" for k, n in sorted(v.get("exits", {}).items(), key=lambda kv: -kv[1]))
-        pos = v.get("position")
-        where = ""
-        if pos:
-            sym = f" {pos['symbol']}" if pos.get("symbol") else ""
-            where = f"at rip {pos['rip']}{sym} (ring {pos['cpl']}); "
-        print(f"vcpu {v.get('index')}: {where}exits: {exits or '-'}")
-        times = {k: v[k] for k in ("ns_in_guest", "ns_in_vmm") if k in v}
-        if times:
-            print("  " + ", ".join(f"{k} {n}" for k, n in times.items()))
-    for name, counters in stats.get("devices", {}).items():
-        print(f"device {name}: " + ", ".join(f"{k} {n}" for k, n in counters.items()))
-    for k in ("pio_unclaimed", "mmio_unclaimed"):
-        if k in stats:
-            print(f"{k}: {stats[k]}")
-    for role, p in stats.get("host", {}).items():
-        pss = "-" if p["pss"] is None else mib_text(p["pss"])
-        print(f"{role} (pid {p['pid']}): cpu {p['cpu_percent']}% ({p['cpu_seconds']} s), "
-              f"rss {mib_text(p['rss'])}, pss {pss}")
+    print(stats_text(stats))
     return EXIT_OK
+
+
+def stats_text(stats):
+    """`hvctl stats` as three tables: vCPUs, devices (their nonzero counters), host processes."""
+    vcpus = []
+    for v in stats.get("vcpus", []):
+        pos = v.get("position") or {}
+        where = f"{pos['rip']}{' ' + pos['symbol'] if pos.get('symbol') else ''} (ring {pos['cpl']})" if pos else "-"
+        exits = sorted(v.get("exits", {}).items(), key=lambda kv: -kv[1])
+        vcpus.append((str(v.get("index")), where, str(sum(n for _, n in exits)),
+                      ", ".join(f"{k} {n}" for k, n in exits[:3]) or "-",
+                      _seconds(v.get("ns_in_guest")), _seconds(v.get("ns_in_vmm")), str(v.get("host_tid", "-")),
+                      _cpu_list(v.get("host_cpus"))))
+    devices = []
+    for name, counters in stats.get("devices", {}).items():
+        own = {k: c for k, c in counters.items() if not isinstance(c, dict)}
+        devices.append((name, "-", "-", _counters(own)))
+        for sub, c in counters.items():          # the PCI functions; a service's own figures under "backend"
+            if isinstance(c, dict):
+                backend = c.get("backend", {})
+                devices.append((f"  {sub}", str(backend.get("state", "in worker")), str(backend.get("pid", "-")),
+                                _counters(_flat(c))))
+    devices.append(("unclaimed", "-", "-",
+                    _counters({k: stats[k] for k in ("pio_unclaimed", "mmio_unclaimed") if k in stats})))
+    host = [(role, str(p["pid"]), f"{p['cpu_percent']:.1f}", f"{p['cpu_seconds']:.2f}", mib_text(p["rss"]),
+             "-" if p["pss"] is None else mib_text(p["pss"])) for role, p in stats.get("host", {}).items()]
+    return "\n\n".join((table(("VCPU", "WHERE", "EXITS", "TOP EXITS", "GUEST S", "VMM S", "TID", "CPUS"), vcpus),
+                        table(("DEVICE", "STATE", "PID", "NONZERO COUNTERS (all of them: --json)"), devices),
+                        table(("PROCESS", "PID", "CPU%", "CPU S", "RSS", "PSS"), host)))
+
+
+def _flat(counters, prefix=""):
+    """{"backend": {"port": {"sent": 1}}} -> {"port.sent": 1}: a service's counters beside its transport's."""
+    out = {}
+    for k, v in counters.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, "" if k == "backend" else f"{prefix}{k}."))
+        elif k not in ("state", "pid", "paused"):
+            out[prefix + k] = v
+    return out
+
+
+def _counters(counters):
+    return ", ".join(f"{k} {v}" for k, v in counters.items() if v not in (0, None, False, "")) or "-"
+
+
+def _seconds(ns):
+    return "-" if ns is None else f"{ns / 1e9:.2f}"
+
+
+def _cpu_list(cpus):
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    if not cpus:
+        return "-"
+    runs, start = [], cpus[0]
+    for a, b in zip(cpus, cpus[1:] + [None]):
+        if b != a + 1:
+            runs.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(runs)
 
 
 def cmd_top(args):

@@ -10,6 +10,8 @@ from pyhv.supervisor.cli.options import add_run_options, config_from
 def cmd_run(args):
     """On a terminal the guest gets it raw (its own echo, Ctrl-C, arrow keys) and Ctrl-] stops it."""
     config = config_from(args, "run")
+    if args.stats_json:
+        _check_writable(args.stats_json)
     from pyhv.vcpu_worker.runner import Foreground
     guest = Foreground(config)
     tty = os.isatty(0)
@@ -39,6 +41,15 @@ def cmd_run(args):
     if outcome.status == EXIT_VM_FAILED:
         print(f"hvctl: VM failed: {outcome.reason}", file=sys.stderr)
     return outcome.status
+
+
+def _check_writable(path):
+    """--stats-json is written when the guest ends: refuse a path that cannot be written before it starts."""
+    from pyhv.proto.errors import UserError
+    where = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(where) or not os.access(where, os.W_OK | os.X_OK) \
+            or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"--stats-json: cannot write {path} (give a file in an existing, writable directory)")
 
 
 def add_commands(add):

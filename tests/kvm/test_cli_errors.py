@@ -11,6 +11,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HVCTL = [sys.executable, os.path.join(REPO, "bin", "hvctl")]
+HOST_GIB = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 30
 
 
 def hvctl(*args, runtime_dir, timeout=30):
@@ -81,6 +82,14 @@ def test_missing_kernel(cmd, rundir):
     (["--load-addr", "zz"], "--load-addr"),
     (["--timeout", "soon"], "--timeout"),
     (["--timeout", "-1"], "--timeout"),
+    (["--timeout", "inf"], "--timeout"),
+    (["--timeout", "1e10"], "24 days"),
+    (["--timeout", "nan"], "--timeout"),
+    (["--pin", "0-20000000"], "--pin"),
+    (["--mem", f"{HOST_GIB + 1}G"], "more than this host has" if HOST_GIB < 64 else "out of range"),
+    (["--cmdline", "a" * 100_000], "--cmdline: 100000 bytes"),
+    (["--stats-json", "/no/such/dir/s.json"], "--stats-json: cannot write"),
+    (["--net", "switch:a,mac=52:54:00:00:00:01,mac=52:54:00:00:00:02"], "mac= 2 times"),
     (["--initrd", "/no/initrd"], "no such initrd file"),
     (["--disk", "/x"], "--disk: /x: no such file"),
     (["--disk", "/tmp"], "--disk: /tmp: no such file"),

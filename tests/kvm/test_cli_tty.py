@@ -97,3 +97,30 @@ def test_one_console_at_a_time(sup, build_guest):
             first.kill()
         os.close(master)
     assert sup.info("c")["state"] == "running"
+
+
+IDLE = "1: hlt\njmp 1b\n"      # raw16, interrupts off: asleep in KVM_RUN for good
+
+
+def test_top_on_a_terminal_quits_on_q_and_an_idle_guest_uses_no_guest_cpu(sup, build_guest):
+    sup.hvctl("create", "sleeper", "--kernel", build_guest(IDLE, "raw16"), "--boot", "raw16", "--timeout", "60",
+              "--start", check=0)
+    env = {**os.environ, "HV_RUNTIME_DIR": sup.dir}
+    master, slave = pty.openpty()
+    p = subprocess.Popen(HVCTL + ["top", "--interval", "0.5"], stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    try:
+        screen = read_until(master, b"sleeper", timeout=20)
+        screen += read_until(master, b"sleeper", timeout=20)      # the second refresh has rates
+        assert b"q quits" in screen
+        os.write(master, b"q")
+        assert p.wait(10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+    last = screen.decode(errors="replace").split("\x1b[2J")[-1].splitlines()
+    header = last[1]
+    row = next(line for line in last if line.startswith("sleeper"))
+    guest, cpu = (int(row[header.index(col):].split()[0]) for col in ("GUEST%", "CPU%"))
+    assert guest <= cpu          # time asleep in KVM_RUN is not guest CPU (it read 100 beside a CPU% of 2)

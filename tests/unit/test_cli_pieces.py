@@ -37,3 +37,26 @@ def test_fleet_specs_expand_counts_defaults_and_relative_paths(tmp_path):
         (tmp_path / "bad.json").write_text(json.dumps(spec))
         with pytest.raises(UserError, match=words):
             fleet.read(str(tmp_path / "bad.json"))
+
+
+def test_stats_text_is_three_tables_with_services_and_nonzero_counters():
+    from pyhv.supervisor.cli.inspect import stats_text
+    stats = {"vcpus": [{"index": 0, "exits": {"IO": 5, "HLT": 9}, "ns_in_guest": 2_500_000_000, "ns_in_vmm": 10**7,
+                        "position": {"rip": "0x7c06", "cpl": 0, "symbol": "entry+0x6"}, "host_tid": 41,
+                        "host_cpus": [0, 1, 2, 5]}],
+             "devices": {"serial": {"tx_bytes": 3, "rx_bytes": 0},
+                         "pci": {"bar_conflicts": 0, "virtio-net0": {"notify_exits": 2, "backend": {
+                             "state": "running", "pid": 77, "tx_frames": 1, "port": {"sent": 4, "dropped": 0}}}}},
+             "pio_unclaimed": 1,
+             "host": {"worker": {"pid": 40, "cpu_percent": 12.5, "cpu_seconds": 1.0, "rss": 3 << 20, "pss": None},
+                      "switch:sw0": {"pid": 42, "cpu_percent": 0.0, "cpu_seconds": 0.0, "rss": 1 << 20,
+                                     "pss": 1 << 20}}}
+    vcpus, devices, host = (t.splitlines() for t in stats_text(stats).split("\n\n"))
+    assert vcpus[1].split() == ["0", "0x7c06", "entry+0x6", "(ring", "0)", "14", "HLT", "9,", "IO", "5", "2.50",
+                                "0.01", "41", "0-2,5"]
+    assert devices[1].split() == ["serial", "-", "-", "tx_bytes", "3"]
+    assert devices[3].split() == ["virtio-net0", "running", "77", "notify_exits", "2,", "tx_frames", "1,",
+                                  "port.sent", "4"]
+    assert devices[-1].split() == ["unclaimed", "-", "-", "pio_unclaimed", "1"]
+    assert [line.split()[0] for line in host[1:]] == ["worker", "switch:sw0"]
+    assert host[1].split()[-1] == "-"
