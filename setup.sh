@@ -26,7 +26,7 @@ fi
 # Bytecode now: hvctl run starts in ~100 ms only if it need not compile itself
 # (and PYTHONDONTWRITEBYTECODE may be set, so it would compile every time).
 "$VENV/bin/python" -m compileall -q -j 0 pyhv supervisor vcpu_worker devices proto >/dev/null
-PYTHON="$VENV/bin/python" bash guests/fetch.sh
+"$VENV/bin/hvctl" guests fetch
 make -s -C examples
 "$VENV/bin/hvctl" run --boot raw64 --kernel examples/build/hello.bin
 

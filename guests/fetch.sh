@@ -26,7 +26,9 @@ JOBS=${HV_JOBS:-$(( $(nproc) + 1 ))}
 FRAGMENT=$HERE/linux/pyhv.config
 PATCH=$HERE/linux/syscall-hook.patch
 INIT=$HERE/linux/init.sh
+PY=${PYTHON:-python3}
 T0=$(date +%s)
+FROM_SCRATCH_UNITS=1340     # kbuild lines of a build from scratch (tinyconfig + pyhv.config), for progress
 
 step() { printf 'fetch.sh: %s\n' "$*"; }
 die() { printf 'fetch.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -68,9 +70,7 @@ download() {
 	deb=$(find "$A/debs" -maxdepth 1 -name "${pkg}_*.deb" | sort -V | tail -n 1)
 	if [ -z "$deb" ]; then
 		apt-cache show "$pkg" >/dev/null 2>&1 || apt_update >&2
-		step "apt-get download $pkg" >&2
-		(cd "$A/debs" && apt-get download -qq -o APT::Sandbox::User=root "$pkg" >/dev/null) \
-			|| die "apt-get download $pkg failed"
+		"$PY" "$HERE/progress.py" download "$pkg" "$A/debs" >/dev/null || die "downloading $pkg failed"
 		deb=$(find "$A/debs" -maxdepth 1 -name "${pkg}_*.deb" | sort -V | tail -n 1)
 		[ -n "$deb" ] || die "apt-get download $pkg left no ${pkg}_*.deb in $A/debs"
 	fi
@@ -189,8 +189,11 @@ else
 	check_config "$FRAGMENT" "$build/.config" || die "an option of $FRAGMENT did not survive Kconfig (unmet dependency?)"
 	step "own kernel: building vmlinux and bzImage with $JOBS jobs (a few minutes on 2 cores)"
 	b0=$(date +%s)
-	kmake -j"$JOBS" vmlinux bzImage >> "$log" 2>&1 \
+	# Progress is the share of kbuild units done against the last build's count (or a from-scratch one).
+	expected=$(cat "$build/pyhv-units" 2>/dev/null || echo "$FROM_SCRATCH_UNITS")
+	kmake -j"$JOBS" vmlinux bzImage 2>&1 | "$PY" "$HERE/progress.py" build "$log" "$expected" > "$build/pyhv-units.new" \
 		|| { grep -E 'error|Error' "$log" | tail -n 20 >&2; die "the kernel build failed (log: $log)"; }
+	mv "$build/pyhv-units.new" "$build/pyhv-units"
 	mkdir -p "$A/own"
 	for f in vmlinux:vmlinux arch/x86/boot/bzImage:bzImage .config:config System.map:System.map; do
 		cp "$build/${f%%:*}" "$A/own/${f#*:}.tmp"
@@ -205,7 +208,7 @@ ikey=$(cat "$HERE/initramfs.py" "$INIT" "$A/busybox" | sha256sum | cut -c1-16)
 if [ -z "${HV_FETCH_FORCE:-}" ] && [ "$(cat "$A/initramfs.KEY" 2>/dev/null)" = "$ikey" ] && [ -s "$A/initramfs.cpio" ]; then
 	step "initramfs: cached"
 else
-	step "initramfs: $("${PYTHON:-python3}" "$HERE/initramfs.py" "$A/initramfs.cpio" --busybox "$A/busybox" --init "$INIT")"
+	step "initramfs: $("$PY" "$HERE/initramfs.py" "$A/initramfs.cpio" --busybox "$A/busybox" --init "$INIT")"
 	echo "$ikey" > "$A/initramfs.KEY"
 fi
 

@@ -72,6 +72,13 @@ def test_wheel_in_a_fresh_venv_without_the_source(tmp_path, source_copy, hello):
     assert pyhv_file(bin_ / "python", tmp_path).startswith(str(tmp_path / "v"))
     r = sh(bin_ / "hvctl", "--version", cwd=tmp_path)
     assert r.stdout.startswith("hvctl (pyhv) ")
+    # The guest-artefact fetcher ships in the wheel: with the artefacts cached it finds them all current
+    # (the kernel's key hashes the config fragment and patch, so the wheel's copies must be the same).
+    cache = pathlib.Path(os.environ.get("HV_ARTEFACTS", "/var/cache/pyhv"))
+    if (cache / "own" / "KEY").exists():
+        r = sh(bin_ / "hvctl", "guests", "fetch", cwd=tmp_path)
+        assert "own kernel: cached" in r.stdout and "initramfs: cached" in r.stdout, r.stdout
+    assert "own/vmlinux" in sh(bin_ / "hvctl", "guests", "list", cwd=tmp_path).stdout
 
 
 def test_editable_venv_install_runs_the_checkout(tmp_path, source_copy, hello):

@@ -27,8 +27,8 @@ def _is_nested_kvm():
 
 @pytest.fixture(scope="session")
 def artefacts():
-    r = subprocess.run(["bash", str(REPO / "guests" / "fetch.sh")], capture_output=True, text=True, timeout=3600)
-    assert r.returncode == 0, f"guests/fetch.sh failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    r = subprocess.run(HVCTL + ["guests", "fetch"], capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, f"hvctl guests fetch failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     paths = {"own": ARTEFACTS / "own" / "vmlinux", "stock": ARTEFACTS / "stock" / "vmlinuz",
              "initrd": ARTEFACTS / "initramfs.cpio"}
     for p in paths.values():
