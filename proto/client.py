@@ -84,6 +84,30 @@ class SeqClient:
                 raise PeerFailed(f"{self.path}: {e.strerror or e}") from None
         if not data:
             raise PeerFailed(f"{self.path} went away without an answer")
+        return self._decode(data)
+
+    def stream(self, msg):
+        """The messages the peer sends on one connection after `msg` (a subscription, made before this
+        returns), as a generator; PeerFailed once the peer closes it.  Closing the generator closes it."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            s.connect(self.path)
+            s.send(codec.encode(msg, self.channel))
+        except OSError as e:
+            s.close()
+            raise PeerFailed(f"{self.path}: {e.strerror or e}") from None
+        return self._messages(s)
+
+    def _messages(self, s):
+        with s:
+            try:
+                while data := s.recv(codec.MAX_MESSAGE_BYTES):
+                    yield self._decode(data)
+            except OSError as e:
+                raise PeerFailed(f"{self.path}: {e.strerror or e}") from None
+        raise PeerFailed(f"{self.path} went away")
+
+    def _decode(self, data):
         reply = codec.decode(data, self.channel)
         if isinstance(reply, Error):
             raise from_wire(reply.kind, reply.message)

@@ -53,6 +53,33 @@ class Stop(Message):
 
 
 @CONTROL
+class Events(Message):
+    """Subscribe (on RUNTIME/hvctl.sock): an Event on this connection for every change, until it closes."""
+
+
+@CONTROL
+class Event(Message):
+    """A guest changed: kind is "created", a state of STATES, or "destroyed"; time is the Unix time."""
+    name: str
+    kind: str
+    exit_status: int | None
+    reason: str
+    time: float
+
+
+@CONTROL
+class CtrlAltDel(Message):
+    """Ask the guest to power off (`hvctl shutdown`): Ctrl-Alt-Del on its keyboard; Wait for the end."""
+    name: str
+
+
+@CONTROL
+class CtrlAltDelReply(Message):
+    """listening: a keyboard driver took the keys (False: nothing was pressed; a raw guest has none)."""
+    listening: bool
+
+
+@CONTROL
 class Pause(Message):
     name: str
 

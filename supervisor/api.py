@@ -61,6 +61,12 @@ class Guest:
         """Hard stop (status 143); returns once the guest has ended."""
         return self.client.request(m.Stop(self.name), timeout=30.0)
 
+    def shutdown(self, timeout=60.0, force=False):
+        """Ask the guest to power off (Ctrl-Alt-Del) and wait up to `timeout` s: its exit status, 124 if it still
+        runs then; force=True stops it at that point (143).  BadState for a guest with no keyboard driver."""
+        from pyhv.supervisor.shutdown import shutdown
+        return shutdown(lambda msg, t: self.client.request(msg, timeout=t), self.name, timeout, force)
+
     def pause(self):
         return self.client.request(m.Pause(self.name))
 
@@ -218,6 +224,12 @@ class Client:
             except NotResponding:
                 out[name] = EXIT_TIMEOUT
         return out
+
+    def events(self):
+        """Every guest change from now on (proto.control.Event: name, kind, exit_status, reason, time), as a
+        generator; closing it ends the subscription, PeerFailed when the supervisor ends."""
+        from pyhv.proto.client import SeqClient
+        return SeqClient(self.runtime.hvctl_sock).stream(m.Events())
 
     def destroy_all(self, force=True, purge=False):
         for g in self.guests():

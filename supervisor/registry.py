@@ -32,6 +32,7 @@ class Guest:
     stop_reason: str | None = None    # set by stop/shutdown: a worker exit then means "stopped", not "failed"
     kill_at: float | None = None      # monotonic time at which the worker gets SIGKILL
     waiters: list = field(default_factory=list)   # reply envelopes deferred until the guest ends
+    on_change: object = None          # on_change(guest, kind): the registry's listener (events)
 
     @property
     def name(self):
@@ -56,6 +57,8 @@ class Guest:
     def set_state(self, state, exit_status=None, reason=""):
         self.state, self.exit_status, self.reason = state, exit_status, reason
         self.save()
+        if self.on_change is not None:
+            self.on_change(self, state)
 
     def save(self):
         record = {"config": to_plain(self.config), "state": self.state,
@@ -84,8 +87,10 @@ def _config_from_record(plain):
 
 
 class Registry:
-    def __init__(self, runtime):
+    def __init__(self, runtime, on_change=None):
+        """`on_change(guest, kind)` hears of every guest created, changing state or destroyed."""
         self.runtime = runtime             # proto.runtime.RuntimeDir
+        self.on_change = on_change
         os.makedirs(runtime.guests, exist_ok=True)
         self.guests = {}
         for name in sorted(os.listdir(runtime.guests)):
@@ -102,6 +107,7 @@ class Registry:
             print(f"supervisor: ignoring unreadable guest record in {files.path}: {e}", file=sys.stderr)
             return
         self.guests[g.name] = g
+        g.on_change = self._changed
         if g.live:
             g.set_state("failed", EXIT_VM_FAILED, "the supervisor exited while the guest was running")
 
@@ -122,9 +128,14 @@ class Registry:
             raise UserError(f"runtime dir path is too long for unix sockets: {self.runtime.path}")
         shutil.rmtree(files.path, ignore_errors=True)
         os.makedirs(files.path)
-        g = self.guests[config.name] = Guest(config, files)
+        g = self.guests[config.name] = Guest(config, files, on_change=self._changed)
         g.save()
+        self._changed(g, "created")
         return g
+
+    def _changed(self, guest, kind):
+        if self.on_change is not None:
+            self.on_change(guest, kind)
 
     def remove(self, guest, keep_logs=True):
         """Forget the guest and its files; its console and worker logs go to RUNTIME/logs/NAME unless not kept."""
@@ -139,4 +150,5 @@ class Registry:
                 except FileNotFoundError:
                     pass
         shutil.rmtree(guest.dir, ignore_errors=True)
+        self._changed(guest, "destroyed")
 

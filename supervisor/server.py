@@ -53,7 +53,8 @@ class Server:
             raise UserError(f"runtime dir path is too long for unix sockets: {self.dir}")
         os.makedirs(self.dir, exist_ok=True)
         self._lock = self._take_lock()
-        self.registry = Registry(self.runtime)
+        self.registry = Registry(self.runtime, on_change=self._publish)
+        self.subscribers = []               # hvctl.sock connections that asked for Events
         self.ctx = zmq.Context()
         self.spawner = spawn.Spawner()
         self.switches = Switches(self.runtime)
@@ -61,7 +62,8 @@ class Server:
         self.loop = EventLoop("supervisor")
         self._zygote_fd = None
         self.handlers = {m.Ping: self.ping, m.Create: self.create, m.Start: self.start,
-                         m.Stop: self.stop, m.Pause: self.pause, m.Resume: self.resume,
+                         m.Stop: self.stop, m.Pause: self.pause, m.Resume: self.resume, m.CtrlAltDel: self.shutdown,
+                         m.Events: self.events,
                          m.Destroy: self.destroy, m.List: self.list, m.Info: self.info,
                          m.Wait: self.wait, m.Stats: self.stats}
 
@@ -197,6 +199,31 @@ class Server:
         except zmq.ZMQError:
             pass
 
+    def events(self, msg, envelope):
+        if not isinstance(envelope, socket.socket):
+            raise UserError(f"events are served on {self.runtime.hvctl_sock} (SOCK_SEQPACKET), not on ZeroMQ")
+        self.subscribers.append(envelope)
+        self.loop.add(envelope, lambda: self._unsubscribe(envelope))    # readable = the client closed it
+        return None                             # no reply: Events follow on the connection
+
+    def _unsubscribe(self, conn):
+        if conn in self.subscribers:
+            self.subscribers.remove(conn)
+            self.loop.remove(conn)
+            conn.close()
+
+    def _publish(self, g, kind):
+        """An Event to every subscriber; one that has gone or cannot keep up is dropped (never waited for)."""
+        if not self.subscribers:
+            return
+        data = codec.encode(m.Event(g.name, kind, g.exit_status if kind in ("stopped", "failed") else None,
+                                    g.reason if kind in ("stopped", "failed") else "", time.time()), m.CONTROL)
+        for conn in list(self.subscribers):
+            try:
+                conn.send(data)
+            except OSError:                     # EPIPE: gone; EAGAIN: 200 KB behind
+                self._unsubscribe(conn)
+
     def _watch(self):
         """Notice worker exits; SIGKILL workers that outlived their stop grace."""
         now = time.monotonic()
@@ -322,6 +349,11 @@ class Server:
             g.kill_at = time.monotonic()     # worker hung: kill it on the next tick
         g.waiters.append(envelope)
         return None
+
+    def shutdown(self, msg, envelope):
+        g = self.registry.get(msg.name)
+        self._need_state(g, "running")
+        return self._worker(g, m.CtrlAltDel(g.name), m.CtrlAltDelReply)
 
     def pause(self, msg, envelope):
         g = self.registry.get(msg.name)

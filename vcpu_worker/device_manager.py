@@ -19,6 +19,7 @@ from pyhv.proto.messages import to_plain
 from pyhv.vcpu_worker._kvm import lib
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
+KEYBOARD_IRQ = 1
 I8042_DATA, I8042_COMMAND = 0x60, 0x64
 RTC_PORT = 0x70
 EXIT_PORT, POST_PORT = 0x501, 0x80
@@ -31,7 +32,7 @@ class DeviceManager:
         self.config = config
         self.serial = Serial8250(irq=lambda level: router.set_irq_line(COM1_IRQ, level), out=console_out)
         pio.register(COM1_PORT, 8, self.serial, "serial")
-        self.i8042 = I8042(reset=on_reset)
+        self.i8042 = I8042(reset=on_reset, irq=lambda level: router.set_irq_line(KEYBOARD_IRQ, level))
         pio.register(I8042_DATA, 1, self.i8042.data_port(), "i8042-data")
         pio.register(I8042_COMMAND, 1, self.i8042.command_port(), "i8042-command")
         self.rtc = CmosRtc()

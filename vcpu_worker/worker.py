@@ -87,7 +87,7 @@ class Worker:
         self.paused_at = None
         self.outcome = None
         self.handlers = {m.Ping: self.ping, m.Pause: self.pause, m.Resume: self.resume, m.Stats: self.stats,
-                         m.DeviceStatus: self.device_status, m.Stop: self.stop}
+                         m.DeviceStatus: self.device_status, m.Stop: self.stop, m.CtrlAltDel: self.shutdown}
 
     def handle(self, data):
         try:
@@ -127,6 +127,9 @@ class Worker:
     def stop(self, msg):
         self.outcome = self.machine.stop()
         return Ok()
+
+    def shutdown(self, msg):
+        return m.CtrlAltDelReply(self.machine.devices.i8042.press_ctrl_alt_del())
 
 
 def serve(config, mem_fd, guest):

@@ -1,9 +1,14 @@
-"""i8042 PS/2 controller: enough for Linux to probe it and for the guest to reset the machine.
+"""i8042 PS/2 controller with an AT keyboard: Linux probes it, the guest resets the machine, the host presses keys.
 
 The guest reboots by pulsing the CPU reset line through the controller
 (command 0xFE, or 0xD1 with output-port bit 0 clear); that calls `reset()`,
-outside the lock.  There is no interrupt line, so replies sit in a small
-output buffer until the guest polls them (status bit 0).
+outside the lock.  Bytes for the guest sit in a small output buffer (status
+bit 0); while the command byte enables the keyboard interrupt, IRQ 1 is high
+whenever one is waiting, and drops and rises again between bytes (the ISA
+line is edge-triggered, so each byte is an edge).  `press_ctrl_alt_del()` is
+how `hvctl shutdown` asks a guest to power off: Linux's VT keyboard handler
+takes Ctrl-Alt-Del to its init (Firecracker's SendCtrlAltDel does the same).
+Keys are scancode set 1, what the controller delivers with translation on.
 
 There is no AUX (mouse) port.  0xD3 (AUX loopback) is an unknown command, so
 Linux's loop test fails, and the AUX interface test then answers 0x01 ("clock
@@ -14,7 +19,7 @@ import threading
 from collections import deque
 
 STATUS_OBF, STATUS_SYS, STATUS_CMD, STATUS_UNLOCKED = 0x01, 0x04, 0x08, 0x10
-CTR_KBDDIS, CTR_AUXDIS = 0x10, 0x20
+CTR_KBDINT, CTR_KBDDIS, CTR_AUXDIS = 0x01, 0x10, 0x20
 CTR_DEFAULT = 0x65                  # XLATE | AUXDIS | SYS | KBDINT, as firmware leaves it
 OUTPORT_RESET, OUTPORT_DEFAULT = 0x01, 0x03   # bit 0 is the CPU reset line, active low; bit 1 A20
 AUX_TEST_NO_AUX = 0x01
@@ -31,6 +36,8 @@ _CTR_BITS = {CMD_AUX_DISABLE: (CTR_AUXDIS, True), CMD_AUX_ENABLE: (CTR_AUXDIS, F
              CMD_KBD_DISABLE: (CTR_KBDDIS, True), CMD_KBD_ENABLE: (CTR_KBDDIS, False)}
 _KBD_REPLIES = {0xFF: (0xFA, 0xAA), 0xF2: (0xFA, 0xAB, 0x83), 0xEE: (0xEE,)}   # reset, identify, echo
 _ACK = (0xFA,)
+# Ctrl, Alt, Delete (an E0 key) pressed, then released in reverse order: scancode set 1
+CTRL_ALT_DEL = (0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D)
 
 
 class _Port:
@@ -53,8 +60,12 @@ class _Port:
 class I8042:
     """Data port 0x60 and status/command port 0x64 of an AT keyboard controller."""
 
-    def __init__(self, reset):
+    def __init__(self, reset, irq=None):
+        """`reset()` ends the VM; `irq(level)` drives IRQ 1."""
         self._reset = reset
+        self._irq = irq
+        self._level = False
+        self._driver = False            # a driver wrote the command byte: someone may read keys
         self._lock = threading.Lock()
         self._out = deque()             # bytes waiting for the guest at port 0x60
         self._last = 0                  # what the output register holds once drained
@@ -62,7 +73,7 @@ class I8042:
         self._outport = OUTPORT_DEFAULT
         self._pending = None            # a command waiting for its data byte
         self._status_cmd = 0            # status bit 3: the last write went to port 0x64
-        self._commands = self._resets = 0
+        self._commands = self._resets = self._keys = 0
         self._data_port = _Port(self.read_data, self.write_data)
         self._command_port = _Port(self.read_status, self.write_command)
 
@@ -74,13 +85,26 @@ class I8042:
 
     def counters(self):
         with self._lock:
-            return {"commands": self._commands, "resets": self._resets}
+            return {"commands": self._commands, "resets": self._resets, "keys": self._keys}
+
+    def press_ctrl_alt_del(self):
+        """Queue Ctrl-Alt-Del for the guest; False if no keyboard driver listens (none has written the command
+        byte, as in a raw guest, or it masks the interrupt or disabled the keyboard): then nothing is queued."""
+        with self._lock:
+            listening = self._driver and self._ctr & CTR_KBDINT and not self._ctr & CTR_KBDDIS
+            if listening:
+                self._keys += 1
+                self._queue(CTRL_ALT_DEL)
+            edges = self._edges()
+        self._drive(edges)
+        return bool(listening)
 
     def snapshot(self):
         with self._lock:
             return {"out": bytes(self._out), "last": self._last, "ctr": self._ctr, "outport": self._outport,
                     "pending": self._pending, "status_cmd": self._status_cmd, "commands": self._commands,
-                    "resets": self._resets}
+                    "resets": self._resets, "keys": self._keys, "level": self._level,
+                    "driver": self._driver}
 
     def restore(self, state):
         with self._lock:
@@ -89,14 +113,20 @@ class I8042:
             self._pending = None if state["pending"] is None else int(state["pending"])
             self._status_cmd = int(state["status_cmd"])
             self._commands, self._resets = int(state["commands"]), int(state["resets"])
+            self._keys, self._level = int(state.get("keys", 0)), bool(state.get("level", False))
+            self._driver = bool(state.get("driver", False))
 
     # -- port 0x60 ----------------------------------------------------------
 
     def read_data(self):
         with self._lock:
-            if self._out:
+            popped = bool(self._out)
+            if popped:
                 self._last = self._out.popleft()
-            return self._last
+            value = self._last
+            edges = self._edges(new_byte=popped)
+        self._drive(edges)
+        return value
 
     def write_data(self, b):
         reset = False
@@ -105,6 +135,7 @@ class I8042:
             cmd, self._pending = self._pending, None
             if cmd == CMD_WRITE_CTR:
                 self._ctr = b
+                self._driver = True
             elif cmd == CMD_WRITE_KBD_OUT:
                 self._queue((b,))
             elif cmd == CMD_WRITE_OUTPORT:
@@ -113,6 +144,8 @@ class I8042:
                 self._resets += reset
             else:                           # no command pending: the byte is for the keyboard
                 self._queue(_KBD_REPLIES.get(b, _ACK))
+            edges = self._edges()
+        self._drive(edges)
         if reset:
             self._reset()
 
@@ -142,8 +175,26 @@ class I8042:
             elif b & 0xF0 == CMD_PULSE:
                 reset = not b & OUTPORT_RESET
                 self._resets += reset
+            edges = self._edges()
+        self._drive(edges)
         if reset:
             self._reset()
+
+    # -- IRQ 1 ------------------------------------------------------------------
+
+    def _edges(self, new_byte=False):
+        """The levels to drive IRQ 1 through (lock held): high while a byte waits and the interrupt is on;
+        after the guest took a byte with another behind it, low and high again for a fresh edge."""
+        want = bool(self._out) and bool(self._ctr & CTR_KBDINT)
+        if self._irq is None:
+            return ()
+        edges = (False, True) if want and self._level and new_byte else ((want,) if want != self._level else ())
+        self._level = want
+        return edges
+
+    def _drive(self, edges):
+        for level in edges:
+            self._irq(level)
 
     # -- output buffer (lock held) --------------------------------------------
 

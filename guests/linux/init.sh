@@ -11,7 +11,8 @@
 #   pyhv.status         end the VM with CMD's exit status (written to the
 #                       hypervisor's debug page, 0xFEBFF000) instead of 0.
 # Afterwards the VM is rebooted (`reboot -f`, which syncs first), which pyhv
-# reports as exit status 0.
+# reports as exit status 0.  Ctrl-Alt-Del (`hvctl shutdown`) does the same at
+# any time: the kernel's immediate reboot is turned off, so it signals init.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export HOME=/root TERM=vt100
 
@@ -20,6 +21,10 @@ export HOME=/root TERM=vt100
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+
+# The command runs in the background and init waits for it: a trap runs only between commands.
+echo 0 > /proc/sys/kernel/ctrl-alt-del 2>/dev/null
+trap 'echo "pyhv-init: Ctrl-Alt-Del: syncing and rebooting"; sync; reboot -f' INT
 
 read -r cmdline </proc/cmdline
 has() { case " $cmdline " in *" $1 "*) return 0;; esac; return 1; }
@@ -50,12 +55,15 @@ esac
 status=0
 if [ -n "$run" ]; then
 	echo "pyhv-init: running: $run"
-	(eval "$run")
+	exec 3<&0                           # a background list's stdin would be /dev/null
+	(eval "$run") <&3 3<&- &
+	wait $!
 	status=$?
 	echo "pyhv-init: exit status $status"
 else
 	echo "pyhv-init: no pyhv.run= given, starting a shell (exit it to end the VM)"
-	setsid cttyhack sh -l
+	setsid cttyhack sh -l &             # cttyhack gives it the console as its terminal
+	wait $!
 fi
 
 if has pyhv.status; then

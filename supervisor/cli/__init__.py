@@ -18,9 +18,9 @@ from pyhv.proto.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, HvError, Us
 
 PROG = "hvctl"
 # command -> the module of pyhv.supervisor.cli that defines it, in help order
-COMMANDS = {"run": "run", "supervisor": "daemon", "create": "guests", "start": "guests", "stop": "guests",
+COMMANDS = {"run": "run", "supervisor": "daemon", "create": "guests", "start": "guests", "stop": "guests", "shutdown": "guests",
             "pause": "guests", "resume": "guests", "destroy": "guests", "list": "inspect", "info": "inspect",
-            "wait": "guests", "logs": "console", "console": "console", "stats": "inspect", "top": "inspect",
+            "wait": "guests", "logs": "console", "console": "console", "stats": "inspect", "top": "inspect", "events": "inspect",
             "apply": "guests", "snapshot": "state", "restore": "state", "guests": "artefacts"}
 
 

@@ -25,6 +25,15 @@ def supervisor_alive(path):
         s.close()
 
 
+def require_supervisor(args):
+    """NoSupervisor unless a supervisor serves the runtime dir; its RuntimeDir."""
+    rd = runtime_dir(args)
+    if not supervisor_alive(rd.control_sock):
+        raise NoSupervisor(f"no supervisor is running on {args.runtime_dir} "
+                           f"(start one with `hvctl supervisor --detach`)")
+    return rd
+
+
 def request(args, msg, timeout=10.0):
     """The supervisor's reply to `msg` (over RUNTIME/hvctl.sock: no ZeroMQ to import); NoSupervisor,
     NotResponding, PeerFailed or the HvError it replied."""
@@ -33,9 +42,7 @@ def request(args, msg, timeout=10.0):
     try:
         return SeqClient(rd.hvctl_sock).request(msg, timeout=timeout)
     except PeerFailed as e:
-        if not supervisor_alive(rd.control_sock):
-            raise NoSupervisor(f"no supervisor is running on {args.runtime_dir} "
-                               f"(start one with `hvctl supervisor --detach`)") from None
+        require_supervisor(args)
         if "went away" in str(e):
             raise PeerFailed(f"the supervisor on {args.runtime_dir} went away") from None
         raise

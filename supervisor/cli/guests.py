@@ -35,6 +35,18 @@ def _simple(msg_class):
     return cmd
 
 
+def cmd_shutdown(args):
+    """Ctrl-Alt-Del, then the guest's own exit status; 124 with one line if it still runs after --timeout."""
+    from pyhv.supervisor.shutdown import shutdown
+    if not args.timeout >= 0:
+        raise UserError(f"--timeout: {args.timeout:g} is not a number of seconds >= 0")
+    status = shutdown(lambda msg, t: request(args, msg, timeout=t), args.name, args.timeout, args.force)
+    if status == EXIT_TIMEOUT:
+        print(f"hvctl: guest {args.name} still running {args.timeout:g} s after Ctrl-Alt-Del "
+              f"(`hvctl stop {args.name}` ends it; --force does that itself)", file=sys.stderr)
+    return status
+
+
 def cmd_wait(args):
     if bool(args.all) == bool(args.name):
         raise UserError("wait: name a guest or give --all")
@@ -77,10 +89,8 @@ def cmd_apply(args):
     """Create and start every guest of a spec file; with --wait, wait for them all and print their statuses."""
     from pyhv.supervisor import fleet
     from pyhv.supervisor.api import Client
-    from pyhv.supervisor.cli.client import NoSupervisor, runtime_dir, supervisor_alive, table
-    if not supervisor_alive(runtime_dir(args).control_sock):
-        raise NoSupervisor(f"no supervisor is running on {args.runtime_dir} "
-                           f"(start one with `hvctl supervisor --detach`)")
+    from pyhv.supervisor.cli.client import require_supervisor, table
+    require_supervisor(args)
     with Client(args.runtime_dir, timeout=LIFECYCLE_TIMEOUT) as hv:
         guests = fleet.apply(hv, args.file)
         print(f"{len(guests)} guest(s) created and started")
@@ -100,6 +110,12 @@ def add_commands(add):
     create.add_argument("--start", action="store_true", help="and start it, in the same request")
     for name, msg in (("start", m.Start), ("stop", m.Stop), ("pause", m.Pause), ("resume", m.Resume)):
         add(name, _simple(msg), f"{name} a guest", "name")
+    shutdown = add("shutdown", cmd_shutdown, "ask the guest to power off (Ctrl-Alt-Del on its keyboard) and wait "
+                   "for it; exit with its status", "name")
+    shutdown.add_argument("--timeout", type=float, default=60.0, metavar="S", help="give up after S seconds "
+                          "(default 60): status 124")
+    shutdown.add_argument("--force", "-f", action="store_true", help="then stop it hard (143), and at once if "
+                          "no keyboard driver listens")
     destroy = add("destroy", cmd_destroy, "forget a guest that is not running (its logs are kept in "
                   "RUNTIME_DIR/logs/NAME)")
     destroy.add_argument("name", nargs="?")

@@ -3,7 +3,8 @@ import json
 
 from pyhv.devices.virtio.kinds import kind as device_kind
 from pyhv.proto import control as m
-from pyhv.proto.errors import EXIT_OK, HvError
+from pyhv.proto.errors import EXIT_OK, HvError, PeerFailed
+from pyhv.proto.messages import to_plain
 from pyhv.supervisor.cli.client import mib_text, request, size_text, table
 
 
@@ -135,6 +136,32 @@ def _cpu_list(cpus):
     return ",".join(runs)
 
 
+def cmd_events(args):
+    """Each guest change as it happens, one line (or one JSON object) each, until Ctrl-C or the supervisor ends."""
+    from pyhv.proto.client import SeqClient
+    from pyhv.supervisor.cli.client import require_supervisor
+    rd = require_supervisor(args)
+    wanted = set(args.names)
+    try:
+        _print_events(SeqClient(rd.hvctl_sock).stream(m.Events()), wanted, args.json)
+    except PeerFailed:
+        raise PeerFailed(f"the supervisor on {args.runtime_dir} went away") from None
+    return EXIT_OK
+
+
+def _print_events(events, wanted, as_json):
+    import time
+    for e in events:
+        if wanted and e.name not in wanted:
+            continue
+        if as_json:
+            print(json.dumps(to_plain(e)), flush=True)
+        else:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(e.time)) + f".{int(e.time % 1 * 1000):03d}"
+            status = "" if e.exit_status is None else f" {e.exit_status}"
+            print(f"{stamp}  {e.name}  {e.kind}{status}{'  ' + e.reason if e.reason else ''}", flush=True)
+
+
 def cmd_top(args):
     from pyhv.supervisor import top
 
@@ -158,6 +185,10 @@ def add_commands(add):
     stats.add_argument("--json", action="store_true")
     stats.add_argument("--symbols", metavar="SYSTEM.MAP", help="name the function each vCPU is in, from the "
                        "guest kernel's System.map")
+    events = add("events", cmd_events, "stream guest changes (created, running, paused, stopped, failed, "
+                 "destroyed) as they happen")
+    events.add_argument("names", nargs="*", metavar="NAME", help="only these guests")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
     top = add("top", cmd_top, "a live, refreshing table of all guests (exits/s, guest time, CPU, memory)")
     top.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
     top.add_argument("--iterations", "-n", type=int, metavar="N", help="stop after N refreshes")

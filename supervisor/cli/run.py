@@ -2,13 +2,17 @@
 import os
 import sys
 
-from pyhv.proto.errors import EXIT_STOPPED, EXIT_VM_FAILED
+from pyhv.proto.errors import EXIT_OK, EXIT_STOPPED, EXIT_VM_FAILED, UserError
 from pyhv.supervisor.cli.console import DETACH_KEY
 from pyhv.supervisor.cli.options import add_run_options, config_from
 
 
 def cmd_run(args):
     """On a terminal the guest gets it raw (its own echo, Ctrl-C, arrow keys) and Ctrl-] stops it."""
+    if args.detach:
+        return _detached(args)
+    if args.name:
+        raise UserError("--name: only with -d (a foreground guest has no name)")
     config = config_from(args, "run")
     if args.stats_json:
         _check_writable(args.stats_json)
@@ -43,9 +47,20 @@ def cmd_run(args):
     return outcome.status
 
 
+def _detached(args):
+    """`run -d`: the guest goes to the supervisor (create --start) under --name or a new name, which is printed."""
+    from pyhv.proto import control as m
+    from pyhv.supervisor.cli.client import request
+    if args.stats_json:
+        raise UserError("--stats-json: not with -d (`hvctl stats NAME --json` gives them while it runs)")
+    name = args.name or f"run-{os.urandom(3).hex()}"
+    request(args, m.Create(config_from(args, name), start=True), timeout=30.0)
+    print(name)
+    return EXIT_OK
+
+
 def _check_writable(path):
     """--stats-json is written when the guest ends: refuse a path that cannot be written before it starts."""
-    from pyhv.proto.errors import UserError
     where = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or not os.path.isdir(where) or not os.access(where, os.W_OK | os.X_OK) \
             or (os.path.exists(path) and not os.access(path, os.W_OK)):
@@ -55,4 +70,7 @@ def _check_writable(path):
 def add_commands(add):
     run = add("run", cmd_run, "boot one guest in the foreground; exit with its status")
     add_run_options(run)
+    run.add_argument("-d", "--detach", action="store_true", help="hand the guest to the supervisor instead "
+                     "(create --start) and print its name")
+    run.add_argument("--name", help="with -d: the guest's name (default run-XXXXXX)")
     run.add_argument("--stats-json", metavar="FILE", help="write the VMM's counters (exits, time in guest/VMM) here at exit")

@@ -69,3 +69,20 @@ def test_errors_are_the_supervisors_and_bad_input_changes_nothing(hv, build_gues
     assert g.stats()["vcpus"][0]["index"] == 0
     g.destroy(force=True)
     assert hv.list() == []
+
+
+def test_events_follow_every_change_in_order(hv, build_guest):
+    events = hv.events()
+    g = hv.create("ev", kernel=str(build_guest(SPIN)), boot="raw64", mem="16M", timeout=30, start=True)
+    g.pause()
+    g.resume()
+    with pytest.raises(BadState, match="no keyboard driver"):
+        g.shutdown(timeout=5)                   # a raw guest: refused, nothing changes
+    assert g.shutdown(timeout=5, force=True) == 143
+    g.destroy()
+    seen = [next(events) for _ in range(6)]
+    events.close()
+    assert [(e.name, e.kind) for e in seen] == [("ev", k) for k in
+                                                ("created", "running", "paused", "running", "stopped", "destroyed")]
+    assert seen[4].exit_status == 143 and seen[4].reason
+    assert all(a.time <= b.time for a, b in zip(seen, seen[1:]))

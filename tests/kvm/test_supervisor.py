@@ -391,3 +391,33 @@ def test_supervisor_stop_refuses_while_guests_run_unless_forced(sup, build_guest
     assert "stopped with 1 guest(s)" in r.stdout
     assert sup.proc.wait(10) == 0
     sup.hvctl("list", check=1)                          # nobody serves the runtime dir now
+
+
+def test_shutdown_of_a_guest_without_a_keyboard_driver_is_refused_unless_forced(sup, build_guest):
+    # A raw guest never sets the i8042 up, so Ctrl-Alt-Del would go unheard: say so rather than wait.
+    sup.hvctl("create", "raw", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "60",
+              "--start", check=0)
+    r = sup.hvctl("shutdown", "raw", check=1)
+    assert "no keyboard driver" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert sup.info("raw")["state"] == "running"
+    sup.hvctl("shutdown", "raw", "--force", check=143)
+    assert sup.info("raw")["state"] == "stopped"
+    sup.hvctl("shutdown", "raw", check=1)                  # not running any more
+
+
+def test_run_detached_hands_the_guest_to_the_supervisor_and_events_show_it(sup, build_guest):
+    env = {**os.environ, "HV_RUNTIME_DIR": sup.dir}
+    events = subprocess.Popen(HVCTL + ["events", "--json", "bg"], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        time.sleep(0.5)                            # subscribed before the guest is made
+        r = sup.hvctl("run", "-d", "--name", "bg", "--kernel", guest(build_guest, EXIT7), "--boot", "raw16",
+                      check=0)
+        assert r.stdout == "bg\n"
+        sup.hvctl("wait", "bg", "--timeout", "30", check=7)
+        kinds = [json.loads(events.stdout.readline())["kind"] for _ in range(3)]
+        assert kinds == ["created", "running", "stopped"]
+    finally:
+        events.terminate()
+        events.wait(10)
+    named = sup.hvctl("run", "-d", "--kernel", guest(build_guest, EXIT7), "--boot", "raw16", check=0).stdout.strip()
+    assert named.startswith("run-") and sup.hvctl("wait", named, "--timeout", "30", check=7)

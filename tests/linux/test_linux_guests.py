@@ -184,7 +184,7 @@ def test_own_kernel_mounts_an_ext2_root_on_virtio_blk_and_writes_to_it(artefacts
     assert subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True).returncode == 0
 
 
-def test_own_kernel_gives_an_interactive_shell_through_hvctl_console(artefacts):
+def test_own_kernel_gives_an_interactive_shell_through_hvctl_console_and_shuts_down(artefacts):
     # The shell's output goes through the tty layer, i.e. the 8250's interrupt-driven transmit path.
 
     sup = Supervisor()
@@ -212,9 +212,10 @@ def test_own_kernel_gives_an_interactive_shell_through_hvctl_console(artefacts):
         console.stdin.write(b"echo answer=$((6*7))\n")
         console.stdin.flush()
         expect(b"answer=42")
-        console.stdin.write(b"reboot -f\n")
-        console.stdin.flush()
-        assert sup.hvctl("wait", "sh", "--timeout", "120", timeout=150).returncode == 0
+        # hvctl shutdown: Ctrl-Alt-Del through the i8042 reaches init, which syncs and reboots (status 0)
+        assert sup.hvctl("shutdown", "sh", "--timeout", "120", timeout=150).returncode == 0
+        assert b"pyhv-init: Ctrl-Alt-Del: syncing" in pathlib.Path(sup.info("sh")["console_log"]).read_bytes()
+        assert sup.info("sh")["exit_status"] == 0
         console.stdin.close()
         console.wait(timeout=30)
     finally:

@@ -120,7 +120,7 @@ def test_pulse_reset(k):
     assert k.resets == 0
     k.command(0xFE)
     assert k.resets == 1
-    assert k.dev.counters() == {"commands": 2, "resets": 1}
+    assert k.dev.counters() == {"commands": 2, "resets": 1, "keys": 0}
 
 
 def test_output_port_write_resets_when_bit0_clear(k):
@@ -142,3 +142,55 @@ def test_port_adapters(k):
     assert k.resets == 0
     cmd.write(0, b"\xfe\x00")
     assert k.resets == 1
+
+
+class Irq:
+    def __init__(self):
+        self.levels = []
+
+    def __call__(self, level):
+        self.levels.append(level)
+
+    def rising_edges(self):
+        return sum(1 for a, b in zip([False] + self.levels, self.levels) if b and not a)
+
+
+def test_keyboard_interrupt_gives_each_byte_its_own_edge():
+    irq = Irq()
+    dev = I8042(reset=lambda: None, irq=irq)
+    dev.write_command(0x60)
+    dev.write_data(0x47)                        # KBDINT on, keyboard enabled, translation on (Linux's value)
+    dev.write_data(0xF2)                        # identify: ACK, AB, 83 come by interrupt
+    got = []
+    while dev.read_status() & OBF:
+        got.append(dev.read_data())
+    assert got == [0xFA, 0xAB, 0x83]
+    assert irq.rising_edges() == 3 and irq.levels[-1] is False
+
+
+def test_no_interrupt_while_the_command_byte_masks_it():
+    irq = Irq()
+    dev = I8042(reset=lambda: None, irq=irq)
+    dev.write_command(0x60)
+    dev.write_data(0x46)                        # KBDINT off
+    dev.write_data(0xF2)
+    assert irq.levels == [] and dev.read_status() & OBF
+
+
+def test_ctrl_alt_del_reaches_a_listening_keyboard_only():
+    irq = Irq()
+    dev = I8042(reset=lambda: None, irq=irq)
+    assert dev.press_ctrl_alt_del() is False    # firmware's command byte: no driver has set the controller up
+    dev.write_command(0x60)
+    dev.write_data(0x47 | CTR_KBDDIS)
+    assert dev.press_ctrl_alt_del() is False    # keyboard disabled
+    assert not dev.read_status() & OBF
+    dev.write_command(0x60)
+    dev.write_data(0x47)
+    assert dev.press_ctrl_alt_del() is True
+    keys = []
+    while dev.read_status() & OBF:
+        keys.append(dev.read_data())
+    assert keys == [0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D]
+    assert irq.rising_edges() == 8
+    assert dev.counters()["keys"] == 1
