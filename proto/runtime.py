@@ -109,6 +109,7 @@ class GuestDir(_Dir):
         self.switch_root = runtime.path
         self.record = self.file("guest.json")
         self.console_log = self.file("console.log")
+        self.console_times = self.file("console.times")      # proto/console_times.py
         self.console_sock = self.file("console.sock")
         self.worker_log = self.file("worker.log")
         self.worker_sock = self.file("worker.sock")

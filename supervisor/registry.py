@@ -144,7 +144,7 @@ class Registry:
             kept = self.runtime.kept_logs(guest.name)
             shutil.rmtree(kept, ignore_errors=True)
             os.makedirs(kept, exist_ok=True)
-            for path in (guest.files.console_log, guest.files.worker_log):
+            for path in (guest.files.console_log, guest.files.console_times, guest.files.worker_log):
                 try:
                     os.replace(path, os.path.join(kept, os.path.basename(path)))
                 except FileNotFoundError:

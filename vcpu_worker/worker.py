@@ -25,6 +25,7 @@ import zmq
 from pyhv.devices.console_host import ConsoleHost
 from pyhv.devices.loop import EventLoop
 from pyhv.proto import codec, control as m, guest as g, runtime
+from pyhv.proto.console_times import LineClock
 from pyhv.proto.errors import EXIT_TIMEOUT, EXIT_VM_FAILED, HvError, InternalError, ProtocolError, one_line
 from pyhv.proto.messages import Error, Ok
 
@@ -141,9 +142,11 @@ def serve(config, mem_fd, guest):
 
     console = None
     feed = []                        # the machine's feed_console, once there is a machine
+    clock = LineClock(guest.console_times, os.fstat(1).st_size)     # fd 1 is the console log
 
     def console_out(data):
         write_all(1, data)
+        clock.wrote(data)
         if console is not None:
             console.write(data)
 

@@ -70,3 +70,9 @@ def table(columns, rows):
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+def iso_time(t):
+    """2026-12-02T13:37:42.123: a Unix time as local time to the millisecond."""
+    import time
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"

@@ -5,7 +5,7 @@ import time
 
 from pyhv.proto import control as m
 from pyhv.proto.errors import EXIT_OK, BadState, NoSuchGuest, PeerFailed, UserError
-from pyhv.supervisor.cli.client import NoSupervisor, request, runtime_dir
+from pyhv.supervisor.cli.client import NoSupervisor, iso_time, request, runtime_dir
 
 DETACH_KEY = b"\x1d"            # Ctrl-]
 LIVE = ("running", "paused")
@@ -30,13 +30,15 @@ def cmd_logs(args):
     f = open(path, "rb") if os.path.exists(path) else None
     if f is not None and args.tail is not None:
         _seek_to_last_lines(f, args.tail)
+    stamp = _Stamper(os.path.join(os.path.dirname(path), "console.times")) if args.timestamps else None
     last_check = time.monotonic()
     while True:
         if f is None and os.path.exists(path):
             f = open(path, "rb")
+        offset = f.tell() if f else 0
         data = f.read() if f else b""
         if data:
-            out.write(data)
+            out.write(stamp(data, offset) if stamp else data)
             out.flush()
         if not args.follow or not live:
             break
@@ -46,6 +48,28 @@ def cmd_logs(args):
             live = request(args, m.Info(args.name)).state in LIVE   # read once more after it stopped
             last_check = time.monotonic()
     return EXIT_OK
+
+
+class _Stamper:
+    """Prefixes each line of the log with the time its first byte was written (proto/console_times.py)."""
+
+    def __init__(self, times_path):
+        self.times_path = times_path
+        self.records = []
+        self.at_line_start = True
+
+    def __call__(self, data, offset):
+        from pyhv.proto import console_times
+        self.records = console_times.read(self.times_path)
+        out = bytearray()
+        for line in data.splitlines(keepends=True):
+            if self.at_line_start:
+                t = console_times.time_at(self.records, offset)
+                out += (iso_time(t) if t is not None else "-" * 23).encode() + b" "
+            out += line
+            offset += len(line)
+            self.at_line_start = line.endswith(b"\n")
+        return bytes(out)
 
 
 def _seek_to_last_lines(f, n, block=1 << 16):
@@ -137,4 +161,6 @@ def add_commands(add):
     logs = add("logs", cmd_logs, "the guest's console output so far", "name")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the guest stops")
     logs.add_argument("--tail", "-n", type=int, metavar="N", help="start with the last N lines")
+    logs.add_argument("--timestamps", "-t", action="store_true", help="prefix each line with when it was "
+                      "written (local time, ms)")
     add("console", cmd_console, "attach the console interactively (Ctrl-] detaches)", "name")

@@ -5,7 +5,7 @@ from pyhv.devices.virtio.kinds import kind as device_kind
 from pyhv.proto import control as m
 from pyhv.proto.errors import EXIT_OK, HvError, PeerFailed
 from pyhv.proto.messages import to_plain
-from pyhv.supervisor.cli.client import mib_text, request, size_text, table
+from pyhv.supervisor.cli.client import iso_time, mib_text, request, size_text, table
 
 
 def cmd_list(args):
@@ -150,14 +150,13 @@ def cmd_events(args):
 
 
 def _print_events(events, wanted, as_json):
-    import time
     for e in events:
         if wanted and e.name not in wanted:
             continue
         if as_json:
             print(json.dumps(to_plain(e)), flush=True)
         else:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(e.time)) + f".{int(e.time % 1 * 1000):03d}"
+            stamp = iso_time(e.time)
             status = "" if e.exit_status is None else f" {e.exit_status}"
             print(f"{stamp}  {e.name}  {e.kind}{status}{'  ' + e.reason if e.reason else ''}", flush=True)
 

@@ -197,6 +197,11 @@ def test_wait_info_logs(sup, build_guest):
     sup.hvctl("start", "g", check=0)                 # a stopped guest can start again
     sup.hvctl("wait", "g", "--timeout", "20", check=7)
     assert sup.hvctl("logs", "g", check=0).stdout == "hi\nhi\n"
+    before = time.time()
+    stamped = sup.hvctl("logs", "g", "--timestamps", check=0).stdout.splitlines()
+    assert [line.split(" ", 1)[1] for line in stamped] == ["hi", "hi"]
+    first, second = (time.mktime(time.strptime(line.split(".")[0], "%Y-%m-%dT%H:%M:%S")) for line in stamped)
+    assert first <= second <= before          # each line's time is when that run wrote it
 
 
 @needs_kvm

@@ -60,3 +60,25 @@ def test_stats_text_is_three_tables_with_services_and_nonzero_counters():
     assert devices[-1].split() == ["unclaimed", "-", "-", "pio_unclaimed", "1"]
     assert [line.split()[0] for line in host[1:]] == ["worker", "switch:sw0"]
     assert host[1].split()[-1] == "-"
+
+
+def test_console_line_times_pair_each_line_with_its_first_byte(tmp_path, monkeypatch):
+    from pyhv.proto import console_times
+    from pyhv.supervisor.cli.console import _Stamper
+    times = iter([100.0, 200.0, 300.0])
+    monkeypatch.setattr(console_times.time, "time", lambda: next(times))
+    clock = console_times.LineClock(tmp_path / "console.times", offset=0)
+    log = b""
+    for chunk in (b"one\ntw", b"o\n", b"three\nfour"):     # lines split across writes, and several per write
+        clock.wrote(chunk)
+        log += chunk
+    clock.close()
+    records = console_times.read(tmp_path / "console.times")
+    assert records == [(0, 100.0), (4, 100.0), (8, 300.0), (14, 300.0)]
+    stamper = _Stamper(tmp_path / "console.times")
+    out = stamper(log[:6], 0) + stamper(log[6:], 6)           # as `logs --follow` reads it, in two pieces
+    lines = out.decode().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["one", "two", "three", "four"]
+    stamps = [line.split(" ", 1)[0] for line in lines]
+    assert stamps[0] == stamps[1] != stamps[2] == stamps[3]
+    assert _Stamper(tmp_path / "missing")(b"x\n", 0) == b"-" * 23 + b" x\n"
