@@ -23,7 +23,8 @@ BAD_STATE = "bad-state"
 WORKER = "worker"
 PROTOCOL = "protocol"
 INTERNAL = "internal"
-KINDS = (NO_SUCH_GUEST, BAD_ARGUMENT, BAD_STATE, WORKER, PROTOCOL, INTERNAL)
+HOST = "host"
+KINDS = (NO_SUCH_GUEST, BAD_ARGUMENT, BAD_STATE, WORKER, PROTOCOL, INTERNAL, HOST)
 
 
 class HvError(Exception):
@@ -67,6 +68,11 @@ class InternalError(HvError):
     kind = INTERNAL
 
 
+class HostError(HvError):
+    """The host refused what the request needed (a full disk, a limit): that request failed, nothing else did."""
+    kind = HOST
+
+
 class StateError(UserError):
     """Saved state (a snapshot, or what a restarted service is given) that does not fit the device it is for."""
 
@@ -78,7 +84,7 @@ class VmFailure(HvError):
 
 
 _BY_KIND = {NO_SUCH_GUEST: NoSuchGuest, BAD_ARGUMENT: UserError, BAD_STATE: BadState, WORKER: PeerFailed,
-            PROTOCOL: ProtocolError, INTERNAL: InternalError}
+            PROTOCOL: ProtocolError, INTERNAL: InternalError, HOST: HostError}
 
 
 def from_wire(kind, message):

@@ -11,8 +11,10 @@ sockets, switches in the default runtime dir) answer the same questions, so
 code that needs a host path for a device asks whichever it was given.
 """
 import os
+import stat
 
 import pyhv
+from pyhv.proto.errors import UserError
 
 UNIX_PATH_MAX = 107             # sun_path minus its NUL
 
@@ -78,6 +80,27 @@ class RuntimeDir:
 
     def file(self, leaf):
         return os.path.join(self.path, leaf)
+
+    def make_private(self):
+        """Create the dir 0700, or accept an existing one only if it is a real directory of ours that nobody
+        else can write to (a readable one is narrowed to 0700): its sockets take commands that run guests."""
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        try:
+            os.mkdir(self.path, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(self.path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise UserError(f"runtime dir {self.path} is not a directory (a symlink?): remove it or choose another")
+        if st.st_uid != os.getuid():
+            raise UserError(f"runtime dir {self.path} belongs to uid {st.st_uid}, not you (uid {os.getuid()}): "
+                            f"choose another with --runtime-dir")
+        if st.st_mode & 0o022:
+            raise UserError(f"runtime dir {self.path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): "
+                            f"`chmod 700 {self.path}`, or choose another")
+        if st.st_mode & 0o077:
+            os.chmod(self.path, 0o700)
 
     def guest(self, name):
         return GuestDir(self, name)

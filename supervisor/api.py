@@ -114,7 +114,7 @@ class Client:
     def start_supervisor(cls, runtime_dir, **kw):
         """A Client of a new supervisor on `runtime_dir` (a child of this process; stopped by close())."""
         rd = RuntimeDir(runtime_dir)
-        os.makedirs(rd.path, exist_ok=True)
+        rd.make_private()
         log = open(rd.supervisor_log, "ab")
         proc = subprocess.Popen(python_module("supervisor.cli") + ["supervisor", "--runtime-dir", rd.path],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=child_env(),

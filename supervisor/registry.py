@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from pyhv.proto import codec
 from pyhv.proto.control import GuestInfo
-from pyhv.proto.errors import BadState, EXIT_VM_FAILED, HvError, NoSuchGuest, UserError
+from pyhv.proto.errors import BadState, EXIT_VM_FAILED, HostError, HvError, NoSuchGuest, UserError
 from pyhv.proto.guest import GuestConfig
 from pyhv.proto.messages import to_plain
 from pyhv.proto.runtime import UNIX_PATH_MAX
@@ -55,18 +55,32 @@ class Guest:
             config=self.config, console_log=self.files.console_log, console_sock=self.files.console_sock)
 
     def set_state(self, state, exit_status=None, reason=""):
+        """The new state holds in memory even when it cannot be saved (logged; a later save catches up):
+        a full disk must not stop the supervisor from tracking its guests."""
         self.state, self.exit_status, self.reason = state, exit_status, reason
-        self.save()
+        try:
+            self.save()
+        except HostError as e:
+            print(f"supervisor: {e}", file=sys.stderr, flush=True)
         if self.on_change is not None:
             self.on_change(self, state)
 
     def save(self):
+        """Write guest.json (atomically); HostError if the host refuses (ENOSPC...), the old record kept."""
         record = {"config": to_plain(self.config), "state": self.state,
                   "exit_status": self.exit_status, "reason": self.reason}
         tmp = self.files.record + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, self.files.record)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, self.files.record)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise HostError(f"cannot save guest {self.name}'s record in {self.files.path}: "
+                            f"{e.strerror or e}") from None
 
 
 def _config_from_record(plain):
@@ -127,9 +141,14 @@ class Registry:
         if len(files.longest_socket()) > UNIX_PATH_MAX:
             raise UserError(f"runtime dir path is too long for unix sockets: {self.runtime.path}")
         shutil.rmtree(files.path, ignore_errors=True)
-        os.makedirs(files.path)
-        g = self.guests[config.name] = Guest(config, files, on_change=self._changed)
-        g.save()
+        g = Guest(config, files, on_change=self._changed)
+        try:
+            os.makedirs(files.path)
+            g.save()
+        except (OSError, HostError) as e:
+            shutil.rmtree(files.path, ignore_errors=True)
+            raise HostError(f"cannot create guest {config.name}: {getattr(e, 'strerror', None) or e}") from None
+        self.guests[config.name] = g
         self._changed(g, "created")
         return g
 

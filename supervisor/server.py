@@ -15,6 +15,7 @@ import fcntl
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 import traceback
@@ -51,7 +52,7 @@ class Server:
         self.dir = self.runtime.path
         if len(self.runtime.control_sock) > UNIX_PATH_MAX:
             raise UserError(f"runtime dir path is too long for unix sockets: {self.dir}")
-        os.makedirs(self.dir, exist_ok=True)
+        self.runtime.make_private()
         self._lock = self._take_lock()
         self.registry = Registry(self.runtime, on_change=self._publish)
         self.subscribers = []               # hvctl.sock connections that asked for Events
@@ -93,6 +94,7 @@ class Server:
         self.sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(self.runtime.control_endpoint)
+        os.chmod(self.runtime.control_sock, 0o600)     # with the 0700 dir: only our uid reaches it
         self.services = ServiceLauncher(self.runtime, self.registry)
         self.spawner.start()             # the zygote warms up while we already serve
         self.loop.add_socket(self.sock, self._on_request)
@@ -152,6 +154,11 @@ class Server:
                 conn, _ = self.seq.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            if uid not in (os.getuid(), 0):
+                print(f"supervisor: refused a connection on hvctl.sock from uid {uid}", file=sys.stderr, flush=True)
+                conn.close()
+                continue
             conn.setblocking(False)
             self.loop.add(conn, lambda conn=conn: self._on_seq(conn))
 
@@ -418,5 +425,29 @@ class Server:
         return m.StatsReply(stats)
 
 
+class _LossyLog:
+    """The supervisor's stderr (its log, in the runtime dir): a line it cannot write (a full disk) is lost, not
+    raised into whatever was reporting."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def serve(runtime_dir):
+    sys.stderr = _LossyLog(sys.stderr)
     Server(runtime_dir).serve()

@@ -31,7 +31,7 @@ def _detach(args):
     if supervisor_alive(rd.control_sock):
         pong = request(args, Ping(), timeout=2.0)
         raise BadState(f"a supervisor (pid {pong.pid}) is already running on {args.runtime_dir}")
-    os.makedirs(rd.path, exist_ok=True)
+    rd.make_private()
     with open(rd.supervisor_log, "ab") as out:
         proc = subprocess.Popen(runtime.python_module("supervisor.cli") + ["supervisor", "--runtime-dir", rd.path],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,

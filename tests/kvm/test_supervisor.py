@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -426,3 +427,65 @@ def test_run_detached_hands_the_guest_to_the_supervisor_and_events_show_it(sup, 
         events.wait(10)
     named = sup.hvctl("run", "-d", "--kernel", guest(build_guest, EXIT7), "--boot", "raw16", check=0).stdout.strip()
     assert named.startswith("run-") and sup.hvctl("wait", named, "--timeout", "30", check=7)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_another_user_cannot_reach_the_supervisor_even_under_umask_000():
+    d = os.path.join(tempfile.mkdtemp(prefix="hv-", dir="/tmp"), "rt")
+    env = {**os.environ, "HV_RUNTIME_DIR": d}
+    subprocess.run(HVCTL + ["supervisor", "--detach"], env=env, umask=0, check=True, timeout=60,
+                   capture_output=True)
+    try:
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        probe = ("import os, socket, sys\n"
+                 "os.setgid(65534); os.setuid(65534)\n"
+                 "for path, kind in ((sys.argv[1], socket.SOCK_SEQPACKET), (sys.argv[2], socket.SOCK_STREAM)):\n"
+                 "    try:\n"
+                 "        socket.socket(socket.AF_UNIX, kind).connect(path)\n"
+                 "        print('connected', path)\n"
+                 "    except PermissionError:\n"
+                 "        print('refused')\n")
+        r = subprocess.run([sys.executable, "-c", probe, os.path.join(d, "hvctl.sock"),
+                            os.path.join(d, "control.sock")], capture_output=True, text=True, timeout=30)
+        assert r.stdout.split() == ["refused", "refused"], r
+        r = subprocess.run(HVCTL + ["list"], env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.startswith("NAME")         # its own user still gets in
+    finally:
+        subprocess.run(HVCTL + ["supervisor", "--stop", "--force"], env=env, timeout=60)
+        shutil.rmtree(os.path.dirname(d), ignore_errors=True)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="mounts a small tmpfs")
+def test_a_full_disk_fails_the_request_not_the_supervisor(build_guest):
+    mnt = tempfile.mkdtemp(prefix="hv-full-", dir="/tmp")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", mnt], check=True)
+    s = None
+    try:
+        s = Supervisor(mnt)
+        s.hvctl("create", "a", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "60", "--start",
+                check=0)
+        with open(os.path.join(mnt, "filler"), "wb") as f:       # fill the disk to the last block
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        r = s.hvctl("create", "b", "--kernel", guest(build_guest, EXIT7), "--boot", "raw16", check=1)
+        assert "No space left on device" in r.stderr and len(r.stderr.splitlines()) == 1
+        s.hvctl("stop", "a", check=0)                          # its state cannot be saved: logged, still tracked
+        assert sup_state(s, "a") == ("stopped", 143)
+        assert "b" not in s.hvctl("list", check=0).stdout
+        os.unlink(os.path.join(mnt, "filler"))
+        s.hvctl("create", "b", "--kernel", guest(build_guest, EXIT7), "--boot", "raw16", "--start", check=0)
+        s.hvctl("wait", "b", "--timeout", "30", check=7)
+    finally:
+        if s is not None:
+            s.stop()
+        subprocess.run(["umount", "-l", mnt])
+        shutil.rmtree(mnt, ignore_errors=True)
+
+
+def sup_state(s, name):
+    info = s.info(name)
+    return info["state"], info["exit_status"]
