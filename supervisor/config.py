@@ -52,9 +52,13 @@ def validate(config):
     for cpu in config.pin:
         if cpu not in host_cpus:
             raise UserError(f"--pin: host CPU {cpu} is not available here (have {sorted(host_cpus)})")
-    _check_file(config.kernel, "kernel")
-    if config.initrd is not None:
-        _check_file(config.initrd, "initrd")
+    images = [(config.kernel, "kernel")] + ([(config.initrd, "initrd")] if config.initrd is not None else [])
+    for path, what in images:
+        _check_file(path, what)
+    total = sum(os.path.getsize(path) for path, _ in images)
+    if total > config.mem_bytes:
+        raise UserError(f"{' and '.join(what for _, what in images)}: {total} bytes do not fit in --mem "
+                        f"{config.mem_bytes >> 20} MiB")
     for d in config.devices:
         kinds.kind(d.kind).check_host(d.options)
 

@@ -25,7 +25,7 @@ import zmq
 from pyhv.devices.console_host import ConsoleHost
 from pyhv.devices.loop import EventLoop
 from pyhv.proto import codec, control as m, guest as g, runtime
-from pyhv.proto.console_times import LineClock
+from pyhv.vcpu_worker.console_log import ConsoleLog
 from pyhv.proto.errors import EXIT_TIMEOUT, EXIT_VM_FAILED, HvError, InternalError, ProtocolError, one_line
 from pyhv.proto.messages import Error, Ok
 
@@ -82,8 +82,9 @@ def main(argv=None):
 class Worker:
     """The control handlers over one running Machine."""
 
-    def __init__(self, machine, config):
+    def __init__(self, machine, config, console_log=None):
         self.machine = machine
+        self.console_log = console_log
         self.deadline = None if config.timeout is None else time.monotonic() + config.timeout
         self.paused_at = None
         self.outcome = None
@@ -120,7 +121,10 @@ class Worker:
         return Ok()
 
     def stats(self, msg):
-        return m.StatsReply(json.loads(json.dumps(self.machine.stats(), default=str)))
+        stats = self.machine.stats()
+        if self.console_log is not None:
+            stats["console_log"] = self.console_log.counters()
+        return m.StatsReply(json.loads(json.dumps(stats, default=str)))
 
     def device_status(self, msg):
         return m.StatsReply(self.machine.device_status())
@@ -137,16 +141,14 @@ def serve(config, mem_fd, guest):
     """Build and run the guest; returns (status, reason) once it has ended."""
     from pyhv.vcpu_worker.launchers import SupervisorLauncher
     from pyhv.vcpu_worker.machine import Machine
-    from pyhv.vcpu_worker.runner import write_all
     from pyhv.vcpu_worker.vcpu import Outcome
 
     console = None
     feed = []                        # the machine's feed_console, once there is a machine
-    clock = LineClock(guest.console_times, os.fstat(1).st_size)     # fd 1 is the console log
+    log = ConsoleLog(1, guest.console_times)            # fd 1 is the console log
 
     def console_out(data):
-        write_all(1, data)
-        clock.wrote(data)
+        log.write(data)
         if console is not None:
             console.write(data)
 
@@ -165,7 +167,7 @@ def serve(config, mem_fd, guest):
     rep = ctx.socket(zmq.REP)
     rep.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
     rep.bind(guest.worker_endpoint)
-    worker = Worker(machine, config)
+    worker = Worker(machine, config, log)
     loop = EventLoop("worker")
     ended_r, ended_w = os.pipe2(os.O_CLOEXEC)
     threading.Thread(target=lambda: (machine.wait(), os.write(ended_w, b"x")), name="ended", daemon=True).start()

@@ -153,3 +153,11 @@ def test_second_supervisor_refused(supervisor):
 def test_runtime_dir_option_before_or_after_command(supervisor):
     for args in (["--runtime-dir", supervisor, "list"], ["list", "--runtime-dir", supervisor]):
         assert hvctl(*args, runtime_dir="/nonexistent").returncode == 0
+
+
+def test_an_image_larger_than_guest_ram_is_refused_before_it_is_read(tmp_path, rundir):
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)                     # sparse: 1 GiB that would be read whole before
+    one_line_error(hvctl("run", "--kernel", big, "--boot", "raw64", "--mem", "16M", runtime_dir=rundir), 2,
+                   "do not fit in --mem 16 MiB")

@@ -489,3 +489,21 @@ def test_a_full_disk_fails_the_request_not_the_supervisor(build_guest):
 def sup_state(s, name):
     info = s.info(name)
     return info["state"], info["exit_status"]
+
+
+FLOOD = "mov $0x3f8, %dx\nmov $'x', %al\n1: out %al, %dx\njmp 1b\n"
+
+
+def test_a_flooding_guest_cannot_grow_its_console_log_past_the_limit(build_guest):
+    s = Supervisor(env={"HV_CONSOLE_LOG_MAX": "4096"})
+    try:
+        s.hvctl("create", "f", "--kernel", guest(build_guest, FLOOD), "--boot", "raw16", "--timeout", "60",
+                "--start", check=0)
+        log = s.info("f")["console_log"]
+        wait_for(lambda: json.loads(s.hvctl("stats", "f", "--json", check=0).stdout)["console_log"]["log_dropped"]
+                 > 100_000, timeout=60)
+        data = open(log, "rb").read()
+        assert data.startswith(b"x" * 4096) and data.endswith(b"later output is not logged (hvctl console shows it)]\n")
+        assert s.info("f")["state"] == "running"
+    finally:
+        s.stop()

@@ -82,3 +82,16 @@ def test_console_line_times_pair_each_line_with_its_first_byte(tmp_path, monkeyp
     stamps = [line.split(" ", 1)[0] for line in lines]
     assert stamps[0] == stamps[1] != stamps[2] == stamps[3]
     assert _Stamper(tmp_path / "missing")(b"x\n", 0) == b"-" * 23 + b" x\n"
+
+
+def test_the_console_log_stops_at_its_limit_with_one_marker_and_counts_the_rest(tmp_path):
+    import os
+    from pyhv.vcpu_worker.console_log import ConsoleLog
+    fd = os.open(tmp_path / "console.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    log = ConsoleLog(fd, tmp_path / "console.times", limit=100)
+    for _ in range(30):
+        log.write(b"0123456789")              # a flooding guest: 300 bytes
+    os.close(fd)
+    data = (tmp_path / "console.log").read_bytes()
+    assert data.startswith(b"0123456789" * 10) and data.count(b"[pyhv: the console log reached 100 bytes") == 1
+    assert log.counters() == {"log_bytes": len(data), "log_dropped": 200}

@@ -6,6 +6,8 @@ the boot vCPU starts; `setup_vcpu()` gives a vCPU the state interface.md
 promises for the mode.  Bad images are UserErrors with one line that names
 the file.
 """
+import os
+
 from pyhv.proto.errors import UserError
 from pyhv.vcpu_worker._kvm import lib
 from pyhv.vcpu_worker.boot import acpi, cpu_state, layout, mptable
@@ -23,18 +25,24 @@ class BootEntry:
         self.rip, self.boot_params = rip, boot_params
 
 
-def read_image(path, what):
+def read_image(path, what, limit):
+    """The file's bytes; UserError if it cannot be read or is larger than `limit` (checked before reading:
+    a 1 GiB file for a 128 MiB guest is refused, not read)."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise UserError(f"{what} file {path} is {size} bytes, more than the guest's {limit >> 20} MiB "
+                                f"of RAM")
+            return f.read(limit + 1)
     except OSError as e:
         raise UserError(f"cannot read {what} file {path}: {e.strerror}") from None
 
 
 def load(config, mem, profile, tsc_khz):
     """Put `config`'s kernel (and initrd) into `mem`; the BootEntry of the boot vCPU."""
-    image = read_image(config.kernel, "kernel")
-    initrd = read_image(config.initrd, "initrd") if config.initrd else None
+    image = read_image(config.kernel, "kernel", config.mem_bytes)
+    initrd = read_image(config.initrd, "initrd", config.mem_bytes) if config.initrd else None
     if config.boot == "linux":
         from pyhv.vcpu_worker.boot.linux import KernelImageError, load_linux
         try:
