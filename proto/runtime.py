@@ -117,6 +117,15 @@ class RuntimeDir:
         return self.file(f"switch-{name}.{ext}")
 
 
+def _alive(pid):
+    """Is `pid` a live process (a zombie, killed but not yet reaped, is not)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 def switch_endpoint(runtime_dir, name):
     """The ZeroMQ endpoint of switch NAME in `runtime_dir`."""
     return f"ipc://{os.path.join(os.path.abspath(runtime_dir), f'switch-{name}.sock')}"
@@ -153,6 +162,27 @@ class PrivateDir(_Dir):
             os.rmdir(self.path)
             self.path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
         self.switch_root = os.path.abspath(default_dir())
+        with open(self.file("owner.pid"), "w") as f:
+            f.write(f"{os.getpid()}\n")
+        self._sweep(prefix)
+
+    def _sweep(self, prefix):
+        """Remove the dirs of earlier runs whose owner died without cleaning up (kill -9 of hvctl run)."""
+        import shutil
+        parent = os.path.dirname(self.path)
+        for leaf in os.listdir(parent):
+            path = os.path.join(parent, leaf)
+            if not leaf.startswith(prefix) or path == self.path:
+                continue
+            try:
+                if os.lstat(path).st_uid != os.getuid():
+                    continue
+                with open(os.path.join(path, "owner.pid")) as f:
+                    pid = int(f.read())
+                if not _alive(pid):
+                    shutil.rmtree(path, ignore_errors=True)
+            except (OSError, ValueError):
+                continue               # not ours to judge: no pid file (an older run), or unreadable
 
     def log_path(self, leaf):
         return None                    # a foreground guest keeps no logs

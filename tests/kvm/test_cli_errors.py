@@ -161,3 +161,28 @@ def test_an_image_larger_than_guest_ram_is_refused_before_it_is_read(tmp_path, r
         f.truncate(1 << 30)                     # sparse: 1 GiB that would be read whole before
     one_line_error(hvctl("run", "--kernel", big, "--boot", "raw64", "--mem", "16M", runtime_dir=rundir), 2,
                    "do not fit in --mem 16 MiB")
+
+
+def test_a_killed_runs_private_dir_is_removed_by_the_next_run(tmp_path, rundir):
+    import glob
+    import signal
+    spin = tmp_path / "spin.bin"
+    spin.write_bytes(b"\xeb\xfe")                            # raw16: jmp .
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * 4096)
+    pattern = os.path.join(tempfile.gettempdir(), "pyhv-run-*")
+    before = set(glob.glob(pattern))
+    env = {**os.environ, "HV_RUNTIME_DIR": rundir}
+    p = subprocess.Popen(HVCTL + ["run", "--kernel", str(spin), "--boot", "raw16", "--disk", str(disk),
+                                  "--timeout", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 30
+    while not set(glob.glob(pattern)) - before:
+        assert time.monotonic() < deadline and p.poll() is None, "hvctl run made no private dir"
+        time.sleep(0.05)
+    (left,) = set(glob.glob(pattern)) - before
+    time.sleep(1)                                            # its device service is up
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = hvctl("run", "--kernel", spin, "--boot", "raw16", "--disk", disk, "--timeout", "1", runtime_dir=rundir)
+    assert r.returncode == 124
+    assert not os.path.exists(left)
