@@ -12,8 +12,8 @@ import time
 
 from pyhv.proto import codec
 from pyhv.proto.control import CONTROL
-from pyhv.proto.errors import NotResponding, PeerFailed, ProtocolError, from_wire
-from pyhv.proto.messages import Error
+from pyhv.proto.errors import HvError, NotResponding, PeerFailed, ProtocolError, from_wire
+from pyhv.proto.messages import Error, Ok
 
 
 DEFAULT = object()
@@ -86,23 +86,40 @@ class SeqClient:
             raise PeerFailed(f"{self.path} went away without an answer")
         return self._decode(data)
 
-    def stream(self, msg):
-        """The messages the peer sends on one connection after `msg` (a subscription, made before this
-        returns), as a generator; PeerFailed once the peer closes it.  Closing the generator closes it."""
+    def stream(self, msg, timeout=None):
+        """The messages the peer sends on one connection after `msg`, as a generator.  The peer confirms the
+        subscription with Ok before this returns, so nothing after it is missed; NotResponding if a message
+        takes longer than `timeout` s (None: wait for ever), PeerFailed once the peer closes.  Closing the
+        generator closes the connection."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
+            s.settimeout(self.timeout)
             s.connect(self.path)
             s.send(codec.encode(msg, self.channel))
+            data = s.recv(codec.MAX_MESSAGE_BYTES)
+            if not data:
+                raise PeerFailed(f"{self.path} went away without an answer")
+            if not isinstance(self._decode(data), Ok):
+                raise ProtocolError(f"{self.path} did not confirm the subscription")
+            s.settimeout(timeout)
+        except TimeoutError:
+            s.close()
+            raise NotResponding(f"no answer from {self.path} within {self.timeout:g} s") from None
         except OSError as e:
             s.close()
             raise PeerFailed(f"{self.path}: {e.strerror or e}") from None
-        return self._messages(s)
+        except HvError:
+            s.close()
+            raise
+        return self._messages(s, timeout)
 
-    def _messages(self, s):
+    def _messages(self, s, timeout):
         with s:
             try:
                 while data := s.recv(codec.MAX_MESSAGE_BYTES):
                     yield self._decode(data)
+            except TimeoutError:
+                raise NotResponding(f"nothing from {self.path} within {timeout:g} s") from None
             except OSError as e:
                 raise PeerFailed(f"{self.path}: {e.strerror or e}") from None
         raise PeerFailed(f"{self.path} went away")

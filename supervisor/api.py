@@ -225,11 +225,12 @@ class Client:
                 out[name] = EXIT_TIMEOUT
         return out
 
-    def events(self):
+    def events(self, timeout=None):
         """Every guest change from now on (proto.control.Event: name, kind, exit_status, reason, time), as a
-        generator; closing it ends the subscription, PeerFailed when the supervisor ends."""
+        generator; NotResponding if none comes within `timeout` s, PeerFailed when the supervisor ends;
+        closing it ends the subscription."""
         from pyhv.proto.client import SeqClient
-        return SeqClient(self.runtime.hvctl_sock).stream(m.Events())
+        return SeqClient(self.runtime.hvctl_sock, timeout=self.timeout).stream(m.Events(), timeout)
 
     def destroy_all(self, force=True, purge=False):
         for g in self.guests():

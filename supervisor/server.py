@@ -209,6 +209,11 @@ class Server:
     def events(self, msg, envelope):
         if not isinstance(envelope, socket.socket):
             raise UserError(f"events are served on {self.runtime.hvctl_sock} (SOCK_SEQPACKET), not on ZeroMQ")
+        try:
+            envelope.send(codec.encode(Ok(), m.CONTROL))        # subscribed: what happens from now on is sent
+        except OSError:
+            envelope.close()
+            return None
         self.subscribers.append(envelope)
         self.loop.add(envelope, lambda: self._unsubscribe(envelope))    # readable = the client closed it
         return None                             # no reply: Events follow on the connection

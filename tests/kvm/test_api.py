@@ -72,7 +72,7 @@ def test_errors_are_the_supervisors_and_bad_input_changes_nothing(hv, build_gues
 
 
 def test_events_follow_every_change_in_order(hv, build_guest):
-    events = hv.events()
+    events = hv.events(timeout=30)      # subscribed when it returns: the first Create is seen
     g = hv.create("ev", kernel=str(build_guest(SPIN)), boot="raw64", mem="16M", timeout=30, start=True)
     g.pause()
     g.resume()
