@@ -25,8 +25,7 @@ import zmq
 from pyhv.devices.loop import EventLoop
 from pyhv.devices.virtio import kinds
 from pyhv.proto import codec, control as m
-from pyhv.proto.client import Client
-from pyhv.proto.errors import BadState, HvError, InternalError, NotResponding, PeerFailed, ProtocolError, UserError
+from pyhv.proto.errors import BadState, HvError, InternalError, PeerFailed, ProtocolError, UserError, from_wire
 from pyhv.proto.messages import Error, Ok
 from pyhv.proto.runtime import UNIX_PATH_MAX, RuntimeDir
 from pyhv.supervisor import spawn
@@ -56,6 +55,7 @@ class Server:
         self._lock = self._take_lock()
         self.registry = Registry(self.runtime, on_change=self._publish)
         self.subscribers = []               # hvctl.sock connections that asked for Events
+        self._open_calls = set()            # DEALER sockets of worker requests still waiting for a reply
         self.ctx = zmq.Context()
         self.spawner = spawn.Spawner()
         self.switches = Switches(self.runtime)
@@ -288,27 +288,66 @@ class Server:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        for sock in self._open_calls:
+            sock.close()
         self.ctx.term()
         self.loop.close()
         print("supervisor: exited", file=sys.stderr, flush=True)
 
     # --- requests ------------------------------------------------------------
 
-    def _worker(self, g, msg, expect=Ok):
-        """Forward `msg` to the guest's worker; its reply (of type `expect`), or an HvError."""
+    def _worker(self, g, msg, expect, envelope, then):
+        """Forward `msg` to the guest's worker without blocking the loop (a hung worker must not hold up
+        other clients).  When its reply of type `expect` arrives, `then(reply)` makes the answer to
+        `envelope` (None: answered elsewhere); an HvError in its place (the worker's error, no answer
+        within WORKER_TIMEOUT, a bad reply) is passed to `then` instead."""
         if g.proc is None or g.proc.poll() is not None:
             raise BadState(f"guest {g.name} is not running (state {g.state})")
-        try:
-            reply = Client(g.files.worker_endpoint, WORKER_TIMEOUT, self.ctx).request(msg)
-        except NotResponding:
-            raise PeerFailed(f"guest {g.name}: worker not responding") from None
-        except ProtocolError as e:
-            raise PeerFailed(f"guest {g.name}: bad reply from worker: {e}") from None
-        except HvError as e:
-            raise PeerFailed(f"guest {g.name}: {e}") from None
-        if not isinstance(reply, expect):
-            raise PeerFailed(f"guest {g.name}: unexpected {reply.TYPE} reply from worker")
-        return reply
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
+        sock.connect(g.files.worker_endpoint)
+        sock.send_multipart([b"", codec.encode(msg, m.CONTROL)])
+        call = {}
+        self._open_calls.add(sock)
+
+        def finish(result):
+            if call.pop("open", None) is None:
+                return
+            self.loop.remove(sock)
+            self.loop.cancel(call["timer"])
+            self._open_calls.discard(sock)
+            sock.close()
+            try:
+                answer = then(result)
+            except HvError as e:
+                answer = Error.of(e)
+            except Exception as e:
+                traceback.print_exc()
+                answer = Error.of(InternalError(f"supervisor error: {type(e).__name__}: {e}"))
+            if answer is not None:
+                self._reply(envelope, answer)
+
+        def on_reply():
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = codec.decode(frames[-1], m.CONTROL)
+            except ProtocolError as e:
+                return finish(PeerFailed(f"guest {g.name}: bad reply from worker: {e}"))
+            if isinstance(reply, Error):
+                return finish(PeerFailed(f"guest {g.name}: {from_wire(reply.kind, reply.message)}"))
+            if not isinstance(reply, expect):
+                return finish(PeerFailed(f"guest {g.name}: unexpected {reply.TYPE} reply from worker"))
+            finish(reply)
+
+        call["open"] = True
+        call["timer"] = self.loop.call_at(time.monotonic() + WORKER_TIMEOUT,
+                                          lambda: finish(PeerFailed(f"guest {g.name}: worker not responding")))
+        self.loop.add_socket(sock, on_reply)
+        return None
 
     def _need_state(self, g, *states):
         if g.state not in states:
@@ -351,41 +390,45 @@ class Server:
 
     def stop(self, msg, envelope):
         g = self.registry.get(msg.name)
+        if g.state == "created":
+            raise BadState(f"guest {g.name} has not been started")
         if g.proc is None:
-            return g.info()             # already not running: nothing to do
+            return g.info()             # already ended: nothing to do (as docker stop)
         g.stop_reason = "stopped by request"
-        try:
-            self._worker(g, m.Stop(g.name))
-            g.kill_at = time.monotonic() + STOP_GRACE
-        except HvError:
-            g.kill_at = time.monotonic()     # worker hung: kill it on the next tick
-        g.waiters.append(envelope)
-        return None
+        g.waiters.append(envelope)      # answered when the worker has gone
+
+        def sent(reply):
+            if g.proc is not None:      # a hung worker is killed on the next tick
+                g.kill_at = time.monotonic() + (0.0 if isinstance(reply, HvError) else STOP_GRACE)
+        return self._worker(g, m.Stop(g.name), Ok, envelope, sent)
 
     def shutdown(self, msg, envelope):
         g = self.registry.get(msg.name)
         self._need_state(g, "running")
-        return self._worker(g, m.CtrlAltDel(g.name), m.CtrlAltDelReply)
+        return self._worker(g, m.CtrlAltDel(g.name), m.CtrlAltDelReply, envelope, _or_raise)
 
     def pause(self, msg, envelope):
         g = self.registry.get(msg.name)
         self._need_state(g, "running")
-        self._worker(g, m.Pause(g.name))
-        g.set_state("paused")
-        return g.info()
+        return self._worker(g, m.Pause(g.name), Ok, envelope, lambda r: self._now(g, r, "paused"))
 
     def resume(self, msg, envelope):
         g = self.registry.get(msg.name)
         self._need_state(g, "paused")
-        self._worker(g, m.Resume(g.name))
-        g.set_state("running")
+        return self._worker(g, m.Resume(g.name), Ok, envelope, lambda r: self._now(g, r, "running"))
+
+    def _now(self, g, reply, state):
+        """After the worker paused or resumed: the guest's new record (unless it ended meanwhile)."""
+        _or_raise(reply)
+        if g.live:
+            g.set_state(state)
         return g.info()
 
     def destroy(self, msg, envelope):
         g = self.registry.get(msg.name)
         if g.proc is not None:              # (starts in flight were finished before this request)
             if not msg.force:
-                raise UserError(f"guest {g.name} is {g.state}: stop it first, or destroy it with --force")
+                raise BadState(f"guest {g.name} is {g.state}: stop it first, or destroy it with --force")
             self._kill_now(g, "stopped by request (destroyed)")
         self.registry.remove(g, keep_logs=not msg.purge)
         return Ok()
@@ -397,14 +440,18 @@ class Server:
         """The guest's record; for a running guest also its devices' health, asked of the worker
         (cheap: the worker answers from its own state, no device service is called)."""
         g = self.registry.get(msg.name)
+        if g.proc is None or g.proc.poll() is not None:
+            return self._info(g, None)
+        return self._worker(g, m.DeviceStatus(g.name), m.StatsReply, envelope, lambda r: self._info(g, r))
+
+    def _info(self, g, device_status):
         info = g.info()
-        if g.proc is not None and g.proc.poll() is None:
-            try:
-                devices = self._worker(g, m.DeviceStatus(g.name), m.StatsReply).stats
-            except HvError as e:
-                devices = {"worker": {"state": "not responding", "reason": str(e)}}
-            info.devices = devices
-            info.pids.update({f"device:{n}": d["pid"] for n, d in devices.items() if isinstance(d.get("pid"), int)})
+        if isinstance(device_status, HvError):
+            info.devices = {"worker": {"state": "not responding", "reason": str(device_status)}}
+        elif device_status is not None:
+            info.devices = device_status.stats
+            info.pids.update({f"device:{n}": d["pid"] for n, d in info.devices.items()
+                              if isinstance(d.get("pid"), int)})
         for name in kinds.switches(g.config.devices):
             status = info.devices[f"switch:{name}"] = self.switches.status(name)
             if g.proc is not None and status["pid"] is not None:
@@ -421,13 +468,28 @@ class Server:
         return None
 
     def stats(self, msg, envelope):
+        """The worker's counters, then its devices' pids (a second request), then every process's CPU/memory."""
         g = self.registry.get(msg.name)
-        stats = dict(self._worker(g, m.Stats(g.name), m.StatsReply).stats)
-        pids = {**self.info(msg, envelope).pids, "supervisor": os.getpid()}     # worker, devices, switches
-        if self.spawner.zygote_pid is not None:
-            pids["zygote"] = self.spawner.zygote_pid
-        stats["host"] = process_stats(pids)
-        return m.StatsReply(stats)
+
+        def with_host(stats, device_status):
+            pids = {**self._info(g, device_status).pids, "supervisor": os.getpid()}   # worker, devices, switches
+            if self.spawner.zygote_pid is not None:
+                pids["zygote"] = self.spawner.zygote_pid
+            return m.StatsReply({**stats, "host": process_stats(pids)})
+
+        def counted(reply):
+            stats = _or_raise(reply).stats
+            if g.proc is None:
+                return with_host(stats, None)
+            return self._worker(g, m.DeviceStatus(g.name), m.StatsReply, envelope, lambda d: with_host(stats, d))
+        return self._worker(g, m.Stats(g.name), m.StatsReply, envelope, counted)
+
+
+def _or_raise(reply):
+    """A worker's reply, or the HvError that came in its place raised."""
+    if isinstance(reply, HvError):
+        raise reply
+    return reply
 
 
 class _LossyLog:

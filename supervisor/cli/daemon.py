@@ -4,7 +4,7 @@ import subprocess
 import time
 
 from pyhv.proto import runtime
-from pyhv.proto.errors import BadState, EXIT_OK, PeerFailed, UserError
+from pyhv.proto.errors import BadState, EXIT_OK, PeerFailed
 from pyhv.supervisor.cli.client import request, runtime_dir, supervisor_alive
 
 START_TIMEOUT = 10.0
@@ -57,7 +57,7 @@ def _stop(args):
     pid = request(args, Ping(), timeout=5.0).pid
     live = [g.name for g in request(args, List()).guests if g.state in ("running", "paused")]
     if live and not args.force:
-        raise UserError(f"{len(live)} guest(s) still run ({', '.join(live[:5])}): stop them first, or "
+        raise BadState(f"{len(live)} guest(s) still running ({', '.join(live[:5])}): stop them first, or "
                         f"`hvctl supervisor --stop --force` to stop them with it")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + START_TIMEOUT

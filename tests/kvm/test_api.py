@@ -61,7 +61,7 @@ def test_errors_are_the_supervisors_and_bad_input_changes_nothing(hv, build_gues
         hv.create("spin", kernel=str(build_guest(SPIN)), boot="raw64")
     with pytest.raises(NotResponding):
         g.wait(timeout=0.3)
-    with pytest.raises(UserError, match="--force"):
+    with pytest.raises(BadState, match="--force"):
         g.destroy()
     g.pause()
     assert g.state == "paused"

@@ -254,7 +254,7 @@ def test_destroy_refuses_a_running_guest_unless_forced_and_keeps_its_logs(sup, b
               "--start", check=0)                          # create --start: one request
     info = sup.info("g")
     assert info["state"] == "running"
-    r = sup.hvctl("destroy", "g", check=2)
+    r = sup.hvctl("destroy", "g", check=1)
     assert "--force" in r.stderr and len(r.stderr.splitlines()) == 1
     assert sup.info("g")["state"] == "running"             # refused: nothing changed
     wait_for(lambda: open(info["console_log"]).read() == "x")
@@ -390,8 +390,8 @@ def test_service_requests_from_anyone_but_the_guests_worker_are_refused(sup, bui
 def test_supervisor_stop_refuses_while_guests_run_unless_forced(sup, build_guest):
     sup.hvctl("create", "g", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "60", "--start",
               check=0)
-    r = sup.hvctl("supervisor", "--stop", check=2)
-    assert "still run (g)" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = sup.hvctl("supervisor", "--stop", check=1)
+    assert "still running (g)" in r.stderr and len(r.stderr.splitlines()) == 1
     assert sup.proc.poll() is None
     r = sup.hvctl("supervisor", "--stop", "--force", check=0)
     assert "stopped with 1 guest(s)" in r.stdout
@@ -507,3 +507,33 @@ def test_a_flooding_guest_cannot_grow_its_console_log_past_the_limit(build_guest
         assert s.info("f")["state"] == "running"
     finally:
         s.stop()
+
+
+def test_stop_of_a_guest_never_started_says_so(sup, build_guest):
+    sup.hvctl("create", "new", "--kernel", guest(build_guest, EXIT7), "--boot", "raw16", check=0)
+    r = sup.hvctl("stop", "new", check=1)
+    assert "has not been started" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert sup.info("new")["state"] == "created"
+
+
+def test_a_hung_worker_does_not_hold_up_other_clients(sup, build_guest):
+    for name in ("hung", "fine"):
+        sup.hvctl("create", name, "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "60",
+                  "--start", check=0)
+    worker = sup.info("hung")["pids"]["worker"]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        env = {**os.environ, "HV_RUNTIME_DIR": sup.dir}
+        slow = subprocess.Popen(HVCTL + ["info", "hung", "--json"], stdout=subprocess.PIPE, env=env, text=True)
+        time.sleep(0.2)                                  # its request is at the supervisor, waiting on the worker
+        assert sup.info("fine")["state"] == "running"    # served meanwhile, not after it ...
+        assert slow.poll() is None                       # ... while the first still waits (2 s for the worker)
+        assert sup.hvctl("stats", "fine", "--json", check=0).returncode == 0
+        hung = json.loads(slow.communicate(timeout=30)[0])
+        assert hung["devices"]["worker"]["state"] == "not responding"
+        r = sup.hvctl("pause", "hung", check=1)
+        assert "worker not responding" in r.stderr and len(r.stderr.splitlines()) == 1
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    sup.hvctl("stop", "hung", check=0)
+    sup.hvctl("stop", "fine", check=0)
