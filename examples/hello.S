@@ -14,4 +14,4 @@ _start:
     xor %al, %al
     out %al, %dx
 3:  jmp 3b
-msg: .asciz "Hello from a pyhv guest: long mode, COM1 at 0x3f8, exit port 0x501.\n"
+msg: .asciz "Hello from a pyhv guest: long mode, COM1 at 0x3f8, exit port 0x501.\r\n"

@@ -39,7 +39,7 @@ BLOCK = 512                 # archives are padded to a multiple of this, as cpio
 # plus the everyday tools one wants on a console.
 DEFAULT_APPLETS = (
     "sh", "ash", "cat", "cttyhack", "cut", "date", "devmem", "dmesg", "echo",
-    "env", "false", "free", "grep", "head", "hostname", "ip", "ifconfig",
+    "env", "false", "free", "grep", "head", "hostname", "init", "ip", "ifconfig",
     "kill", "ln", "ls", "mkdir", "mknod", "mount", "mv", "nproc", "poweroff",
     "printf", "ps", "reboot", "rm", "sed", "seq", "setsid", "sleep", "sort",
     "stat", "sync", "tail", "test", "[", "time", "timeout", "touch", "tr",

@@ -15,8 +15,8 @@ def shutdown(request, name, timeout=DEFAULT_TIMEOUT, force=False):
     """
     if not request(m.CtrlAltDel(name), 30.0).listening:
         if not force:
-            raise BadState(f"guest {name} has no keyboard driver listening for Ctrl-Alt-Del (a raw guest?): "
-                           f"`hvctl stop {name}` ends it")
+            raise BadState(f"guest {name} has no keyboard driver listening for Ctrl-Alt-Del (yet: Linux sets "
+                           f"it up a while into its boot; never: a raw guest): `hvctl stop {name}` ends it")
         return request(m.Stop(name), 30.0).exit_status
     try:
         return request(m.Wait(name), timeout).exit_status

@@ -12,6 +12,8 @@ import select
 import sys
 import time
 
+from pyhv.supervisor.cli.client import size_text
+
 COLUMNS = ("NAME", "STATE", "VCPUS", "MEM", "EXITS/S", "TOP EXIT", "GUEST%", "CPU%", "RSS", "PSS", "STATUS")
 
 
@@ -50,7 +52,7 @@ class Top:
         now = time.monotonic()
         rows = []
         for g in guests:
-            row = {"NAME": g["name"], "STATE": g["state"], "VCPUS": str(g["vcpus"]), "MEM": _mib(g["mem_bytes"]),
+            row = {"NAME": g["name"], "STATE": g["state"], "VCPUS": str(g["vcpus"]), "MEM": size_text(g["mem_bytes"]),
                    "EXITS/S": "-", "TOP EXIT": "-", "GUEST%": "-", "CPU%": "-", "RSS": "-", "PSS": "-",
                    "STATUS": "" if g["exit_status"] is None else str(g["exit_status"])}
             stats = fetch_stats(g["name"]) if g["state"] in ("running", "paused") else None
@@ -94,7 +96,8 @@ def run(list_guests, fetch_stats, interval=1.0, iterations=None, out=sys.stdout,
             if clear:
                 out.write("\x1b[H\x1b[2J")
             hint = "  (q quits, space refreshes)" if pressed.live else ""
-            out.write(f"{time.strftime('%H:%M:%S')}  {len(rows)} guests{hint}\n{text}\n")
+            out.write(f"{time.strftime('%H:%M:%S')}  {len(rows)} guest{'' if len(rows) == 1 else 's'}{hint}\n"
+                      f"{text}\n")
             out.flush()
             n += 1
             if (iterations is None or n < iterations) and pressed.wait(interval) == "q":

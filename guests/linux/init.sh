@@ -12,7 +12,10 @@
 #                       hypervisor's debug page, 0xFEBFF000) instead of 0.
 # Afterwards the VM is rebooted (`reboot -f`, which syncs first), which pyhv
 # reports as exit status 0.  Ctrl-Alt-Del (`hvctl shutdown`) does the same at
-# any time: the kernel's immediate reboot is turned off, so it signals init.
+# any time.  For that this script ends by exec'ing busybox init (still PID 1):
+# it turns the kernel's immediate reboot off, runs ::ctrlaltdel on the signal
+# the kernel sends instead, and starts the command with default signals (a
+# background job of this script would ignore SIGINT, and so Ctrl-C).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export HOME=/root TERM=vt100
 
@@ -21,10 +24,6 @@ export HOME=/root TERM=vt100
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-
-# The command runs in the background and init waits for it: a trap runs only between commands.
-echo 0 > /proc/sys/kernel/ctrl-alt-del 2>/dev/null
-trap 'echo "pyhv-init: Ctrl-Alt-Del: syncing and rebooting"; sync; reboot -f' INT
 
 read -r cmdline </proc/cmdline
 has() { case " $cmdline " in *" $1 "*) return 0;; esac; return 1; }
@@ -52,23 +51,28 @@ case "$cmdline" in
 	;;
 esac
 
-status=0
-if [ -n "$run" ]; then
-	echo "pyhv-init: running: $run"
-	exec 3<&0                           # a background list's stdin would be /dev/null
-	(eval "$run") <&3 3<&- &
-	wait $!
+# What busybox init runs: the command (its text in /etc/pyhv-run) or a shell, then the VM's end.
+mkdir -p /etc
+[ -n "$run" ] && printf '%s\n' "$run" > /etc/pyhv-run
+has pyhv.status && : > /etc/pyhv-status
+cat > /etc/pyhv-main <<'MAIN'
+if [ -s /etc/pyhv-run ]; then
+	echo "pyhv-init: running: $(cat /etc/pyhv-run)"
+	sh /etc/pyhv-run
 	status=$?
 	echo "pyhv-init: exit status $status"
 else
 	echo "pyhv-init: no pyhv.run= given, starting a shell (exit it to end the VM)"
-	setsid cttyhack sh -l &             # cttyhack gives it the console as its terminal
-	wait $!
+	setsid cttyhack sh -l
+	status=$?
 fi
-
-if has pyhv.status; then
-	devmem 0xFEBFF000 8 "$status"
-fi
+[ -e /etc/pyhv-status ] && devmem 0xFEBFF000 8 "$status"
 reboot -f
-# Not reached unless reboot failed; never let init exit (that panics).
-while :; do sleep 3600; done
+MAIN
+out=/dev/console
+has pyhv.kmsg && [ -w /dev/kmsg ] && out=/dev/kmsg
+cat > /etc/inittab <<TAB
+::once:/bin/sh -c 'exec /bin/sh /etc/pyhv-main >$out 2>&1 </dev/console'
+::ctrlaltdel:/bin/sh -c 'echo "pyhv-init: Ctrl-Alt-Del: syncing and rebooting" >$out; sync; reboot -f'
+TAB
+exec /bin/init

@@ -25,12 +25,12 @@ def cmd_list(args):
     """Which artefacts are there, with the command line that boots our kernel."""
     for rel, what in guests.ARTEFACTS:
         path = os.path.join(args.dir, rel)
-        size = f"{os.path.getsize(path) / 1e6:7.1f} MB" if os.path.isfile(path) else "missing   "
-        print(f"{size}  {path}  {what}")
+        size = f"{os.path.getsize(path) / 1e6:5.1f} MB" if os.path.isfile(path) else "missing "
+        print(f"{size}  {path}\n          {what}")
     if not all(os.path.isfile(os.path.join(args.dir, rel)) for rel, _ in guests.ARTEFACTS):
         print(f"(hvctl guests fetch --dir {args.dir} builds the missing ones)")
-    print(f"boot:  hvctl run --kernel {args.dir}/own/vmlinux --initrd {args.dir}/initramfs.cpio "
-          f"--cmdline 'console=ttyS0 noxsave clearcpuid=smap,popcnt'")
+    print(f"a shell: hvctl run --kernel {args.dir}/own/vmlinux --initrd {args.dir}/initramfs.cpio "
+          f"--cmdline console=ttyS0")
     return EXIT_OK
 
 

@@ -1,5 +1,6 @@
 """The guest's console: `logs` (what it printed, optionally following) and `console` (attached, raw tty, Ctrl-] detaches)."""
 import os
+import re
 import sys
 import time
 
@@ -8,6 +9,9 @@ from pyhv.proto.errors import EXIT_OK, BadState, NoSuchGuest, PeerFailed, UserEr
 from pyhv.supervisor.cli.client import NoSupervisor, iso_time, request, runtime_dir
 
 DETACH_KEY = b"\x1d"            # Ctrl-]
+# What a guest asked its terminal (ESC[6n cursor position, ESC[c / ESC[>c attributes, ESC[5n status): replayed
+# from the log onto the user's terminal, the answer would land in the user's shell as typed input.
+TERMINAL_QUERY = re.compile(rb"\x1b\[[0-9;?>]*[nc]")
 LIVE = ("running", "paused")
 
 
@@ -30,6 +34,7 @@ def cmd_logs(args):
     f = open(path, "rb") if os.path.exists(path) else None
     if f is not None and args.tail is not None:
         _seek_to_last_lines(f, args.tail)
+    to_tty = os.isatty(out.fileno())
     stamp = _Stamper(os.path.join(os.path.dirname(path), "console.times")) if args.timestamps else None
     last_check = time.monotonic()
     while True:
@@ -38,7 +43,8 @@ def cmd_logs(args):
         offset = f.tell() if f else 0
         data = f.read() if f else b""
         if data:
-            out.write(stamp(data, offset) if stamp else data)
+            data = stamp(data, offset) if stamp else data
+            out.write(TERMINAL_QUERY.sub(b"", data) if to_tty else data)
             out.flush()
         if not args.follow or not live:
             break

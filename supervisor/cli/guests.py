@@ -72,6 +72,9 @@ def _wait_all(args):
     from pyhv.supervisor.cli.client import table
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     names = [g.name for g in request(args, m.List()).guests if g.state in ("running", "paused")]
+    if not names:
+        print("no guest is running")
+        return EXIT_OK
     rows, worst = [], EXIT_OK
     for name in names:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())

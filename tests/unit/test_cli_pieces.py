@@ -95,3 +95,9 @@ def test_the_console_log_stops_at_its_limit_with_one_marker_and_counts_the_rest(
     data = (tmp_path / "console.log").read_bytes()
     assert data.startswith(b"0123456789" * 10) and data.count(b"[pyhv: the console log reached 100 bytes") == 1
     assert log.counters() == {"log_bytes": len(data), "log_dropped": 200}
+
+
+def test_terminal_queries_are_not_replayed_onto_the_users_terminal():
+    from pyhv.supervisor.cli.console import TERMINAL_QUERY
+    log = b"/ # \x1b[6nls\r\n\x1b[1;32mgreen\x1b[0m \x1b[c\x1b[>c\x1b[5n\x1b[2J"
+    assert TERMINAL_QUERY.sub(b"", log) == b"/ # ls\r\n\x1b[1;32mgreen\x1b[0m \x1b[2J"    # colours stay
