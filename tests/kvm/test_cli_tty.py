@@ -1,5 +1,6 @@
 """hvctl on a terminal: `run` hands the guest a raw tty (no local echo, Ctrl-C to the guest) and Ctrl-] stops it;
 `console` attaches one client at a time."""
+import contextlib
 import os
 import pty
 import select
@@ -44,17 +45,25 @@ def read_until(fd, marker, timeout=20):
     return got
 
 
-def run_on_a_pty(image):
+@contextlib.contextmanager
+def hvctl_on_a_pty(*args, env=None):
+    """hvctl ARGS with a pty for its terminal: (the process, the pty's master fd), killed and closed after."""
     master, slave = pty.openpty()
-    p = subprocess.Popen(HVCTL + ["run", "--boot", "raw16", "--kernel", str(image), "--timeout", "30"],
-                         stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    p = subprocess.Popen(HVCTL + list(args), stdin=slave, stdout=slave, stderr=slave, env=env,
+                         start_new_session=True)
     os.close(slave)
-    return p, master
+    try:
+        yield p, master
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
 
 
 def test_run_on_a_terminal_is_raw_and_ctrl_bracket_stops_the_guest(build_guest):
-    p, fd = run_on_a_pty(build_guest(ECHO, "raw16"))
-    try:
+    image = build_guest(ECHO, "raw16")
+    with hvctl_on_a_pty("run", "--boot", "raw16", "--kernel", str(image), "--timeout", "30") as (p, fd):
         assert b"Ctrl-] stops the guest" in read_until(fd, b">")
         os.write(fd, b"a\x03")                     # Ctrl-C is a byte for the guest, not a signal for hvctl
         got = read_until(fd, b"<\x03")
@@ -63,10 +72,6 @@ def test_run_on_a_terminal_is_raw_and_ctrl_bracket_stops_the_guest(build_guest):
         os.write(fd, b"\x1d")
         assert b"stopped from the console" in read_until(fd, b"Ctrl-])")
         assert p.wait(10) == 143
-    finally:
-        if p.poll() is None:
-            p.kill()
-        os.close(fd)
 
 
 def test_run_without_a_terminal_passes_every_byte(build_guest):
@@ -79,10 +84,7 @@ def test_one_console_at_a_time(sup, build_guest):
     image = build_guest(ECHO, "raw16")
     sup.hvctl("create", "c", "--kernel", image, "--boot", "raw16", "--timeout", "60", "--start", check=0)
     env = {**os.environ, "HV_RUNTIME_DIR": sup.dir}
-    master, slave = pty.openpty()
-    first = subprocess.Popen(HVCTL + ["console", "c"], stdin=slave, stdout=slave, stderr=slave, env=env)
-    os.close(slave)
-    try:
+    with hvctl_on_a_pty("console", "c", env=env) as (first, master):
         read_until(master, b"attached to c")
         second = subprocess.run(HVCTL + ["console", "c"], stdin=subprocess.DEVNULL, capture_output=True,
                                 text=True, env=env, timeout=20)
@@ -92,10 +94,6 @@ def test_one_console_at_a_time(sup, build_guest):
         assert b"<z" in read_until(master, b"<z")
         os.write(master, b"\x1d")
         assert first.wait(10) == 0
-    finally:
-        if first.poll() is None:
-            first.kill()
-        os.close(master)
     assert sup.info("c")["state"] == "running"
 
 
@@ -106,19 +104,12 @@ def test_top_on_a_terminal_quits_on_q_and_an_idle_guest_uses_no_guest_cpu(sup, b
     sup.hvctl("create", "sleeper", "--kernel", build_guest(IDLE, "raw16"), "--boot", "raw16", "--timeout", "60",
               "--start", check=0)
     env = {**os.environ, "HV_RUNTIME_DIR": sup.dir}
-    master, slave = pty.openpty()
-    p = subprocess.Popen(HVCTL + ["top", "--interval", "0.5"], stdin=slave, stdout=slave, stderr=slave, env=env)
-    os.close(slave)
-    try:
+    with hvctl_on_a_pty("top", "--interval", "0.5", env=env) as (p, master):
         screen = read_until(master, b"sleeper", timeout=20)
         screen += read_until(master, b"sleeper", timeout=20)      # the second refresh has rates
         assert b"q quits" in screen
         os.write(master, b"q")
         assert p.wait(10) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-        os.close(master)
     last = screen.decode(errors="replace").split("\x1b[2J")[-1].splitlines()
     header = last[1]
     row = next(line for line in last if line.startswith("sleeper"))
