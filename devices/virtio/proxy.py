@@ -174,11 +174,30 @@ class ServiceProxy(VirtioDevice):
             ctl, proc = self._ctl, self._proc
             if ctl is None:
                 raise ServiceGone(f"{self.device} service is not running ({self.reason or self.state})")
-            ctl.send(codec.encode(msg, ds.SERVICE))
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            data = codec.encode(msg, ds.SERVICE)
+            # A PAIR socket with no peer (a service that died, or never connected) blocks a send for good:
+            # wait for room, or the service's death, or the deadline, like for the reply.
+            sending = zmq.Poller()
+            sending.register(ctl, zmq.POLLOUT)
+            sending.register(proc.pidfd, zmq.POLLIN)
+            while True:
+                try:
+                    ctl.send(data, zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    pass
+                left = deadline - time.monotonic()
+                ready = dict(sending.poll(max(0, int(left * 1000)))) if left > 0 else {}
+                if proc.pidfd in ready:
+                    raise ServiceGone(f"{self.device} service died before it took {msg.TYPE}")
+                if left <= 0:
+                    self.control_timeouts += 1
+                    self._kill(f"did not take {msg.TYPE} within {self.timeout:g} s (not connected)")
+                    raise ServiceGone(f"{self.device} service did not take {msg.TYPE}")
             poller = zmq.Poller()
             poller.register(ctl, zmq.POLLIN)
             poller.register(proc.pidfd, zmq.POLLIN)
-            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             while True:
                 left = deadline - time.monotonic()
                 ready = dict(poller.poll(max(0, int(left * 1000)))) if left > 0 else {}

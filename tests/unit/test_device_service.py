@@ -468,3 +468,34 @@ def test_every_service_message_round_trips_and_stays_out_of_the_control_channel(
     assert (set(S.SERVICE.types) - {"Ok", "Error"}).isdisjoint(CONTROL.types)
     with pytest.raises(Exception, match="unknown message type"):
         codec.decode(encode(S.Describe()), CONTROL)
+
+
+def test_a_service_that_never_connects_is_given_up_on_not_waited_for(guest, host):
+    """Its control socket has no peer: a send there would block for good (a guest hung in `running`)."""
+    import threading
+    from pyhv.devices.virtio.proxy import ServiceGone
+    from pyhv.vcpu_worker.launchers import ServiceProcess
+    _, mem = guest
+
+    class Mute(LocalLauncher):
+        def start(self, device, incarnation, fds):
+            p = subprocess.Popen(["sleep", "60"])
+            return ServiceProcess(p.pid, os.pidfd_open(p.pid), p)
+
+    config = GuestConfig(name="t", kernel="/k", mem_bytes=RAM, devices=[DeviceSpec("rng", {})])
+    (name, k, _), = kinds.named(config.devices)
+    outcome = []
+
+    def build():
+        try:
+            ServiceProxy(k, name, mem, Eventfds.create(k.model_class().num_queues), Mute(config, host),
+                         timeout=1.0, start_timeout=1.0, max_restarts=0)
+            outcome.append("built")
+        except ServiceGone as e:
+            outcome.append(str(e))
+
+    t = threading.Thread(target=build, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the proxy waited for ever on a service that never connected"
+    assert outcome and "did not take Describe" in outcome[0]
