@@ -177,38 +177,17 @@ class ServiceProxy(VirtioDevice):
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             data = codec.encode(msg, ds.SERVICE)
             # A PAIR socket with no peer (a service that died, or never connected) blocks a send for good:
-            # wait for room, or the service's death, or the deadline, like for the reply.
-            sending = zmq.Poller()
-            sending.register(ctl, zmq.POLLOUT)
-            sending.register(proc.pidfd, zmq.POLLIN)
+            # wait for room, or the service's death, or the deadline, as for the reply.
             while True:
                 try:
                     ctl.send(data, zmq.NOBLOCK)
                     break
                 except zmq.Again:
-                    pass
-                left = deadline - time.monotonic()
-                ready = dict(sending.poll(max(0, int(left * 1000)))) if left > 0 else {}
-                if proc.pidfd in ready:
-                    raise ServiceGone(f"{self.device} service died before it took {msg.TYPE}")
-                if left <= 0:
-                    self.control_timeouts += 1
-                    self._kill(f"did not take {msg.TYPE} within {self.timeout:g} s (not connected)")
-                    raise ServiceGone(f"{self.device} service did not take {msg.TYPE}")
-            poller = zmq.Poller()
-            poller.register(ctl, zmq.POLLIN)
-            poller.register(proc.pidfd, zmq.POLLIN)
-            while True:
-                left = deadline - time.monotonic()
-                ready = dict(poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
-                if ctl in ready:
-                    break
-                if proc.pidfd in ready:
-                    raise ServiceGone(f"{self.device} service died during {msg.TYPE}")
-                if left <= 0:
-                    self.control_timeouts += 1
-                    self._kill(f"no reply to {msg.TYPE} within {self.timeout:g} s")
-                    raise ServiceGone(f"{self.device} service did not answer {msg.TYPE}")
+                    self._wait_for(ctl, zmq.POLLOUT, proc, deadline, f"died before it took {msg.TYPE}",
+                                   f"did not take {msg.TYPE} within {self.timeout:g} s (not connected)",
+                                   f"did not take {msg.TYPE}")
+            self._wait_for(ctl, zmq.POLLIN, proc, deadline, f"died during {msg.TYPE}",
+                           f"no reply to {msg.TYPE} within {self.timeout:g} s", f"did not answer {msg.TYPE}")
             try:
                 reply = codec.decode(ctl.recv(), ds.SERVICE, expect=(expect, Error), max_bytes=ds.MAX_CONTROL_BYTES)
             except ProtocolError as e:
@@ -217,6 +196,24 @@ class ServiceProxy(VirtioDevice):
             if isinstance(reply, Error):
                 raise ServiceRefused(f"{self.device} service: {from_wire(reply.kind, reply.message)}")
             return reply
+
+    def _wait_for(self, ctl, event, proc, deadline, died, late, gave_up):
+        """Until `ctl` is ready for `event` (lock held); ServiceGone if the service dies first (`died`) or the
+        deadline passes (it is killed: `late` is the reason kept, `gave_up` the error)."""
+        poller = zmq.Poller()
+        poller.register(ctl, event)
+        poller.register(proc.pidfd, zmq.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            ready = dict(poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
+            if ready.get(ctl, 0) & event:
+                return
+            if proc.pidfd in ready:
+                raise ServiceGone(f"{self.device} service {died}")
+            if left <= 0:
+                self.control_timeouts += 1
+                self._kill(late)
+                raise ServiceGone(f"{self.device} service {gave_up}")
 
     def _kill(self, reason):
         """Make the current incarnation die now; the watcher notices through its pidfd."""
