@@ -80,6 +80,33 @@ class CtrlAltDelReply(Message):
 
 
 @CONTROL
+class SnapshotGuest(Message):
+    """Write the guest's complete state into `dir` (absolute; absent or empty), then let it run on (stop: end it)."""
+    name: str
+    dir: str
+    stop: bool = False
+
+
+@CONTROL
+class SnapshotReply(Message):
+    """Where the snapshot is, how many bytes it holds, and for how long the guest was held (seconds)."""
+    dir: str
+    bytes: int
+    paused_for: float
+
+
+@CONTROL
+class RestoreGuest(Message):
+    """Define guest `name` (None: the snapshot's) from snapshot `dir` and run it from there (paused: held).
+
+    nets: a new port (tap:IFNAME or switch:NAME) for the guest's first NICs, in order; their MACs stay."""
+    dir: str
+    name: str | None = None
+    paused: bool = False
+    nets: list[str] = list
+
+
+@CONTROL
 class Pause(Message):
     name: str
 

@@ -41,8 +41,11 @@ def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdlin
     return config
 
 
-def validate(config):
-    """Raise UserError unless `config` can be handed to a worker on this host (files included)."""
+def validate(config, boot_files=True):
+    """Raise UserError unless `config` can be handed to a worker on this host (files included).
+
+    Without `boot_files` the kernel and initrd are not needed (a guest restored from a snapshot has its RAM).
+    """
     guest.check(config)
     kinds.validate(config.devices)
     host_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -52,7 +55,8 @@ def validate(config):
     for cpu in config.pin:
         if cpu not in host_cpus:
             raise UserError(f"--pin: host CPU {cpu} is not available here (have {sorted(host_cpus)})")
-    images = [(config.kernel, "kernel")] + ([(config.initrd, "initrd")] if config.initrd is not None else [])
+    images = ([(config.kernel, "kernel")] + ([(config.initrd, "initrd")] if config.initrd is not None else [])
+              if boot_files else [])
     for path, what in images:
         _check_file(path, what)
     total = sum(os.path.getsize(path) for path, _ in images)

@@ -25,7 +25,7 @@ import zmq
 from pyhv.devices.loop import EventLoop
 from pyhv.devices.virtio import kinds
 from pyhv.proto import codec, control as m
-from pyhv.proto.errors import BadState, HvError, InternalError, PeerFailed, ProtocolError, UserError, from_wire
+from pyhv.proto.errors import BadState, HostError, HvError, InternalError, PeerFailed, ProtocolError, UserError, from_wire
 from pyhv.proto.messages import Error, Ok
 from pyhv.proto.runtime import UNIX_PATH_MAX, RuntimeDir
 from pyhv.supervisor import spawn
@@ -37,6 +37,7 @@ from pyhv.supervisor.switches import Switches
 
 TICK = 0.05             # seconds between worker polls
 WORKER_TIMEOUT = 2.0    # a worker that does not answer a request within this is "not responding"
+SNAPSHOT_TIMEOUT = 600.0  # a snapshot writes the guest's RAM and disks: seconds per GiB on a slow disk
 STOP_GRACE = 3.0        # seconds a worker gets to exit after Stop before SIGKILL
 SWITCH_WATCH = 0.5      # seconds between checks of the net switch processes
 
@@ -64,7 +65,7 @@ class Server:
         self._zygote_fd = None
         self.handlers = {m.Ping: self.ping, m.Create: self.create, m.Start: self.start,
                          m.Stop: self.stop, m.Pause: self.pause, m.Resume: self.resume, m.CtrlAltDel: self.shutdown,
-                         m.Events: self.events,
+                         m.Events: self.events, m.SnapshotGuest: self.snapshot, m.RestoreGuest: self.restore,
                          m.Destroy: self.destroy, m.List: self.list, m.Info: self.info,
                          m.Wait: self.wait, m.Stats: self.stats}
 
@@ -296,7 +297,7 @@ class Server:
 
     # --- requests ------------------------------------------------------------
 
-    def _worker(self, g, msg, expect, envelope, then):
+    def _worker(self, g, msg, expect, envelope, then, timeout=WORKER_TIMEOUT):
         """Forward `msg` to the guest's worker without blocking the loop (a hung worker must not hold up
         other clients).  When its reply of type `expect` arrives, `then(reply)` makes the answer to
         `envelope` (None: answered elsewhere); an HvError in its place (the worker's error, no answer
@@ -344,7 +345,7 @@ class Server:
             finish(reply)
 
         call["open"] = True
-        call["timer"] = self.loop.call_at(time.monotonic() + WORKER_TIMEOUT,
+        call["timer"] = self.loop.call_at(time.monotonic() + timeout,
                                           lambda: finish(PeerFailed(f"guest {g.name}: worker not responding")))
         self.loop.add_socket(sock, on_reply)
         return None
@@ -369,13 +370,19 @@ class Server:
             raise BadState(f"guest {g.name} is being started")
         self._need_state(g, "created", "stopped", "failed")
         validate(g.config)              # the kernel file may have gone since create
+        return self._launch(g, envelope)
 
+    def _launch(self, g, envelope):
+        """Start g's worker (switches first); the reply goes to `envelope` once it exists."""
         def done(error):
             g.starting = False
+            paused = g.restore is not None and g.restore[1]
+            g.restore = None            # a later start boots afresh
             if error is not None:
+                spawn.release_memory(g)
                 self._reply(envelope, Error.of(InternalError(f"cannot start guest {g.name}: {error}")))
                 return
-            g.set_state("running")
+            g.set_state("paused" if paused else "running")
             self._reply(envelope, g.info())
 
         for name in kinds.switches(g.config.devices):
@@ -387,6 +394,67 @@ class Server:
         self.spawner.start_worker(g, done)      # done() now (direct spawn) or when the zygote answers
         self._sync_zygote()
         return None
+
+    def snapshot(self, msg, envelope):
+        """The worker writes the snapshot (it has the guest's state); DIR is checked here first."""
+        from pyhv.proto.snapshot import check_target
+        g = self.registry.get(msg.name)
+        self._need_state(g, "running", "paused")
+        if not os.path.isabs(msg.dir):
+            raise UserError(f"snapshot directory {msg.dir!r} is not an absolute path")
+        check_target(msg.dir)
+        if msg.stop:
+            g.stop_reason = "stopped after its snapshot"
+        return self._worker(g, msg, m.SnapshotReply, envelope, lambda r: self._snapshotted(g, r),
+                            timeout=SNAPSHOT_TIMEOUT)
+
+    def _snapshotted(self, g, reply):
+        if isinstance(reply, HvError):
+            g.stop_reason = None
+            raise reply
+        return reply
+
+    def restore(self, msg, envelope):
+        """Check the whole snapshot and load its RAM into a new memfd before the guest exists, then start it."""
+        from pyhv.devices.guest_memory import create_memfd
+        from pyhv.proto import guest as guest_msgs
+        from pyhv.proto.snapshot import Snapshot
+        from pyhv.vcpu_worker.snapshot import private_disks
+        if not os.path.isabs(msg.dir):
+            raise UserError(f"snapshot directory {msg.dir!r} is not an absolute path")
+        snap = Snapshot(msg.dir)
+        config = snap.config.replace(name=msg.name or snap.config.name)
+        guest_msgs.check(config)
+        if config.name in {g.name for g in self.registry}:
+            raise BadState(f"guest {config.name} already exists (destroy it first, or restore with --name NEW)")
+        config = _moved_nics(config, msg.nets)
+        held = snap.disks()             # copied below; the other devices must exist on this host now
+        validate(config.replace(devices=[d for name, _, d in kinds.named(config.devices) if name not in held]),
+                 boot_files=False)
+        try:
+            mem_fd = create_memfd(config.mem_bytes, name=f"guest-ram-{config.name}")
+        except OSError as e:
+            raise HostError(f"cannot allocate {config.mem_bytes >> 20} MiB of guest RAM: {e.strerror}") from None
+        try:
+            snap.load_memory(mem_fd)
+            g = self.registry.add(config)
+        except BaseException:
+            os.close(mem_fd)
+            raise
+        try:
+            g.config = private_disks(snap, config, lambda device: g.files.file(f"disk-{device}"))
+            g.save()
+        except BaseException:
+            os.close(mem_fd)
+            self.registry.remove(g, keep_logs=False)
+            raise
+        g.mem_fd, g.restore = mem_fd, (snap.path, msg.paused)
+        try:
+            return self._launch(g, envelope)
+        except BaseException:
+            spawn.release_memory(g)
+            self.registry.remove(g, keep_logs=False)
+            raise
 
     def stop(self, msg, envelope):
         g = self.registry.get(msg.name)
@@ -483,6 +551,18 @@ class Server:
                 return with_host(stats, None)
             return self._worker(g, m.DeviceStatus(g.name), m.StatsReply, envelope, lambda d: with_host(stats, d))
         return self._worker(g, m.Stats(g.name), m.StatsReply, envelope, counted)
+
+
+def _moved_nics(config, ports):
+    """`config` with its first NICs on `ports` (a clone's own switch or TAP); the MACs the guest knows stay."""
+    nics = [i for i, d in enumerate(config.devices) if d.kind == "net"]
+    if len(ports) > len(nics):
+        raise UserError(f"--net: {len(ports)} ports given, the snapshot's guest has {len(nics)} NICs")
+    devices = list(config.devices)
+    for i, port in zip(nics, ports):
+        kinds.kind("net").check_port(port, port)
+        devices[i] = devices[i].replace(options={**devices[i].options, "port": port})
+    return config.replace(devices=devices)
 
 
 def _or_raise(reply):

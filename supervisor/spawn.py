@@ -196,11 +196,12 @@ class Spawner:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        try:
-            guest.mem_fd = create_memfd(guest.config.mem_bytes, name=f"guest-ram-{guest.name}")
-        except OSError as e:
-            _call(done, f"cannot allocate guest RAM: {e}")
-            return
+        if guest.restore is None:           # a restore brings its memfd, loaded from the snapshot
+            try:
+                guest.mem_fd = create_memfd(guest.config.mem_bytes, name=f"guest-ram-{guest.name}")
+            except OSError as e:
+                _call(done, f"cannot allocate guest RAM: {e}")
+                return
         if self.use_zygote and len(self.pending) >= MAX_IN_FLIGHT:
             self._wait_for_answers(MAX_IN_FLIGHT - 1)
         if self.use_zygote and self.zygote is not None and self._submit(guest, done):
@@ -356,8 +357,12 @@ def _reap_strays(exclude=()):
 
 def worker_argv(guest, mem_fd):
     """The worker's command-line arguments (after `python -m pyhv.vcpu_worker.worker`)."""
-    return ["--config", base64.b64encode(codec.encode(guest.config, guest_msgs.GUEST)).decode(),
+    argv = ["--config", base64.b64encode(codec.encode(guest.config, guest_msgs.GUEST)).decode(),
             "--mem-fd", str(mem_fd), "--runtime-dir", guest.files.runtime.path, "--parent-pid", str(os.getpid())]
+    if guest.restore is not None:
+        snapshot_dir, paused = guest.restore
+        argv += ["--restore", snapshot_dir] + (["--paused"] if paused else [])
+    return argv
 
 
 def release_memory(guest):

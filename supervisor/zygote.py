@@ -173,9 +173,9 @@ def _preload():
     """Import everything a worker imports, including what it imports lazily."""
     import argparse, base64, ctypes, json, random, selectors, threading, traceback  # noqa: F401,E401
     import zmq  # noqa: F401
-    from pyhv.proto import codec, control, device_service, errors, guest, messages, runtime  # noqa: F401
+    from pyhv.proto import codec, control, device_service, errors, guest, messages, runtime, snapshot  # noqa: F401
     from pyhv.vcpu_worker import (worker, machine, vcpu, fixups, cpuid, compat, kvm, bus, device_manager,  # noqa: F401
-                                  irq_router, launchers, runner)
+                                  irq_router, launchers, runner, snapshot as _snapshot)
     from pyhv.vcpu_worker.boot import cpu_state, layout, linux, mptable, acpi  # noqa: F401
     from pyhv.devices import console_host, guest_memory, loop  # noqa: F401
     from pyhv.devices.legacy import serial, i8042, debug_page, rtc  # noqa: F401

@@ -30,6 +30,7 @@ class DeviceManager:
                  in_process=False):
         """`on_reset()` and `on_exit(status)` end the VM (i8042 reset, debug page); `host` resolves device paths."""
         self.config = config
+        self.mem = mem
         self.serial = Serial8250(irq=lambda level: router.set_irq_line(COM1_IRQ, level), out=console_out)
         pio.register(COM1_PORT, 8, self.serial, "serial")
         self.i8042 = I8042(reset=on_reset, irq=lambda level: router.set_irq_line(KEYBOARD_IRQ, level))
@@ -81,6 +82,33 @@ class DeviceManager:
     def resume(self):
         for fn in self.virtio.values():
             fn.resume()
+
+    LEGACY = ("serial", "i8042", "rtc", "debug_page")
+
+    def snapshot(self):
+        """Every device's state as plain values (virtio models paused: their services answer for themselves)."""
+        state = {name: getattr(self, name).snapshot() for name in self.LEGACY}
+        state["pci"] = to_plain(self.pci.snapshot())
+        return state
+
+    def restore(self, state, paused=False):
+        """Continue every device from `snapshot()`'s values: legacy registers, PCI functions, virtio models."""
+        from pyhv.proto import codec
+        from pyhv.proto.device_service import DeviceState
+        from pyhv.proto.errors import ProtocolError, StateError
+        try:
+            for name in self.LEGACY:
+                getattr(self, name).restore(state[name])
+            self.pci.restore(state["pci"])
+            for name, fn in self.virtio.items():
+                saved = state["pci"]["functions"][name].get("device")
+                if saved is not None:
+                    fn.backend.restore(self.mem, codec.from_plain(DeviceState, saved), paused)
+        except ProtocolError as e:
+            raise StateError(f"the snapshot's device state is malformed: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StateError(f"the snapshot's device state is malformed: {type(e).__name__}: {e}") from None
+        self.serial.refresh_irq()        # a level the restored irqchip may not hold as a line of ours
 
     def status(self):
         """Each virtio device's health (state, pid, restarts, reason, paused): no call to a service."""

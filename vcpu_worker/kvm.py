@@ -6,7 +6,7 @@ reads "KVM_CREATE_VCPU failed: EINVAL" rather than an OSError from nowhere.
 import errno as _errno
 import os
 
-from pyhv.proto.errors import HvError, VmFailure
+from pyhv.proto.errors import HvError, StateError, VmFailure
 from pyhv.vcpu_worker._kvm import ffi, lib
 
 KVM_API_VERSION = 12
@@ -33,6 +33,28 @@ def _check(name, r):
     if r < 0:
         raise KvmError(name, -r)
     return r
+
+
+def _get_blob(fd, ioctl_name, ctype, setup=None):
+    """A KVM_GET_* of `ctype` as bytes (its whole struct: the kernel's layout, checked by size on the way back)."""
+    p = ffi.new(f"{ctype} *")
+    if setup is not None:
+        setup(p)
+    ioctl(fd, ioctl_name, p)
+    return bytes(ffi.buffer(p))
+
+
+def _set_blob(fd, ioctl_name, ctype, blob, fix=None):
+    """A KVM_SET_* of `ctype` from bytes `_get_blob` made (a StateError unless the size is this kernel's)."""
+    size = ffi.sizeof(ctype)
+    if not isinstance(blob, bytes) or len(blob) != size:
+        raise StateError(f"saved {ctype} is {len(blob) if isinstance(blob, bytes) else '?'} bytes, "
+                         f"this host's is {size} (a snapshot from another kernel?)")
+    p = ffi.new(f"{ctype} *")
+    ffi.memmove(p, blob, size)
+    if fix is not None:
+        fix(p)
+    ioctl(fd, ioctl_name, p)
 
 
 def ioctl(fd, name, arg=None):
@@ -71,6 +93,19 @@ class Kvm:
         out = ffi.new("struct kvm_cpuid_entry2[]", n)
         ffi.memmove(out, ents, ffi.sizeof("struct kvm_cpuid_entry2") * n)
         return out
+
+    def msr_indices(self):
+        """Every MSR KVM can save and restore (KVM_GET_MSR_INDEX_LIST), in its order."""
+        if getattr(self, "_msr_indices", None) is None:
+            head = ffi.new("struct kvm_msr_list *", {"nmsrs": 0, "indices": 0})
+            r = lib.hv_ioctl(self.fd, lib.KVM_GET_MSR_INDEX_LIST, head)    # E2BIG, and the count
+            if r < 0 and r != -_errno.E2BIG:
+                raise KvmError("KVM_GET_MSR_INDEX_LIST", -r)
+            n = head.nmsrs
+            full = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
+            ioctl(self.fd, "KVM_GET_MSR_INDEX_LIST", full)
+            self._msr_indices = [full.indices[i] for i in range(full.nmsrs)]
+        return self._msr_indices
 
     def create_vm(self):
         return Vm(self, ioctl(self.fd, "KVM_CREATE_VM", 0))
@@ -176,6 +211,26 @@ class Vm:
         except KvmError:
             return 0
 
+    IRQCHIPS = (0, 1, 2)       # KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC
+
+    def save_state(self):
+        """The in-kernel PIC/IOAPIC, PIT and KVM clock, as {name: bytes}; call with every vCPU stopped."""
+        state = {"pit2": _get_blob(self.fd, "KVM_GET_PIT2", "struct kvm_pit_state2"),
+                 "clock": _get_blob(self.fd, "KVM_GET_CLOCK", "struct kvm_clock_data")}
+        for chip in self.IRQCHIPS:
+            state[f"irqchip{chip}"] = _get_blob(self.fd, "KVM_GET_IRQCHIP", "struct kvm_irqchip",
+                                                lambda p, chip=chip: setattr(p, "chip_id", chip))
+        return state
+
+    def load_state(self, state):
+        _set_blob(self.fd, "KVM_SET_PIT2", "struct kvm_pit_state2", state["pit2"])
+        for chip in self.IRQCHIPS:
+            _set_blob(self.fd, "KVM_SET_IRQCHIP", "struct kvm_irqchip", state[f"irqchip{chip}"],
+                      lambda p, chip=chip: setattr(p, "chip_id", chip))
+        # Only the clock value: the saved flags describe the old host's TSC (KVM_SET_CLOCK takes none of them).
+        _set_blob(self.fd, "KVM_SET_CLOCK", "struct kvm_clock_data", state["clock"],
+                  lambda p: setattr(p, "flags", 0))
+
     def create_vcpu(self, index):
         return Vcpu(self, index, ioctl(self.fd, "KVM_CREATE_VCPU", index))
 
@@ -240,6 +295,49 @@ class Vcpu:
         mp = ffi.new("struct kvm_mp_state *")
         mp.mp_state = state
         ioctl(self.fd, "KVM_SET_MP_STATE", mp)
+
+    # Saved in this order (Firecracker's): MP state first, since reading it settles pending APIC events; LAPIC
+    # before the MSRs on restore, since the TSC deadline MSR means something only in the restored LAPIC mode;
+    # the events last.
+    BLOBS = (("mp_state", "MP_STATE", "struct kvm_mp_state"), ("regs", "REGS", "struct kvm_regs"),
+             ("sregs", "SREGS", "struct kvm_sregs"), ("xsave", "XSAVE", "struct kvm_xsave"),
+             ("xcrs", "XCRS", "struct kvm_xcrs"), ("debugregs", "DEBUGREGS", "struct kvm_debugregs"),
+             ("lapic", "LAPIC", "struct kvm_lapic_state"))
+
+    def save_state(self, msr_indices):
+        """Everything KVM holds of this (stopped) vCPU: {name: bytes}, plus "msrs": [[index, value]...]."""
+        state = {name: _get_blob(self.fd, f"KVM_GET_{ioctl_name}", ctype) for name, ioctl_name, ctype in self.BLOBS}
+        state["msrs"] = self.get_msrs(msr_indices)
+        state["events"] = _get_blob(self.fd, "KVM_GET_VCPU_EVENTS", "struct kvm_vcpu_events")
+        return state
+
+    def load_state(self, state):
+        for name, ioctl_name, ctype in self.BLOBS:
+            _set_blob(self.fd, f"KVM_SET_{ioctl_name}", ctype, state[name])
+        self.set_msrs(state["msrs"])
+        _set_blob(self.fd, "KVM_SET_VCPU_EVENTS", "struct kvm_vcpu_events", state["events"],
+                  lambda p: setattr(p, "flags", p.flags | lib.KVM_VCPUEVENT_VALID_NMI_PENDING
+                                    | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR))
+
+    def get_msrs(self, indices):
+        """[[index, value]] of every MSR in `indices` this vCPU can read (KVM stops at the first it cannot)."""
+        out, todo = [], list(indices)
+        while todo:
+            msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(todo), "entries": len(todo)})
+            for e, index in zip(msrs.entries, todo):
+                e.index = index
+            n = ioctl(self.fd, "KVM_GET_MSRS", msrs)
+            out.extend([msrs.entries[i].index, msrs.entries[i].data] for i in range(n))
+            todo = todo[n + 1:]                      # skip the one it refused
+        return out
+
+    def set_msrs(self, pairs):
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(pairs), "entries": len(pairs)})
+        for e, (index, value) in zip(msrs.entries, pairs):
+            e.index, e.data = index, value
+        n = ioctl(self.fd, "KVM_SET_MSRS", msrs)
+        if n != len(pairs):
+            raise StateError(f"this host's KVM refused MSR 0x{pairs[n][0]:x} = 0x{pairs[n][1]:x} of the snapshot")
 
     def translate(self, linear):
         """Guest-virtual to guest-physical, or None if not mapped."""

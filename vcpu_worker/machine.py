@@ -12,7 +12,7 @@ import threading
 import time
 
 from pyhv.devices.guest_memory import GuestMemory, ram_regions
-from pyhv.proto.errors import EXIT_OK, EXIT_STOPPED, HvError, VmFailure
+from pyhv.proto.errors import EXIT_OK, EXIT_STOPPED, HvError, StateError, VmFailure
 from pyhv.vcpu_worker import boot, compat, cpuid
 from pyhv.vcpu_worker._kvm import ffi, lib
 from pyhv.vcpu_worker.boot import layout
@@ -26,11 +26,16 @@ KICK_SIGNAL = lib.SIGUSR1
 
 
 class Machine:
-    def __init__(self, config, mem_fd, console_out, host=None, launcher=None, in_process=False):
-        """`host` resolves device paths (a GuestDir or PrivateDir), `launcher` starts device services."""
+    def __init__(self, config, mem_fd, console_out, host=None, launcher=None, in_process=False, restore=None,
+                 paused=False):
+        """`host` resolves device paths (a GuestDir or PrivateDir), `launcher` starts device services.
+
+        With `restore` (a MachineState, proto/snapshot.py) the guest continues from it instead of booting: its RAM
+        must already be in `mem_fd`.  With `paused` no vCPU runs until resume().
+        """
         self.config = config
         self.outcome = None
-        self.paused = False
+        self.paused = paused
         self.profile = compat.profile(config.compat)
         self.fixup_counts = {}
         self._done = threading.Event()
@@ -42,6 +47,7 @@ class Machine:
         try:
             self.kvm = Kvm()
             self.vm = self.kvm.create_vm()
+            self.mem_fd = mem_fd
             self.mem = GuestMemory(mem_fd, config.mem_bytes)
             self._map_memory()
             self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
@@ -53,7 +59,8 @@ class Machine:
             raise VmFailure(f"cannot create the VM: {e}") from None
         self.pio = PioBus()
         self.mmio = MmioBus()
-        entry = boot.load(config, self.mem, self.profile, self.vm.tsc_khz())   # bad images before any service
+        # bad images before any service
+        entry = None if restore else boot.load(config, self.mem, self.profile, self.vm.tsc_khz())
         self.devices = DeviceManager(
             config, self.mem, self.router, self.pio, self.mmio, console_out,
             on_reset=lambda: self.finish(Outcome(EXIT_OK, "guest reset (i8042)")),
@@ -61,6 +68,8 @@ class Machine:
             host=host, launcher=launcher, in_process=in_process)
         try:
             self._create_vcpus(entry)
+            if restore is not None:
+                self._load_state(restore)
         except HvError:
             self.devices.close()
             raise
@@ -80,15 +89,45 @@ class Machine:
                 vcpu = self.vm.create_vcpu(i)
                 vcpu.state.port_action = self.pio.action_ptr
                 vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, i, n, self.profile.cpuid_masks))
-                boot.setup_vcpu(vcpu, i, n, self.config.boot, entry)
+                if entry is not None:
+                    boot.setup_vcpu(vcpu, i, n, self.config.boot, entry)
                 self.vcpus.append(vcpu)
         except KvmError as e:
             raise VmFailure(f"cannot create the vCPUs: {e}") from None
+
+    # -- state --------------------------------------------------------------
+
+    def save_state(self):
+        """The MachineState of this paused guest: every vCPU's and the VM's KVM state, every device's."""
+        from pyhv.proto.snapshot import MachineState
+        if not self.paused:
+            raise VmFailure("internal: state of a running guest (pause it first)")
+        try:
+            msrs = self.kvm.msr_indices()
+            return MachineState(vcpus=[v.save_state(msrs) for v in self.vcpus], vm=self.vm.save_state(),
+                                devices=self.devices.snapshot())
+        except KvmError as e:
+            raise VmFailure(f"cannot read the guest's state: {e}") from None
+
+    def _load_state(self, state):
+        """KVM's state from a MachineState (the vCPUs exist and have their CPUID), then the devices'."""
+        try:
+            self.vm.load_state(state.vm)
+            for vcpu, saved in zip(self.vcpus, state.vcpus, strict=True):
+                vcpu.load_state(saved)
+        except KvmError as e:
+            raise VmFailure(f"cannot restore the guest's state: {e}") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise StateError(f"the snapshot's vCPU state is malformed: {type(e).__name__}: {e}") from None
+        self.devices.restore(state.devices, paused=self.paused)
 
     # -- lifecycle ----------------------------------------------------------
 
     def start(self):
         lib.hv_install_kick_handler(KICK_SIGNAL)
+        if self.paused:                  # restored paused: each vCPU parks before its first instruction
+            for v in self.vcpus:
+                v.kick_prepare()
         self.threads = [VcpuThread(v, ExitContext(v, self.pio.lookup, self.mmio.lookup, self.mem,
                                                   self.profile.fixups, self.fixup_counts, self.on_kick),
                                    self.config.pin, self.finish)

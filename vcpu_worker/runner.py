@@ -41,19 +41,28 @@ def _pump_stdin(machine, escape=None):
 
 
 class Foreground:
-    """A guest being built and run in the foreground; `notices` are lines for the user (the CLI prints them)."""
+    """A guest being built and run in the foreground; `notices` are lines for the user (the CLI prints them).
 
-    def __init__(self, config):
+    With `snapshot` (a checked proto.snapshot.Snapshot) the guest continues from it: its RAM is loaded into
+    the new memfd, and its writable disks are copied into the run's private dir (gone when the run ends).
+    """
+
+    def __init__(self, config, snapshot=None):
         from pyhv.vcpu_worker.machine import Machine
-        self.config = config
         self.notices = []
         self.host = None
         launcher = None
+        if snapshot is not None and snapshot.disks():
+            from pyhv.proto import runtime
+            from pyhv.vcpu_worker.snapshot import private_disks
+            self.host = runtime.PrivateDir()
+            config = private_disks(snapshot, config, lambda device: self.host.file(f"disk-{device}"))
+        self.config = config
         if config.devices:
             from pyhv.devices.virtio import kinds
             from pyhv.proto import runtime
             from pyhv.vcpu_worker.launchers import LocalLauncher, ensure_switch
-            self.host = runtime.PrivateDir()
+            self.host = self.host or runtime.PrivateDir()
             switch_dir = runtime.RuntimeDir(self.host.switch_root)
             for name in kinds.switches(config.devices):
                 ensure_switch(switch_dir, name)
@@ -62,7 +71,10 @@ class Foreground:
                 self.notices.append(f"virtio console on {self.host.socket_path('vconsole')}")
         mem_fd = create_memfd(config.mem_bytes, f"guest-ram-{config.name or 'run'}")
         try:
-            self.machine = Machine(config, mem_fd, lambda data: write_all(1, data), host=self.host, launcher=launcher)
+            if snapshot is not None:
+                snapshot.load_memory(mem_fd)
+            self.machine = Machine(config, mem_fd, lambda data: write_all(1, data), host=self.host, launcher=launcher,
+                                   restore=snapshot.state if snapshot is not None else None)
         except BaseException:
             self.close()
             raise

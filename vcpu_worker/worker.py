@@ -26,7 +26,7 @@ from pyhv.devices.console_host import ConsoleHost
 from pyhv.devices.loop import EventLoop
 from pyhv.proto import codec, control as m, guest as g, runtime
 from pyhv.vcpu_worker.console_log import ConsoleLog
-from pyhv.proto.errors import EXIT_TIMEOUT, EXIT_VM_FAILED, HvError, InternalError, ProtocolError, one_line
+from pyhv.proto.errors import EXIT_STOPPED, EXIT_TIMEOUT, EXIT_VM_FAILED, HvError, InternalError, ProtocolError, one_line
 from pyhv.proto.messages import Error, Ok
 
 PAUSE_TIMEOUT = 1.0     # below the supervisor's worker timeout
@@ -60,6 +60,8 @@ def _parse(argv):
     p.add_argument("--mem-fd", type=int, required=True, help="guest RAM memfd (inherited)")
     p.add_argument("--runtime-dir", required=True, help="the supervisor's runtime dir (the guest's files are below)")
     p.add_argument("--parent-pid", type=int, default=0, help="exit if this process (the supervisor) dies")
+    p.add_argument("--restore", metavar="DIR", help="continue from this snapshot (its RAM is already in the memfd)")
+    p.add_argument("--paused", action="store_true", help="with --restore: hold the vCPUs until Resume")
     return p.parse_args(argv)
 
 
@@ -73,7 +75,7 @@ def main(argv=None):
         print(f"worker: bad config: {e}", file=sys.stderr, flush=True)
         os._exit(1)
     guest = runtime.RuntimeDir(args.runtime_dir).guest(config.name)
-    status, reason = serve(config, args.mem_fd, guest)
+    status, reason = serve(config, args.mem_fd, guest, args.restore, args.paused)
     write_result(guest.result, status, reason)
     print(f"worker: guest ended: {status} ({reason})", file=sys.stderr, flush=True)
     os._exit(0)        # vCPU threads may still sit in KVM_RUN
@@ -84,12 +86,14 @@ class Worker:
 
     def __init__(self, machine, config, console_log=None):
         self.machine = machine
+        self.config = config
         self.console_log = console_log
         self.deadline = None if config.timeout is None else time.monotonic() + config.timeout
-        self.paused_at = None
+        self.paused_at = time.monotonic() if machine.paused else None
         self.outcome = None
         self.handlers = {m.Ping: self.ping, m.Pause: self.pause, m.Resume: self.resume, m.Stats: self.stats,
-                         m.DeviceStatus: self.device_status, m.Stop: self.stop, m.CtrlAltDel: self.shutdown}
+                         m.DeviceStatus: self.device_status, m.Stop: self.stop, m.CtrlAltDel: self.shutdown,
+                         m.SnapshotGuest: self.snapshot}
 
     def handle(self, data):
         try:
@@ -120,6 +124,28 @@ class Worker:
         self.paused_at = None
         return Ok()
 
+    def snapshot(self, msg):
+        """Hold the guest, write its snapshot, let it go on (or end it with --stop); a failure leaves it as it was."""
+        from pyhv.vcpu_worker.snapshot import write_snapshot
+        held = time.monotonic()
+        was_paused = self.machine.paused
+        if not was_paused and not self.machine.pause(PAUSE_TIMEOUT):
+            self.machine.resume()
+            raise InternalError(f"vCPUs did not stop within {PAUSE_TIMEOUT:g} s; no snapshot taken")
+        try:
+            size = write_snapshot(self.machine, self.config, msg.dir)
+        except BaseException:
+            if not was_paused:
+                self.machine.resume()
+            raise
+        if msg.stop:
+            from pyhv.vcpu_worker.vcpu import Outcome
+            self.machine.finish(Outcome(EXIT_STOPPED, "stopped after its snapshot"))
+            self.outcome = self.machine.outcome
+        elif not was_paused:
+            self.machine.resume()
+        return m.SnapshotReply(msg.dir, size, time.monotonic() - held)
+
     def stats(self, msg):
         stats = self.machine.stats()
         if self.console_log is not None:
@@ -137,8 +163,8 @@ class Worker:
         return m.CtrlAltDelReply(self.machine.devices.i8042.press_ctrl_alt_del())
 
 
-def serve(config, mem_fd, guest):
-    """Build and run the guest; returns (status, reason) once it has ended."""
+def serve(config, mem_fd, guest, restore=None, paused=False):
+    """Build and run the guest (from snapshot dir `restore`, if given); returns (status, reason) once it has ended."""
     from pyhv.vcpu_worker.launchers import SupervisorLauncher
     from pyhv.vcpu_worker.machine import Machine
     from pyhv.vcpu_worker.vcpu import Outcome
@@ -155,7 +181,12 @@ def serve(config, mem_fd, guest):
     try:
         console = ConsoleHost(guest.console_sock, lambda data: feed and feed[0](data))
         launcher = SupervisorLauncher(guest.runtime.services_sock, config.name, guest)
-        machine = Machine(config, mem_fd, console_out, host=guest, launcher=launcher)
+        state = None
+        if restore is not None:
+            from pyhv.proto.snapshot import Snapshot
+            state = Snapshot(restore).state
+        machine = Machine(config, mem_fd, console_out, host=guest, launcher=launcher, restore=state,
+                          paused=paused and state is not None)
     except HvError as e:
         return e.exit_status, str(e)
     except Exception as e:

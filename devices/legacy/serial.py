@@ -106,6 +106,12 @@ class Serial8250:
                 setattr(self, name, value)
             self._rx = deque(bytes(state["rx"])[-self._rx_size:])
 
+    def refresh_irq(self):
+        """Drive the IRQ line to the registers' level: after a restore the new irqchip has no line of ours high."""
+        with self._lock:
+            self._level = False
+            self._update_irq()
+
     # -- registers (lock held) ------------------------------------------------
 
     def _read(self, offset):

@@ -162,14 +162,14 @@ class Net(Kind):
         if len(macs) > 1:
             raise UserError(f"--net: {value!r} gives mac= {len(macs)} times")
         options = {"port": head, "mac": macs[0].lower() if macs else None}
-        self._check_port(head, value)
+        self.check_port(head, value)
         if options["mac"] is None:      # a random locally administered one, kept in the config
             options["mac"] = format_mac(bytes([0x52, 0x54, 0x00]) + os.urandom(3))
         self.validate(options, value)
         return options
 
     @staticmethod
-    def _check_port(port, shown):
+    def check_port(port, shown):
         kind, _, name = port.partition(":")
         if not (kind == "tap" and IFNAME_RE.match(name) or kind == "switch" and SWITCH_RE.match(name)):
             raise UserError(f"--net: {shown!r}: use tap:IFNAME (a host TAP interface, at most 15 characters) or "
@@ -177,7 +177,7 @@ class Net(Kind):
 
     def validate(self, options, shown=None):
         super().validate(options)
-        self._check_port(options.get("port") or "", shown or options.get("port"))
+        self.check_port(options.get("port") or "", shown or options.get("port"))
         try:
             parse_mac(options.get("mac"))
         except UserError as e:

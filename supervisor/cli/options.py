@@ -1,11 +1,12 @@
 """The guest options `hvctl run` and `create` share, and the GuestConfig they make; device options come from the kinds table."""
 from pyhv.devices.virtio.kinds import KINDS
+from pyhv.proto.errors import UserError
 from pyhv.proto.guest import BOOT_MODES, COMPAT_PROFILES
 from pyhv.supervisor.config import build_config
 
 
 def add_run_options(p):
-    p.add_argument("--kernel", required=True, metavar="PATH", help="guest image (bzImage/ELF vmlinux, or a flat binary)")
+    p.add_argument("--kernel", metavar="PATH", help="guest image (bzImage/ELF vmlinux, or a flat binary)")
     p.add_argument("--boot", default="linux", choices=BOOT_MODES, help="boot protocol (default: linux)")
     p.add_argument("--load-addr", metavar="ADDR", help="raw image load address (default 0x7C00 raw16, 0x100000 others)")
     p.add_argument("--initrd", metavar="PATH")
@@ -27,6 +28,8 @@ def add_run_options(p):
 
 
 def config_from(args, name):
+    if args.kernel is None:
+        raise UserError(f"the following arguments are required: --kernel (see hvctl {args.command} --help)")
     devices = {k: getattr(args, f"device_{k}") for k in KINDS}
     return build_config(name, args.kernel, boot=args.boot, load_addr=args.load_addr, initrd=args.initrd,
                         cmdline=args.cmdline, mem=args.mem, vcpus=args.vcpus, timeout=args.timeout, pin=args.pin,

@@ -13,11 +13,15 @@ def cmd_run(args):
         return _detached(args)
     if args.name:
         raise UserError("--name: only with -d (a foreground guest has no name)")
-    config = config_from(args, "run")
+    snapshot = None
+    if args.restore:
+        config, snapshot = _restored(args)
+    else:
+        config = config_from(args, "run")
     if args.stats_json:
         _check_writable(args.stats_json)
     from pyhv.vcpu_worker.runner import Foreground
-    guest = Foreground(config)
+    guest = Foreground(config, snapshot)
     tty = os.isatty(0)
     saved = None
     try:
@@ -51,12 +55,38 @@ def _detached(args):
     """`run -d`: the guest goes to the supervisor (create --start) under --name or a new name, which is printed."""
     from pyhv.proto import control as m
     from pyhv.supervisor.cli.client import request
+    if args.restore:
+        raise UserError("--restore: not with -d (`hvctl restore DIR --name NAME` gives the guest to the supervisor)")
     if args.stats_json:
         raise UserError("--stats-json: not with -d (`hvctl stats NAME --json` gives them while it runs)")
     name = args.name or f"run-{os.urandom(3).hex()}"
     request(args, m.Create(config_from(args, name), start=True), timeout=30.0)
     print(name)
     return EXIT_OK
+
+
+GUEST_OPTIONS = ("kernel", "load_addr", "initrd", "cmdline", "mem", "vcpus", "pin", "compat")
+
+
+def _restored(args):
+    """(config, Snapshot) for `run --restore DIR`: the snapshot's guest, with --timeout if given."""
+    from pyhv.devices.virtio.kinds import KINDS
+    from pyhv.proto.guest import check
+    from pyhv.proto.snapshot import Snapshot
+    given = [o for o in GUEST_OPTIONS if getattr(args, o) is not None] + \
+        [KINDS[k].flag[2:] for k in KINDS if getattr(args, f"device_{k}")]
+    if given or args.boot != "linux":
+        raise UserError(f"--restore: the guest comes from the snapshot; give no --{(given or ['boot'])[0]} "
+                        f"(only --timeout)")
+    snapshot = Snapshot(args.restore)
+    config = snapshot.config
+    if args.timeout is not None:
+        try:
+            config = config.replace(timeout=float(args.timeout))
+        except ValueError:
+            raise UserError(f"--timeout: {args.timeout!r} is not a number of seconds") from None
+        check(config)
+    return config, snapshot
 
 
 def _check_writable(path):
@@ -73,4 +103,6 @@ def add_commands(add):
     run.add_argument("-d", "--detach", action="store_true", help="hand the guest to the supervisor instead "
                      "(create --start) and print its name")
     run.add_argument("--name", help="with -d: the guest's name (default run-XXXXXX)")
+    run.add_argument("--restore", metavar="DIR", help="continue the guest of this snapshot instead of booting "
+                     "one (`hvctl snapshot`); only --timeout applies")
     run.add_argument("--stats-json", metavar="FILE", help="write the VMM's counters (exits, time in guest/VMM) here at exit")

@@ -1,13 +1,37 @@
-"""Guest state commands: snapshot and restore (not implemented yet: they say so and change nothing)."""
-from pyhv.proto.errors import UserError
+"""Guest state commands: snapshot (a guest's complete state into a directory) and restore (a guest from one)."""
+import os
 
-NOT_IMPLEMENTED = "snapshot/restore is not implemented yet"
+from pyhv.proto import control as m
+from pyhv.proto.errors import EXIT_OK
+from pyhv.supervisor.cli.client import request
+
+SNAPSHOT_TIMEOUT = 660.0        # the supervisor gives the worker 600 s to write it
+RESTORE_TIMEOUT = 120.0
 
 
-def cmd_not_implemented(args):
-    raise UserError(NOT_IMPLEMENTED)
+def cmd_snapshot(args):
+    """Write NAME's state into DIR; it runs on (paused stays paused), or ends with --stop."""
+    reply = request(args, m.SnapshotGuest(args.name, os.path.abspath(args.dir), stop=args.stop), timeout=SNAPSHOT_TIMEOUT)
+    print(f"snapshot of {args.name} in {reply.dir}: {reply.bytes / (1 << 20):.1f} MiB, "
+          f"guest held {reply.paused_for * 1000:.0f} ms")
+    return EXIT_OK
+
+
+def cmd_restore(args):
+    """Define a guest from DIR and run it from exactly where the snapshot was taken; its name is printed."""
+    g = request(args, m.RestoreGuest(os.path.abspath(args.dir), args.name, paused=args.paused, nets=args.net),
+                timeout=RESTORE_TIMEOUT)
+    print(g.name)
+    return EXIT_OK
 
 
 def add_commands(add):
-    add("snapshot", cmd_not_implemented, "(not implemented yet)", "name", "dir")
-    add("restore", cmd_not_implemented, "(not implemented yet)", "dir").add_argument("--name")
+    snap = add("snapshot", cmd_snapshot, "write a guest's complete state into DIR (new or empty); it runs on",
+               "name", "dir")
+    snap.add_argument("--stop", action="store_true", help="end the guest once its snapshot is written")
+    restore = add("restore", cmd_restore, "define a guest from snapshot DIR and run it from where it was taken", "dir")
+    restore.add_argument("--name", help="the new guest's name (default: the snapshot's guest's; clones need one each)")
+    restore.add_argument("--paused", action="store_true", help="hold it paused until `hvctl resume`")
+    restore.add_argument("--net", action="append", default=[], metavar="tap:IFNAME|switch:NAME",
+                         help="put the guest's next NIC on this port instead (repeatable, in NIC order; "
+                              "its MAC stays what the guest knows)")

@@ -108,12 +108,8 @@ def test_bad_usage(args, rundir):
     one_line_error(hvctl(*args, runtime_dir=rundir), 2, "")
 
 
-@pytest.mark.parametrize("args", [["snapshot", "g", "/tmp/x"], ["restore", "/tmp/x"]])
-def test_snapshot_not_implemented(args, rundir):
-    one_line_error(hvctl(*args, runtime_dir=rundir), 2, "snapshot/restore is not implemented yet")
-
-
-@pytest.mark.parametrize("args", [["list"], ["info", "g"], ["start", "g"], ["wait", "g"], ["logs", "g"]])
+@pytest.mark.parametrize("args", [["list"], ["info", "g"], ["start", "g"], ["wait", "g"], ["logs", "g"],
+                                  ["snapshot", "g", "/tmp/x"], ["restore", "/tmp/x"]])
 def test_no_supervisor(args, rundir):
     r = hvctl(*args, runtime_dir=rundir, timeout=10)
     one_line_error(r, 1, "no supervisor is running")

@@ -1,0 +1,291 @@
+"""Snapshot and restore: bytes written and time held, restore to the first guest instruction, clones, a Linux shell.
+
+One supervisor (zygote on) on a fresh runtime dir; everything goes through
+the Python API (pyhv.Client), so no hvctl start-up is in the figures.
+The raw guest (raw64, C) first writes one byte to each page of TOUCH MiB of
+its RAM, prints "T", then sleeps in HLT between the ticks of its LAPIC timer
+(1 ms, periodic) and prints "." after each: idle, yet it shows at once
+whether it runs (and that its LAPIC timer survived the snapshot).
+  - snapshot: of a 128 MiB and a 1 GiB guest that touched nothing, and of a
+    1 GiB guest that touched half its RAM (512 MiB): how long the guest was
+    held (the worker's figure, pause to resume) and the bytes the snapshot
+    holds (its files' allocated blocks).
+  - restore: from sending RestoreGuest to the first byte on the new guest's
+    console ("first instruction": the guest prints within 1 ms of running),
+    beside a cold start of the same guest (Create --start to its "T"). RAM
+    is loaded eagerly before the worker starts, so "fully loaded" is the
+    RestoreGuest reply, also shown.
+  - clones: 20 and 100 guests restored from one 128 MiB snapshot at once
+    (requests pipelined): seconds until every one is running, its guest-RAM
+    PSS, and the MemAvailable drop per clone, beside the same number of cold
+    starts.
+  - linux: our kernel (2 vCPUs, virtio disk and net) snapshotted at its shell
+    prompt; restore to the answer of `echo` typed at the console, beside its
+    cold boot to the prompt.  Skipped if the guest artefacts are missing
+    (`hvctl guests fetch`).
+Every restored guest's console is checked to continue the dots.
+"""
+import os
+import pathlib
+import shutil
+import socket
+import sys
+import tempfile
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from bench import common, stress
+
+REPS = 3
+MiB = 1 << 20
+ARTEFACTS = pathlib.Path(os.environ.get("HV_ARTEFACTS", "/var/cache/pyhv"))
+
+GUEST = r"""
+#define TOUCH_MIB %d
+#define PRINT_EVERY %d
+#define LAPIC 0xFEE00000UL
+#define TIMER_VECTOR 0x40
+static inline void outb(unsigned short port, unsigned char v) { __asm__ volatile("outb %%0, %%1" :: "a"(v), "Nd"(port)); }
+static inline void lapic(unsigned reg, unsigned v) { *(volatile unsigned *)(LAPIC + reg) = v; }
+static unsigned long idt[2 * 256] __attribute__((aligned(16)));
+void timer_isr(void), spurious_isr(void);
+__asm__(".globl timer_isr\ntimer_isr:\n push %%rax\n mov $0xFEE000B0, %%eax\n movl $0, (%%rax)\n pop %%rax\n iretq\n"
+        ".globl spurious_isr\nspurious_isr:\n iretq\n");
+static void gate(int vector, void (*handler)(void)) {
+    unsigned long a = (unsigned long)handler;
+    unsigned short cs;
+    __asm__ volatile("mov %%%%cs, %%0" : "=r"(cs));
+    idt[2 * vector] = (a & 0xFFFF) | (unsigned long)cs << 16 | 0x8EUL << 40 | ((a >> 16) & 0xFFFF) << 48;
+    idt[2 * vector + 1] = a >> 32;
+}
+long guest_main(long index, long count, long tsc_khz) {
+    volatile char *ram = (volatile char *)0x400000;
+    for (long page = 0; page < TOUCH_MIB * 256L; page++)
+        ram[page * 4096] = 1;
+    struct __attribute__((packed)) { unsigned short limit; unsigned long base; } idtr = {sizeof idt - 1, (unsigned long)idt};
+    gate(TIMER_VECTOR, timer_isr);
+    gate(0xFF, spurious_isr);
+    __asm__ volatile("lidt %%0" :: "m"(idtr));
+    lapic(0xF0, 0x1FF);                        /* software-enable, spurious vector 0xFF */
+    lapic(0x3E0, 0x3);                         /* divide by 16: 62.5 MHz on KVM's 1 GHz APIC bus */
+    lapic(0x320, TIMER_VECTOR | 1 << 17);      /* periodic */
+    lapic(0x380, 62500);                       /* 1 ms */
+    outb(0x3f8, 'T');
+    for (unsigned long tick = 0;; tick++) {
+        __asm__ volatile("sti; hlt; cli");     /* asleep in KVM until the next tick: an idle guest costs no CPU */
+        if (tick %% PRINT_EVERY == 0) {
+            outb(0x3f8, '.');
+            outb(0x3f8, '\n');               /* a line: console.times gives each one its wall-clock time */
+        }
+    }
+}
+"""
+
+
+def image(touch_mib, print_every=1):
+    """The guest, printing a line every `print_every` ticks (1 ms); only its console output costs CPU."""
+    return str(common.guestbuild.build_c(GUEST % (touch_mib, print_every)))
+
+
+def console_size(sup, name):
+    try:
+        return os.stat(os.path.join(sup.dir, "guests", name, "console.log")).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def wait_console(sup, name, predicate, timeout=60):
+    path = os.path.join(sup.dir, "guests", name, "console.log")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        if predicate(data):
+            return data
+        if time.monotonic() > deadline:
+            sys.exit(f"snapshot bench: guest {name}: console {data[-200:]!r} after {timeout} s")
+        time.sleep(0.0002)
+
+
+def ok(reply, what):
+    if type(reply).__name__ == "Error":
+        sys.exit(f"snapshot bench: {what}: {reply.message}")
+    return reply
+
+
+def du(path):
+    return sum(os.stat(os.path.join(path, f)).st_blocks * 512 for f in os.listdir(path))
+
+
+class Bench:
+    def __init__(self, args):
+        self.sup = stress.Supervisor(args, "1")
+        self.m = self.sup.m
+        self.work = tempfile.mkdtemp(prefix="hv-snapbench-", dir="/tmp")
+        self.n = 0
+
+    def close(self):
+        self.sup.stop()
+        shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.sup.dir, ignore_errors=True)
+
+    def name(self, what):
+        self.n += 1
+        return f"{what}-{self.n}"
+
+    def request(self, msg, timeout=120):
+        return ok(self.sup.pipe.request(msg, timeout=timeout), type(msg).__name__)
+
+    def cold(self, img, mem):
+        """Start a guest; (name, seconds from Create to its "T")."""
+        from pyhv.proto.guest import GuestConfig
+        name = self.name("g")
+        t0 = time.perf_counter()
+        self.request(self.m.Create(GuestConfig(name=name, kernel=img, boot="raw64", mem_bytes=mem, timeout=600.0),
+                                   start=True))
+        wait_console(self.sup, name, lambda d: b"T" in d, timeout=120)
+        return name, time.perf_counter() - t0
+
+    def snapshot(self, name, stop=False):
+        path = os.path.join(self.work, self.name("s"))
+        reply = self.request(self.m.SnapshotGuest(name, path, stop=stop), timeout=600)
+        return path, reply.paused_for, du(path)
+
+    def restore(self, path, output=True):
+        """(name, seconds to the reply, seconds to its first console byte: None unless `output`)."""
+        name = self.name("r")
+        t0 = time.perf_counter()
+        self.request(self.m.RestoreGuest(path, name))
+        replied = time.perf_counter() - t0
+        if not output:                      # a shell at its prompt says nothing until asked
+            return name, replied, None
+        wait_console(self.sup, name, lambda d: len(d) > 0)
+        first = time.perf_counter() - t0
+        return name, replied, first
+
+    def check_dots(self, name):
+        data = wait_console(self.sup, name, lambda d: len(d) >= 20)
+        if set(data[:20]) != {ord("."), ord("\n")}:
+            sys.exit(f"snapshot bench: restored guest {name} printed {data[:40]!r}, not the dots it was printing")
+
+    def destroy(self, *names):
+        for name in names:
+            self.request(self.m.Destroy(name=name, force=True, purge=True))
+
+
+def raw_rows(b, reps):
+    rows = []
+    for label, mem, touch in (("128 MiB idle", 128 * MiB, 0), ("1 GiB idle", 1024 * MiB, 0),
+                              ("1 GiB, 512 MiB touched", 1024 * MiB, 512)):
+        img = image(touch)
+        held, size, replied, first, cold = [], [], [], [], []
+        for _ in range(reps):
+            src, boot = b.cold(img, mem)
+            cold.append(boot * 1000)
+            path, h, s = b.snapshot(src)
+            held.append(h * 1000)
+            size.append(s / MiB)
+            name, rep, fst = b.restore(path)
+            replied.append(rep * 1000)
+            first.append(fst * 1000)
+            b.check_dots(name)
+            b.destroy(src, name)
+            shutil.rmtree(path)
+        rows.append(common.row("snapshot", f"{label}: guest held", held, "ms"))
+        rows.append(common.row("snapshot", f"{label}: snapshot size", size, "MiB"))
+        ref = common.row("snapshot", f"{label}: cold start to first output (ref)", cold, "ms")
+        rows.append(common.row("snapshot", f"{label}: restore to first instruction", first, "ms", ref=ref))
+        rows.append(common.row("snapshot", f"{label}: restore, RAM fully loaded", replied, "ms", ref=ref))
+        rows.append(ref)
+    return rows
+
+
+def clone_rows(b, counts=(20, 100)):
+    rows = []
+    img = image(0, print_every=250)          # 100 clones of the 1 ms printer would be 200,000 exits/s
+    src, _ = b.cold(img, 128 * MiB)
+    path, _, _ = b.snapshot(src, stop=True)
+    for n in counts:
+        for how in ("restore", "cold"):
+            from pyhv.proto.guest import GuestConfig
+            before = stress.mem_available()
+            names = [b.name(how) for _ in range(n)]
+            t0 = time.perf_counter()
+            for name in names:
+                if how == "restore":
+                    b.sup.pipe.send(b.m.RestoreGuest(path, name))
+                else:
+                    b.sup.pipe.send(b.m.Create(GuestConfig(name=name, kernel=img, boot="raw64", mem_bytes=128 * MiB,
+                                                           timeout=600.0), start=True))
+            infos = [ok(b.sup.pipe.recv(timeout=300), how) for _ in names]
+            elapsed = time.perf_counter() - t0
+            for name in names:
+                wait_console(b.sup, name, lambda d: d.count(b"\n") >= (1 if how == "restore" else 2), timeout=120)
+            drop = (before - stress.mem_available()) / n / MiB
+            mem = stress.memory_of([i.pids["worker"] for i in infos])
+            pss = [v["ram_pss"] / MiB for v in mem.values()]
+            case = f"{n} {'clones of one snapshot' if how == 'restore' else 'cold starts (ref)'}"
+            rows.append(common.row("snapshot", f"{case}: until all run", [elapsed], "s"))
+            rows.append(common.row("snapshot", f"{case}: guest RAM PSS each", pss, "MiB"))
+            rows.append(common.row("snapshot", f"{case}: MemAvailable drop each", [drop], "MiB"))
+            b.destroy(*names)
+    b.destroy(src)
+    return rows
+
+
+def linux_rows(b):
+    """Our kernel to its shell prompt, snapshot, restore: time to the answer of a console command."""
+    kernel, initrd = ARTEFACTS / "own" / "vmlinux", ARTEFACTS / "initramfs.cpio"
+    if not kernel.exists() or not initrd.exists():
+        print("snapshot bench: no Linux artefacts (hvctl guests fetch): Linux rows skipped", file=sys.stderr)
+        return []
+    from pyhv.proto import guest as g
+    from pyhv.devices.virtio.kinds import specs_from_options
+    disk = os.path.join(b.work, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(16 * MiB)
+    devices = specs_from_options({"blk": [disk], "net": ["switch:benchlan"]})
+    name = b.name("linux")
+    t0 = time.perf_counter()
+    b.request(b.m.Create(g.GuestConfig(name=name, kernel=str(kernel), initrd=str(initrd), vcpus=2, timeout=900.0,
+                                       cmdline="console=ttyS0", devices=devices), start=True))
+    wait_console(b.sup, name, lambda d: b"starting a shell" in d, timeout=600)
+    boot = time.perf_counter() - t0
+    time.sleep(3)                                    # the prompt
+    path, held, size = b.snapshot(name, stop=True)
+    answers = []
+    for i in range(3):
+        t0 = time.perf_counter()
+        clone, _, _ = b.restore(path, output=False)
+        info = b.request(b.m.Info(clone))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(info.console_sock)
+            s.sendall(f"echo answer-$((40+{i}))\n".encode())
+            wait_console(b.sup, clone, lambda d: f"answer-{40 + i}\r\n".encode() in d, timeout=60)
+        answers.append(time.perf_counter() - t0)
+        b.destroy(clone)
+    b.destroy(name)
+    ref = common.row("snapshot", "Linux cold boot to shell prompt (ref)", [boot], "s")
+    return [common.row("snapshot", "Linux at its prompt: snapshot held", [held * 1000], "ms"),
+            common.row("snapshot", "Linux at its prompt: snapshot size", [size / MiB], "MiB"),
+            common.row("snapshot", "Linux restored: console answer after restore", answers, "s", ref=ref), ref]
+
+
+def run(args):
+    b = Bench(args)
+    try:
+        return raw_rows(b, args.reps or REPS) + clone_rows(b) + linux_rows(b)
+    finally:
+        b.close()
+
+
+def main():
+    common.main(run, __doc__.split("\n")[0])
+
+
+if __name__ == "__main__":
+    main()
