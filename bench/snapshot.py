@@ -19,6 +19,11 @@ whether it runs (and that its LAPIC timer survived the snapshot).
     (requests pipelined): seconds until every one is running, its guest-RAM
     PSS, and the MemAvailable drop per clone, beside the same number of cold
     starts.
+  - migrate: a 256 MiB guest, idle or rewriting 64 MiB of its RAM, moved to
+    a second supervisor (RAM handed over, not copied): the downtime is the
+    gap between its last console line under the source and its first under
+    the target (console.times; one line per 1 ms tick, so the figure
+    includes up to 1 ms of tick).  `--copy` (streaming RAM) is not built yet.
   - linux: our kernel (2 vCPUs, virtio disk and net) snapshotted at its shell
     prompt; restore to the answer of `echo` typed at the console, beside its
     cold boot to the prompt.  Skipped if the guest artefacts are missing
@@ -44,13 +49,16 @@ ARTEFACTS = pathlib.Path(os.environ.get("HV_ARTEFACTS", "/var/cache/pyhv"))
 GUEST = r"""
 #define TOUCH_MIB %d
 #define PRINT_EVERY %d
+#define BUSY %d
 #define LAPIC 0xFEE00000UL
 #define TIMER_VECTOR 0x40
 static inline void outb(unsigned short port, unsigned char v) { __asm__ volatile("outb %%0, %%1" :: "a"(v), "Nd"(port)); }
 static inline void lapic(unsigned reg, unsigned v) { *(volatile unsigned *)(LAPIC + reg) = v; }
 static unsigned long idt[2 * 256] __attribute__((aligned(16)));
+volatile unsigned long ticks;
 void timer_isr(void), spurious_isr(void);
-__asm__(".globl timer_isr\ntimer_isr:\n push %%rax\n mov $0xFEE000B0, %%eax\n movl $0, (%%rax)\n pop %%rax\n iretq\n"
+__asm__(".globl timer_isr\ntimer_isr:\n push %%rax\n incq ticks(%%rip)\n mov $0xFEE000B0, %%eax\n movl $0, (%%rax)\n"
+        " pop %%rax\n iretq\n"
         ".globl spurious_isr\nspurious_isr:\n iretq\n");
 static void gate(int vector, void (*handler)(void)) {
     unsigned long a = (unsigned long)handler;
@@ -72,9 +80,18 @@ long guest_main(long index, long count, long tsc_khz) {
     lapic(0x320, TIMER_VECTOR | 1 << 17);      /* periodic */
     lapic(0x380, 62500);                       /* 1 ms */
     outb(0x3f8, 'T');
-    for (unsigned long tick = 0;; tick++) {
-        __asm__ volatile("sti; hlt; cli");     /* asleep in KVM until the next tick: an idle guest costs no CPU */
-        if (tick %% PRINT_EVERY == 0) {
+    __asm__ volatile("sti");
+    for (unsigned long seen = 0, page = 0;;) {
+        if (BUSY)                              /* dirty its pages while it waits */
+            while (ticks == seen) {
+                ram[page * 4096]++;
+                page = (page + 1) %% (TOUCH_MIB * 256L);
+            }
+        else
+            while (ticks == seen)
+                __asm__ volatile("hlt");       /* asleep in KVM until the next tick: an idle guest costs no CPU */
+        seen = ticks;
+        if (seen %% PRINT_EVERY == 0) {
             outb(0x3f8, '.');
             outb(0x3f8, '\n');               /* a line: console.times gives each one its wall-clock time */
         }
@@ -83,9 +100,10 @@ long guest_main(long index, long count, long tsc_khz) {
 """
 
 
-def image(touch_mib, print_every=1):
-    """The guest, printing a line every `print_every` ticks (1 ms); only its console output costs CPU."""
-    return str(common.guestbuild.build_c(GUEST % (touch_mib, print_every)))
+def image(touch_mib, print_every=1, busy=False):
+    """The guest, printing a line every `print_every` ticks (1 ms); only its console output costs CPU, unless
+    `busy`: then it rewrites its touched pages all the time."""
+    return str(common.guestbuild.build_c(GUEST % (touch_mib, print_every, int(busy))))
 
 
 def console_size(sup, name):
@@ -275,10 +293,46 @@ def linux_rows(b):
             common.row("snapshot", "Linux restored: console answer after restore", answers, "s", ref=ref), ref]
 
 
+def line_times(sup, name):
+    """The wall-clock time of each console line of guest `name` (console.times, proto/console_times.py)."""
+    from pyhv.proto.console_times import RECORD
+    with open(os.path.join(sup.dir, "guests", name, "console.times"), "rb") as f:
+        data = f.read()
+    return [RECORD.unpack_from(data, i)[1] for i in range(0, len(data) - RECORD.size + 1, RECORD.size)]
+
+
+def migration_rows(b, args, reps):
+    """Downtime: the source's last console line to the target's first (the guest prints one every 1 ms)."""
+    target = stress.Supervisor(args, "1")
+    rows = []
+    try:
+        for label, touch, busy in (("256 MiB idle", 0, False), ("256 MiB busy (rewriting 64 MiB)", 64, True)):
+            img = image(touch, busy=busy)
+            down, took = [], []
+            for _ in range(reps):
+                name, _ = b.cold(img, 256 * MiB)
+                wait_console(b.sup, name, lambda d: d.count(b"\n") >= 50)
+                t0 = time.perf_counter()
+                b.request(b.m.Migrate(name, target.dir))
+                took.append((time.perf_counter() - t0) * 1000)
+                wait_console(target, name, lambda d: d.count(b"\n") >= 20)
+                down.append((line_times(target, name)[0] - line_times(b.sup, name)[-1]) * 1000)
+                b.destroy(name)
+                ok(target.pipe.request(b.m.Destroy(name=name, force=True, purge=True)), "Destroy")
+            rows.append(common.row("snapshot", f"migrate {label}: downtime (last line there to first here)", down,
+                                   "ms"))
+            rows.append(common.row("snapshot", f"migrate {label}: migrate request", took, "ms"))
+    finally:
+        target.stop()
+        shutil.rmtree(target.dir, ignore_errors=True)
+    return rows
+
+
 def run(args):
     b = Bench(args)
     try:
-        return raw_rows(b, args.reps or REPS) + clone_rows(b) + linux_rows(b)
+        reps = args.reps or REPS
+        return raw_rows(b, reps) + migration_rows(b, args, reps) + clone_rows(b) + linux_rows(b)
     finally:
         b.close()
 

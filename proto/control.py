@@ -85,6 +85,23 @@ class SnapshotGuest(Message):
     name: str
     dir: str
     stop: bool = False
+    handover: bool = False           # a migration's: state only (RAM stays in the memfd), the guest stays held
+
+
+@CONTROL
+class Migrate(Message):
+    """Move the guest to the supervisor of runtime dir `to` on this machine, its RAM handed over, not copied."""
+    name: str
+    to: str
+    copy: bool = False
+
+
+@CONTROL
+class Immigrate(Message):
+    """Supervisor -> supervisor, on hvctl.sock with the guest's RAM memfd attached: continue the guest whose
+    hand-over state is in `dir` (inside the receiver's runtime dir); reply GuestInfo once its worker runs."""
+    dir: str
+    paused: bool = False
 
 
 @CONTROL

@@ -164,10 +164,12 @@ class Writer:
         except OSError as e:
             raise self._host(e, name) from None
 
-    def commit(self, config):
-        """Write the manifest (last: a snapshot without one is incomplete) and put the directory in place."""
+    def commit(self, config, handover=False):
+        """Write the manifest (last: a snapshot without one is incomplete) and put the directory in place.
+
+        `handover`: a migration's state, whose RAM is the memfd handed over with it (no memory file)."""
         manifest = {"format": FORMAT, "version": f"{VERSION[0]}.{VERSION[1]}", "config": to_plain(config),
-                    "files": self.files}
+                    "files": self.files, **({"handover": True} if handover else {})}
         self._write(MANIFEST, json.dumps(manifest, indent=1).encode())
         try:
             if os.path.isdir(self.path):
@@ -185,7 +187,8 @@ class Writer:
 class Snapshot:
     """A snapshot directory, checked: its manifest, config and state now; its RAM as `load_memory` reads it."""
 
-    def __init__(self, path):
+    def __init__(self, path, handover=False):
+        """With `handover`, also a migration's state (RAM not in the directory: `self.handover` says which)."""
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path):
             raise SnapshotError(f"no snapshot at {path} (not a directory)")
@@ -202,11 +205,14 @@ class Snapshot:
         except Exception as e:
             raise SnapshotError(f"snapshot {path}: bad guest config in {MANIFEST}: {e}") from None
         self.files = _files(manifest.get("files"), path)
-        for name in (STATE, MEMORY):
+        self.handover = manifest.get("handover") is True
+        if self.handover and not handover:
+            raise SnapshotError(f"{path} is a migration's hand-over state, not a snapshot (it holds no RAM)")
+        for name in (STATE,) if self.handover else (STATE, MEMORY):
             if name not in self.files:
                 raise SnapshotError(f"snapshot {path} is incomplete: the manifest lists no {name}")
-        memory = self.files[MEMORY]
-        if memory["size"] != self.config.mem_bytes or "extents" not in memory:
+        memory = self.files.get(MEMORY)
+        if memory is not None and (memory["size"] != self.config.mem_bytes or "extents" not in memory):
             raise SnapshotError(f"snapshot {path}: {MEMORY} is {memory['size']} bytes, the guest has "
                                 f"{self.config.mem_bytes}")
         for name, entry in self.files.items():

@@ -29,6 +29,7 @@ class Guest:
     proc: object = None               # spawn.WorkerProcess while a worker runs (pid, poll, kill, wait)
     starting: bool = False            # a Start is waiting for the zygote's answer
     mem_fd: int | None = None
+    migrated_to: str | None = None    # set once the guest runs under another supervisor: its worker ends here
     restore: tuple | None = None      # (snapshot dir, paused) for the next worker only: its RAM is in mem_fd already
     stop_reason: str | None = None    # set by stop/shutdown: a worker exit then means "stopped", not "failed"
     kill_at: float | None = None      # monotonic time at which the worker gets SIGKILL

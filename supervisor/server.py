@@ -13,6 +13,7 @@ Pause/resume/stop/stats are forwarded to the guest's worker with a timeout.
 """
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -25,7 +26,8 @@ import zmq
 from pyhv.devices.loop import EventLoop
 from pyhv.devices.virtio import kinds
 from pyhv.proto import codec, control as m
-from pyhv.proto.errors import BadState, HostError, HvError, InternalError, PeerFailed, ProtocolError, UserError, from_wire
+from pyhv.proto.errors import (EXIT_STOPPED, BadState, HostError, HvError, InternalError, PeerFailed, ProtocolError,
+                               UserError, from_wire)
 from pyhv.proto.messages import Error, Ok
 from pyhv.proto.runtime import UNIX_PATH_MAX, RuntimeDir
 from pyhv.supervisor import spawn
@@ -37,6 +39,7 @@ from pyhv.supervisor.switches import Switches
 
 TICK = 0.05             # seconds between worker polls
 WORKER_TIMEOUT = 2.0    # a worker that does not answer a request within this is "not responding"
+MIGRATE_TIMEOUT = 60.0    # for the target to start the guest it was handed
 SNAPSHOT_TIMEOUT = 600.0  # a snapshot writes the guest's RAM and disks: seconds per GiB on a slow disk
 STOP_GRACE = 3.0        # seconds a worker gets to exit after Stop before SIGKILL
 SWITCH_WATCH = 0.5      # seconds between checks of the net switch processes
@@ -63,9 +66,11 @@ class Server:
         self._next_switch_watch = 0.0
         self.loop = EventLoop("supervisor")
         self._zygote_fd = None
+        self._fds = []                      # fds that came with the request being handled
         self.handlers = {m.Ping: self.ping, m.Create: self.create, m.Start: self.start,
                          m.Stop: self.stop, m.Pause: self.pause, m.Resume: self.resume, m.CtrlAltDel: self.shutdown,
                          m.Events: self.events, m.SnapshotGuest: self.snapshot, m.RestoreGuest: self.restore,
+                         m.Migrate: self.migrate, m.Immigrate: self.immigrate,
                          m.Destroy: self.destroy, m.List: self.list, m.Info: self.info,
                          m.Wait: self.wait, m.Stats: self.stats}
 
@@ -166,16 +171,20 @@ class Server:
     def _on_seq(self, conn):
         self.loop.remove(conn)
         try:
-            data = conn.recv(codec.MAX_MESSAGE_BYTES + 1)
+            data, fds, _, _ = socket.recv_fds(conn, codec.MAX_MESSAGE_BYTES + 1, 1)
         except OSError:
-            data = b""
+            data, fds = b"", []
         if not data:
+            for fd in fds:
+                os.close(fd)
             conn.close()
             return
-        self._handle(data, conn)
+        self._handle(data, conn, fds)
 
-    def _handle(self, data, envelope):
-        """One request (bytes) from either socket; `envelope` is where its reply goes."""
+    def _handle(self, data, envelope, fds=()):
+        """One request (bytes) from either socket; `envelope` is where its reply goes.  `fds` came with it (only
+        an Immigrate takes one: its guest's RAM; any other is closed)."""
+        self._fds = list(fds)
         try:
             msg = codec.decode(data, m.CONTROL)
             handler = self.handlers.get(type(msg))
@@ -189,6 +198,9 @@ class Server:
         except Exception as e:
             traceback.print_exc()
             reply = Error.of(InternalError(f"supervisor error: {type(e).__name__}: {e}"))
+        for fd in self._fds:           # not taken by the handler
+            os.close(fd)
+        self._fds = []
         if reply is not None:          # None: deferred (wait/stop)
             self._reply(envelope, reply)
 
@@ -257,7 +269,11 @@ class Server:
             self.switches.watch({s for g in self.registry if g.proc is not None for s in kinds.switches(g.config.devices)})
 
     def _finished(self, g, returncode):
-        g.set_state(*spawn.read_outcome(g, returncode))
+        if g.migrated_to is not None:       # its worker was stopped once the guest ran on elsewhere
+            g.set_state("stopped", EXIT_STOPPED, f"migrated to {g.migrated_to}")
+            g.migrated_to = None
+        else:
+            g.set_state(*spawn.read_outcome(g, returncode))
         g.proc, g.kill_at, g.stop_reason = None, None, None
         self.services.guest_ended(g.name)
         spawn.release_memory(g)
@@ -456,6 +472,109 @@ class Server:
             self.registry.remove(g, keep_logs=False)
             raise
 
+    def migrate(self, msg, envelope):
+        """Hand a running (or paused) guest to the supervisor of msg.to on this machine, RAM not copied.
+
+        The worker holds the guest and writes its state (not its RAM) into a dir inside the target's runtime dir;
+        the target gets that and the memfd itself (SCM_RIGHTS on its hvctl.sock) and starts the guest from it.
+        Only once the target's worker runs is ours stopped; if anything fails before, ours resumes (or stays
+        paused) as if nothing happened.
+        """
+        import tempfile
+        g = self.registry.get(msg.name)
+        self._need_state(g, "running", "paused")
+        if msg.copy:
+            raise UserError("migrate --copy (RAM streamed while the guest runs) is not implemented yet; without "
+                            "--copy the guest moves to a supervisor on this machine and its RAM is not copied")
+        target = RuntimeDir(os.path.abspath(msg.to))
+        if os.path.realpath(target.path) == os.path.realpath(self.dir):
+            raise UserError(f"--to: {msg.to} is this supervisor's own runtime dir")
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            conn.connect(target.hvctl_sock)
+            incoming = tempfile.mkdtemp(prefix=f"incoming-{g.name}-", dir=target.path)
+        except OSError as e:
+            conn.close()
+            raise PeerFailed(f"--to: no supervisor is serving {msg.to} ({e.strerror}); start one with "
+                            f"`hvctl --runtime-dir {msg.to} supervisor --detach`") from None
+        was_paused = g.state == "paused"
+        move = _Migration(g, target.path, conn, incoming, was_paused)
+
+        def held(reply):
+            if isinstance(reply, HvError):
+                move.close(self.loop)
+                raise reply
+            try:
+                socket.send_fds(conn, [codec.encode(m.Immigrate(os.path.join(incoming, "state"), was_paused),
+                                                    m.CONTROL)], [g.mem_fd])
+            except OSError as e:
+                return self._migration_failed(move, envelope, f"cannot hand it over: {e.strerror}")
+            move.timer = self.loop.call_at(time.monotonic() + MIGRATE_TIMEOUT,
+                                           lambda: self._migration_failed(move, envelope, "no answer in time"))
+            self.loop.add(conn, lambda: self._migration_answered(move, envelope))
+            move.watched = self.loop
+            return None
+        return self._worker(g, m.SnapshotGuest(g.name, os.path.join(incoming, "state"), handover=True),
+                            m.SnapshotReply, envelope, held, timeout=SNAPSHOT_TIMEOUT)
+
+    def _migration_answered(self, move, envelope):
+        try:
+            reply = codec.decode(move.conn.recv(codec.MAX_MESSAGE_BYTES + 1), m.CONTROL)
+        except (OSError, ProtocolError) as e:
+            return self._migration_failed(move, envelope, f"bad answer: {e}")
+        if not isinstance(reply, m.GuestInfo):
+            why = reply.message if isinstance(reply, Error) else f"unexpected {reply.TYPE}"
+            return self._migration_failed(move, envelope, why)
+        if not move.close(self.loop):
+            return
+        g = move.guest
+        g.migrated_to = move.to             # the guest runs there now: ours ends without its own outcome
+
+        def stopped(r):
+            if g.proc is not None:
+                g.kill_at = time.monotonic() + (0.0 if isinstance(r, HvError) else STOP_GRACE)
+            return reply
+        if g.proc is None:
+            return self._reply(envelope, reply)
+        self._worker(g, m.Stop(g.name), Ok, envelope, stopped)
+
+    def _migration_failed(self, move, envelope, why):
+        """The target did not take the guest: ours goes on as it was."""
+        if not move.close(self.loop):
+            return
+        g = move.guest
+        error = PeerFailed(f"migration of {g.name} to {move.to} failed: {why}; "
+                           f"it {'stays paused' if move.was_paused else 'runs on'} here")
+        if move.was_paused or g.proc is None:
+            return self._reply(envelope, Error.of(error))
+        self._worker(g, m.Resume(g.name), Ok, envelope, lambda r: Error.of(error))
+
+    def immigrate(self, msg, envelope):
+        """A guest handed over by another supervisor (`migrate`): its RAM is the fd that came with the request."""
+        from pyhv.proto.snapshot import Snapshot
+        if len(self._fds) != 1:
+            raise ProtocolError("Immigrate comes on hvctl.sock with one fd: the guest's RAM memfd")
+        if os.path.dirname(os.path.dirname(os.path.realpath(msg.dir))) != os.path.realpath(self.dir):
+            raise UserError(f"a hand-over is taken only from inside {self.dir}, not {msg.dir}")
+        snap = Snapshot(msg.dir, handover=True)
+        config = snap.config
+        if config.name in {g.name for g in self.registry}:
+            raise BadState(f"guest {config.name} already exists under {self.dir}")
+        if os.fstat(self._fds[0]).st_size != config.mem_bytes:
+            raise UserError(f"the RAM handed over is not the {config.mem_bytes >> 20} MiB guest {config.name} has")
+        validate(config, boot_files=False)
+        g = self.registry.add(config)
+        g.mem_fd = self._fds.pop()
+        try:
+            state = g.files.file("handover")
+            shutil.move(snap.path, state)           # ours now, beside the guest's other files
+            g.restore = (state, msg.paused)
+            return self._launch(g, envelope)
+        except BaseException:
+            spawn.release_memory(g)
+            self.registry.remove(g, keep_logs=False)
+            raise
+
     def stop(self, msg, envelope):
         g = self.registry.get(msg.name)
         if g.state == "created":
@@ -551,6 +670,30 @@ class Server:
                 return with_host(stats, None)
             return self._worker(g, m.DeviceStatus(g.name), m.StatsReply, envelope, lambda d: with_host(stats, d))
         return self._worker(g, m.Stats(g.name), m.StatsReply, envelope, counted)
+
+
+class _Migration:
+    """One migration in flight from this supervisor: the guest, where it goes, the connection to its supervisor."""
+
+    def __init__(self, guest, to, conn, incoming, was_paused):
+        self.guest, self.to, self.conn, self.incoming, self.was_paused = guest, to, conn, incoming, was_paused
+        self.timer = None
+        self.watched = None             # the loop the connection is watched in, until the answer
+        self.done = False
+
+    def close(self, loop=None):
+        """Once: stop watching, close the connection, remove our dir (the target moved the state out if it took it).
+        False if it was closed already (the answer and the timeout race)."""
+        if self.done:
+            return False
+        self.done = True
+        if self.watched is not None:
+            self.watched.remove(self.conn)
+        if self.timer is not None and loop is not None:
+            loop.cancel(self.timer)
+        self.conn.close()
+        shutil.rmtree(self.incoming, ignore_errors=True)
+        return True
 
 
 def _moved_nics(config, ports):

@@ -29,15 +29,18 @@ def private_disks(snapshot, config, path_of):
     return config
 
 
-def write_snapshot(machine, config, path):
-    """Write the paused `machine` (of `config`) into `path`; its size in bytes.  Nothing is left on failure."""
+def write_snapshot(machine, config, path, handover=False):
+    """Write the paused `machine` (of `config`) into `path`; its size in bytes.  Nothing is left on failure.
+
+    `handover` (a migration on this machine): the state only; RAM and disks change hands as they are."""
     writer = Writer(path)
     try:
         writer.state(machine.save_state())
-        writer.memory(machine.mem_fd, config.mem_bytes)
-        for device, image in writable_disks(config):
-            writer.disk(device, image)
-        writer.commit(config)
+        if not handover:
+            writer.memory(machine.mem_fd, config.mem_bytes)
+            for device, image in writable_disks(config):
+                writer.disk(device, image)
+        writer.commit(config, handover)
     except BaseException:
         writer.abort()
         raise

@@ -125,7 +125,10 @@ class Worker:
         return Ok()
 
     def snapshot(self, msg):
-        """Hold the guest, write its snapshot, let it go on (or end it with --stop); a failure leaves it as it was."""
+        """Hold the guest, write its snapshot, let it go on (or end it with --stop); a failure leaves it as it was.
+
+        A migration's hand-over (state only) leaves the guest held: the supervisor stops it once the guest runs
+        under its new supervisor, or resumes it if that failed."""
         from pyhv.vcpu_worker.snapshot import write_snapshot
         held = time.monotonic()
         was_paused = self.machine.paused
@@ -133,7 +136,7 @@ class Worker:
             self.machine.resume()
             raise InternalError(f"vCPUs did not stop within {PAUSE_TIMEOUT:g} s; no snapshot taken")
         try:
-            size = write_snapshot(self.machine, self.config, msg.dir)
+            size = write_snapshot(self.machine, self.config, msg.dir, handover=msg.handover)
         except BaseException:
             if not was_paused:
                 self.machine.resume()
@@ -142,6 +145,8 @@ class Worker:
             from pyhv.vcpu_worker.vcpu import Outcome
             self.machine.finish(Outcome(EXIT_STOPPED, "stopped after its snapshot"))
             self.outcome = self.machine.outcome
+        elif msg.handover:
+            self.paused_at = self.paused_at or held
         elif not was_paused:
             self.machine.resume()
         return m.SnapshotReply(msg.dir, size, time.monotonic() - held)
@@ -184,7 +189,7 @@ def serve(config, mem_fd, guest, restore=None, paused=False):
         state = None
         if restore is not None:
             from pyhv.proto.snapshot import Snapshot
-            state = Snapshot(restore).state
+            state = Snapshot(restore, handover=True).state     # RAM: already in the memfd
         machine = Machine(config, mem_fd, console_out, host=guest, launcher=launcher, restore=state,
                           paused=paused and state is not None)
     except HvError as e:

@@ -1,4 +1,4 @@
-"""Guest state commands: snapshot (a guest's complete state into a directory) and restore (a guest from one)."""
+"""Guest state commands: snapshot (a guest's complete state into a directory), restore (a guest from one), migrate."""
 import os
 
 from pyhv.proto import control as m
@@ -7,6 +7,7 @@ from pyhv.supervisor.cli.client import request
 
 SNAPSHOT_TIMEOUT = 660.0        # the supervisor gives the worker 600 s to write it
 RESTORE_TIMEOUT = 120.0
+MIGRATE_TIMEOUT = 720.0         # the hand-over (the supervisor's 600 s) and the target's start (60 s)
 
 
 def cmd_snapshot(args):
@@ -25,6 +26,13 @@ def cmd_restore(args):
     return EXIT_OK
 
 
+def cmd_migrate(args):
+    """Move NAME to the supervisor of --to (same machine): its RAM changes hands, it is held only meanwhile."""
+    request(args, m.Migrate(args.name, os.path.abspath(args.to), copy=args.copy), timeout=MIGRATE_TIMEOUT)
+    print(f"{args.name} now runs under {os.path.abspath(args.to)}")
+    return EXIT_OK
+
+
 def add_commands(add):
     snap = add("snapshot", cmd_snapshot, "write a guest's complete state into DIR (new or empty); it runs on",
                "name", "dir")
@@ -35,3 +43,6 @@ def add_commands(add):
     restore.add_argument("--net", action="append", default=[], metavar="tap:IFNAME|switch:NAME",
                          help="put the guest's next NIC on this port instead (repeatable, in NIC order; "
                               "its MAC stays what the guest knows)")
+    mig = add("migrate", cmd_migrate, "move a running guest to the supervisor of another runtime dir", "name")
+    mig.add_argument("--to", required=True, metavar="RUNTIME_DIR", help="the runtime dir of the supervisor to move to")
+    mig.add_argument("--copy", action="store_true", help="stream RAM while the guest runs (not implemented yet)")

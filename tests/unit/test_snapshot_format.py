@@ -135,3 +135,15 @@ def test_a_disk_image_is_copied_sparsely_and_checked(tmp_path):
     with pytest.raises(S.SnapshotError, match="disk-blk0 does not match"):
         s.copy_disk("blk0", str(tmp_path / "copy2.img"))
     assert not (tmp_path / "copy2.img").exists()
+
+
+def test_a_hand_over_has_no_ram_and_is_no_snapshot(tmp_path):
+    w = S.Writer(str(tmp_path / "h"))
+    w.state(STATE)
+    w.commit(CONFIG, handover=True)
+    assert sorted(os.listdir(tmp_path / "h")) == ["manifest.json", "state.msgpack"]
+    with pytest.raises(S.SnapshotError, match="hand-over state, not a snapshot"):
+        S.Snapshot(str(tmp_path / "h"))
+    h = S.Snapshot(str(tmp_path / "h"), handover=True)
+    assert h.handover and h.state == STATE
+    assert not S.Snapshot(write(str(tmp_path / "s")), handover=True).handover
