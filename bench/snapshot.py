@@ -4,7 +4,8 @@ One supervisor (zygote on) on a fresh runtime dir; everything goes through
 the Python API (pyhv.Client), so no hvctl start-up is in the figures.
 The raw guest (raw64, C) first writes one byte to each page of TOUCH MiB of
 its RAM, prints "T", then sleeps in HLT between the ticks of its LAPIC timer
-(1 ms, periodic) and prints "." after each: idle, yet it shows at once
+(1 ms, periodic; 10 ms for the clones, as Linux's HZ=100) and prints a
+line after each (every 25th for the clones): idle, yet it shows at once
 whether it runs (and that its LAPIC timer survived the snapshot).
   - snapshot: of a 128 MiB and a 1 GiB guest that touched nothing, and of a
     1 GiB guest that touched half its RAM (512 MiB): how long the guest was
@@ -50,6 +51,7 @@ GUEST = r"""
 #define TOUCH_MIB %d
 #define PRINT_EVERY %d
 #define BUSY %d
+#define TICK_US %d
 #define LAPIC 0xFEE00000UL
 #define TIMER_VECTOR 0x40
 static inline void outb(unsigned short port, unsigned char v) { __asm__ volatile("outb %%0, %%1" :: "a"(v), "Nd"(port)); }
@@ -78,7 +80,7 @@ long guest_main(long index, long count, long tsc_khz) {
     lapic(0xF0, 0x1FF);                        /* software-enable, spurious vector 0xFF */
     lapic(0x3E0, 0x3);                         /* divide by 16: 62.5 MHz on KVM's 1 GHz APIC bus */
     lapic(0x320, TIMER_VECTOR | 1 << 17);      /* periodic */
-    lapic(0x380, 62500);                       /* 1 ms */
+    lapic(0x380, 62 * TICK_US + TICK_US / 2);  /* 62.5 counts per microsecond */
     outb(0x3f8, 'T');
     __asm__ volatile("sti");
     for (unsigned long seen = 0, page = 0;;) {
@@ -100,10 +102,10 @@ long guest_main(long index, long count, long tsc_khz) {
 """
 
 
-def image(touch_mib, print_every=1, busy=False):
-    """The guest, printing a line every `print_every` ticks (1 ms); only its console output costs CPU, unless
-    `busy`: then it rewrites its touched pages all the time."""
-    return str(common.guestbuild.build_c(GUEST % (touch_mib, print_every, int(busy))))
+def image(touch_mib, print_every=1, busy=False, tick_us=1000):
+    """The guest, printing a line every `print_every` ticks of `tick_us`; its ticks and console output cost
+    CPU, nothing else does unless `busy`: then it rewrites its touched pages all the time."""
+    return str(common.guestbuild.build_c(GUEST % (touch_mib, print_every, int(busy), tick_us)))
 
 
 def console_size(sup, name):
@@ -224,7 +226,8 @@ def raw_rows(b, reps):
 
 def clone_rows(b, counts=(20, 100)):
     rows = []
-    img = image(0, print_every=250)          # 100 clones of the 1 ms printer would be 200,000 exits/s
+    img = image(0, print_every=25, tick_us=10_000)   # Linux's HZ=100 tick, a line every 250 ms: 100 clones of
+    #                                                 the 1 ms printer would be 100,000 wake-ups and 200,000 exits/s
     src, _ = b.cold(img, 128 * MiB)
     path, _, _ = b.snapshot(src, stop=True)
     for n in counts:
