@@ -457,16 +457,19 @@ class Server:
         except BaseException:
             os.close(mem_fd)
             raise
-        try:
+        g.mem_fd = mem_fd
+
+        def start():
             g.config = private_disks(snap, config, lambda device: g.files.file(f"disk-{device}"))
             g.save()
-        except BaseException:
-            os.close(mem_fd)
-            self.registry.remove(g, keep_logs=False)
-            raise
-        g.mem_fd, g.restore = mem_fd, (snap.path, msg.paused)
-        try:
+            g.restore = (snap.path, msg.paused)
             return self._launch(g, envelope)
+        return self._forget_on_failure(g, start)
+
+    def _forget_on_failure(self, g, start):
+        """The rest of a restore or hand-over, `start()`; if it raises, guest g (just added) is forgotten again."""
+        try:
+            return start()
         except BaseException:
             spawn.release_memory(g)
             self.registry.remove(g, keep_logs=False)
@@ -565,15 +568,13 @@ class Server:
         validate(config, boot_files=False)
         g = self.registry.add(config)
         g.mem_fd = self._fds.pop()
-        try:
+
+        def start():
             state = g.files.file("handover")
             shutil.move(snap.path, state)           # ours now, beside the guest's other files
             g.restore = (state, msg.paused)
             return self._launch(g, envelope)
-        except BaseException:
-            spawn.release_memory(g)
-            self.registry.remove(g, keep_logs=False)
-            raise
+        return self._forget_on_failure(g, start)
 
     def stop(self, msg, envelope):
         g = self.registry.get(msg.name)

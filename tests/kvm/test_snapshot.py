@@ -194,3 +194,26 @@ def test_a_failed_snapshot_leaves_the_guest_running_and_nothing_behind(sup, coun
     sup.hvctl("create", "idle", "--boot", "raw64", "--kernel", counter, check=0)
     r = sup.hvctl("snapshot", "idle", os.path.join(snapdir, "idle"))
     assert r.returncode == 1 and "created" in r.stderr
+
+
+def test_each_clone_gets_its_own_copy_of_a_writable_disk(sup, counter, snapdir, tmp_path):
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(1 << 20)
+        f.write(b"snapshot-time data")
+    start_counting(sup, "src", counter, "--disk", str(disk))
+    snap = os.path.join(snapdir, "s")
+    sup.hvctl("snapshot", "src", snap, "--stop", check=0)
+    with open(disk, "r+b") as f:                   # changed after the snapshot: clones must not see it
+        f.seek(1 << 20)
+        f.write(b"later")
+    for name in ("k1", "k2"):
+        sup.hvctl("restore", snap, "--name", name, check=0)
+        path = sup.info(name)["config"]["devices"][0]["options"]["path"]
+        assert path == os.path.join(sup.dir, "guests", name, "disk-virtio-blk0")
+        with open(path, "rb") as f:
+            f.seek(1 << 20)
+            assert f.read(18) == b"snapshot-time data"
+        assert os.stat(path).st_blocks * 512 < 1 << 20         # sparse, like the original
+        assert sup.hvctl("wait", name, timeout=60).returncode == 0
