@@ -46,9 +46,12 @@ class Supervisor:
             time.sleep(0.05)
 
     def alive(self):
+        """Both its sockets answer (hvctl.sock is bound after control.sock)."""
         try:
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(os.path.join(self.dir, "control.sock"))
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.connect(os.path.join(self.dir, "hvctl.sock"))
             return True
         except OSError:
             return False
