@@ -537,9 +537,7 @@ class Server:
             if g.proc is not None:
                 g.kill_at = time.monotonic() + (0.0 if isinstance(r, HvError) else STOP_GRACE)
             return reply
-        if g.proc is None:
-            return self._reply(envelope, reply)
-        self._worker(g, m.Stop(g.name), Ok, envelope, stopped)
+        self._worker_or(g, m.Stop(g.name), envelope, stopped)
 
     def _migration_failed(self, move, envelope, why):
         """The target did not take the guest: ours goes on as it was."""
@@ -548,9 +546,16 @@ class Server:
         g = move.guest
         error = PeerFailed(f"migration of {g.name} to {move.to} failed: {why}; "
                            f"it {'stays paused' if move.was_paused else 'runs on'} here")
-        if move.was_paused or g.proc is None:
+        if move.was_paused:
             return self._reply(envelope, Error.of(error))
-        self._worker(g, m.Resume(g.name), Ok, envelope, lambda r: Error.of(error))
+        self._worker_or(g, m.Resume(g.name), envelope, lambda r: Error.of(error))
+
+    def _worker_or(self, g, msg, envelope, then):
+        """`_worker` (expecting Ok) from a loop callback: a worker that has just gone is `then`'s HvError too."""
+        try:
+            self._worker(g, msg, Ok, envelope, then)
+        except HvError as e:
+            self._reply(envelope, then(e))
 
     def immigrate(self, msg, envelope):
         """A guest handed over by another supervisor (`migrate`): its RAM is the fd that came with the request."""
