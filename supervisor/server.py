@@ -278,8 +278,9 @@ class Server:
         self.services.guest_ended(g.name)
         spawn.release_memory(g)
         info = g.info()
-        for envelope in g.waiters:
-            self._reply(envelope, info)
+        for waiter in g.waiters:            # an envelope (answered with the record), or (envelope, reply)
+            envelope, reply = waiter if isinstance(waiter, tuple) else (waiter, info)
+            self._reply(envelope, reply)
         g.waiters.clear()
 
     def _kill_now(self, g, reason):
@@ -421,13 +422,19 @@ class Server:
         check_target(msg.dir)
         if msg.stop:
             g.stop_reason = "stopped after its snapshot"
-        return self._worker(g, msg, m.SnapshotReply, envelope, lambda r: self._snapshotted(g, r),
+        return self._worker(g, msg, m.SnapshotReply, envelope, lambda r: self._snapshotted(g, r, msg.stop, envelope),
                             timeout=SNAPSHOT_TIMEOUT)
 
-    def _snapshotted(self, g, reply):
+    def _snapshotted(self, g, reply, stop, envelope):
+        """The worker's answer; with --stop it is given once the worker has gone (as Stop's is), so the
+        guest is `stopped` by the time the client hears."""
         if isinstance(reply, HvError):
             g.stop_reason = None
             raise reply
+        if stop and g.proc is not None:
+            g.waiters.append((envelope, reply))
+            g.kill_at = time.monotonic() + STOP_GRACE
+            return None
         return reply
 
     def restore(self, msg, envelope):
@@ -533,10 +540,12 @@ class Server:
         g = move.guest
         g.migrated_to = move.to             # the guest runs there now: ours ends without its own outcome
 
-        def stopped(r):
-            if g.proc is not None:
-                g.kill_at = time.monotonic() + (0.0 if isinstance(r, HvError) else STOP_GRACE)
-            return reply
+        def stopped(r):                     # answered once our worker has gone: the guest is `stopped` here then
+            if g.proc is None:
+                return reply
+            g.kill_at = time.monotonic() + (0.0 if isinstance(r, HvError) else STOP_GRACE)
+            g.waiters.append((envelope, reply))
+            return None
         self._worker_or(g, m.Stop(g.name), envelope, stopped)
 
     def _migration_failed(self, move, envelope, why):
