@@ -170,7 +170,7 @@ class Client:
         for key, kind in DEVICE_KEYWORDS.items():
             if key in options:
                 devices[kind] = options.pop(key)
-        for kind in KINDS:
+        for kind in (k.name for k in KINDS.values() if k.own_option):
             if kind in options:
                 devices[kind] = options.pop(kind)
         for key in ("mem", "vcpus", "timeout", "load_addr"):

@@ -1,4 +1,4 @@
-"""Device services of supervised guests: started here at their worker's request, reaped and logged here.
+"""Device services and plugin processes of supervised guests: started here at their worker's request, reaped here.
 
 A worker asks on RUNTIME/services.sock (unix SEQPACKET, one SpawnService per
 connection with its fds in SCM_RIGHTS, vcpu_worker/launchers.py).  A request
@@ -6,7 +6,8 @@ is served only if its sender is the running worker of the guest it names
 (SO_PEERCRED) and the device it names is one of that guest's; what the
 service does (its kind, options, endpoints, memory size) comes from the
 supervisor's own copy of the guest's config, never from the request, and the
-fds must be exactly the ones the device's roles need.  The service starts in
+fds must be exactly the ones the device's roles need.  A SpawnPlugin is
+checked the same way: the plugin it names must be in the guest's config.  The service starts in
 its own session with the guest's worker log as stderr; the reply carries its
 pid and a pidfd.  Its exit status goes to the supervisor's log.  Services
 also exit by themselves when their worker dies (the lifeline pipe), and
@@ -19,13 +20,13 @@ import subprocess
 import sys
 
 from pyhv.devices.virtio import kinds
-from pyhv.proto import codec, device_service as ds, runtime
+from pyhv.proto import codec, device_service as ds, plugin as pw, runtime
 from pyhv.proto.errors import HvError, UserError
 from pyhv.proto.messages import Error
-from pyhv.vcpu_worker.launchers import service_command
+from pyhv.vcpu_worker.launchers import plugin_command, plugin_process, service_command
 
 MAX_REQUEST = 64 << 10
-MAX_FDS = 64
+MAX_FDS = 96                    # a plugin of a 64-vCPU guest: 66
 
 
 class ServiceLauncher:
@@ -63,8 +64,9 @@ class ServiceLauncher:
             data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
             reply_fds = []
             try:
-                msg = codec.decode(data, ds.SPAWN, expect=ds.SpawnService)
-                pid, pidfd = self._spawn(conn, msg, fds)
+                msg = codec.decode(data, ds.SPAWN, expect=(ds.SpawnService, pw.SpawnPlugin))
+                spawn = self._spawn_plugin if isinstance(msg, pw.SpawnPlugin) else self._spawn
+                pid, pidfd = spawn(conn, msg, fds)
                 reply, reply_fds = ds.ServiceSpawned(pid), [pidfd]
             except (HvError, OSError) as e:
                 self.refused += 1
@@ -83,20 +85,33 @@ class ServiceLauncher:
 
     def _spawn(self, conn, msg, fds):
         g = self._guest_of(conn, msg.guest)
-        names = {name: kind for name, kind, _ in kinds.named(g.config.devices)}
+        names = {name: (kind, spec) for name, kind, spec in kinds.named(g.config.devices)}
         if msg.device not in names:
             raise UserError(f"guest {g.name} has no device {msg.device!r}")
-        nq = names[msg.device].model_class().num_queues
+        kind, spec = names[msg.device]
+        nq = kind.num_queues(spec.options)
         if msg.fds != ds.ServiceFds.positions(nq, nq + 1) or len(fds) != 2 + 2 * nq + 1:
             raise UserError(f"{len(fds)} fds in the wrong roles for {msg.device} ({nq} queues)")
         if not 1 <= msg.incarnation <= 1 << 20:
             raise UserError(f"bad incarnation {msg.incarnation}")
         theirs = msg.fds.renumbered(fds)
         spec = kinds.service_spec(g.config.devices, msg.device, g.files, g.config.mem_bytes, msg.incarnation, theirs)
+        return self._popen(g, service_command(spec), fds)
+
+    def _spawn_plugin(self, conn, msg, fds):
+        g = self._guest_of(conn, msg.guest)
+        if not 0 <= msg.index < len(g.config.plugins):
+            raise UserError(f"guest {g.name} has no plugin {msg.index}")
+        if not 1 <= len(msg.fds.sockets) <= g.config.vcpus or msg.fds != pw.PluginFds.positions(len(msg.fds.sockets)) \
+                or len(fds) != 2 + len(msg.fds.sockets):
+            raise UserError(f"{len(fds)} fds in the wrong roles for plugin {msg.index}")
+        proc = plugin_process(g.config, msg.index, g.config.mem_bytes, msg.fds.renumbered(fds))
+        return self._popen(g, plugin_command(proc), fds)
+
+    def _popen(self, g, argv, fds):
         with open(g.files.worker_log, "ab") as log:
-            p = subprocess.Popen(service_command(spec), pass_fds=fds, start_new_session=True, cwd="/",
-                                 env=runtime.child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=log)
+            p = subprocess.Popen(argv, pass_fds=fds, start_new_session=True, cwd="/", env=runtime.child_env(),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         self.procs.setdefault(g.name, []).append(p)
         self.started += 1
         return p.pid, os.pidfd_open(p.pid)

@@ -1,4 +1,4 @@
-"""How a guest's helper processes start: device services (by this worker, or by the supervisor) and net switches.
+"""How a guest's helper processes start: device services and plugins (by this worker, or by the supervisor), switches.
 
 Supervised guests have their services started by the supervisor, which
 spawns and watches every process of a guest.  The worker still owns the fds
@@ -10,7 +10,8 @@ guest's config (supervisor/services.py).  `hvctl run` uses LocalLauncher: the
 same ServiceSpec, built here, for a child of this process.  Either way the
 proxy (devices/virtio/proxy.py) gets a ServiceProcess it watches and signals
 through a pidfd (no pid-reuse race), and binds the endpoints `endpoints()`
-names.
+names.  Device plugins (devices/plugin/) start the same two ways, from a
+PluginProcess and a SpawnPlugin.
 """
 import base64
 import os
@@ -22,7 +23,7 @@ import time
 
 from pyhv.devices.net.switch import ALREADY_SERVED
 from pyhv.devices.virtio import kinds
-from pyhv.proto import codec, device_service as ds, runtime
+from pyhv.proto import codec, device_service as ds, plugin as pw, runtime
 from pyhv.proto.errors import PeerFailed, ProtocolError
 from pyhv.proto.messages import Error
 
@@ -34,6 +35,17 @@ def service_command(spec):
     """The argv of a device-service process for `spec`."""
     return runtime.python_module("devices.virtio.service") + [
         "--spec", base64.b64encode(codec.encode(spec, ds.SPEC)).decode()]
+
+
+def plugin_command(proc):
+    """The argv of the process of a device plugin (a PluginProcess)."""
+    return runtime.python_module("devices.plugin.host") + [
+        "--spec", base64.b64encode(codec.encode(proc, pw.PLUGIN_SPEC)).decode()]
+
+
+def plugin_process(config, index, mem_size, fds):
+    """The PluginProcess of plugin `index` of `config`, with `fds` (PluginFds as the process will see them)."""
+    return pw.PluginProcess(config.plugins[index], pw.device_name(index), mem_size, fds)
 
 
 def switch_command(runtime_dir, name, idle_exit=0.0):
@@ -72,10 +84,10 @@ def ensure_switch(runtime_dir, name, idle_exit=15.0):
 
 
 class ServiceProcess:
-    """A device service, watched and signalled through its pidfd (whoever its parent is)."""
+    """A device service or plugin process, watched and signalled through its pidfd (whoever its parent is)."""
 
-    def __init__(self, pid, pidfd, popen=None):
-        self.pid, self.pidfd, self.popen = pid, pidfd, popen
+    def __init__(self, pid, pidfd, popen=None, what="service"):
+        self.pid, self.pidfd, self.popen, self.what = pid, pidfd, popen, what
         self.returncode = None          # ours: the exit status; someone else's child: "exited"
 
     def poll(self):
@@ -106,15 +118,15 @@ class ServiceProcess:
             pass                        # gone already
 
     def describe_exit(self):
-        rc = self.returncode
+        rc, who = self.returncode, f"{self.what} pid {self.pid}"
         if rc == "exited":
-            return f"service pid {self.pid} ended (its exit status is in the supervisor's log)"
+            return f"{who} ended (its exit status is in the supervisor's log)"
         if rc is not None and rc < 0:
             try:
-                return f"service pid {self.pid} killed by {signal.Signals(-rc).name}"
+                return f"{who} killed by {signal.Signals(-rc).name}"
             except ValueError:
-                return f"service pid {self.pid} killed by signal {-rc}"
-        return f"service pid {self.pid} exited with status {rc}"
+                return f"{who} killed by signal {-rc}"
+        return f"{who} exited with status {rc}"
 
     def close(self):
         if self.pidfd is not None:
@@ -134,9 +146,17 @@ class LocalLauncher:
 
     def start(self, device, incarnation, fds):
         spec = kinds.service_spec(self.config.devices, device, self.host, self.config.mem_bytes, incarnation, fds)
-        p = subprocess.Popen(service_command(spec), pass_fds=fds.all(), start_new_session=True,
-                             env=runtime.child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        return ServiceProcess(p.pid, os.pidfd_open(p.pid), p)
+        return self._popen(service_command(spec), fds.all(), "service")
+
+    def start_plugin(self, index, fds):
+        proc = plugin_process(self.config, index, self.config.mem_bytes, fds)
+        return self._popen(plugin_command(proc), fds.all(), "plugin process")
+
+    @staticmethod
+    def _popen(argv, fds, what):
+        p = subprocess.Popen(argv, pass_fds=fds, start_new_session=True, cwd="/", env=runtime.child_env(),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        return ServiceProcess(p.pid, os.pidfd_open(p.pid), p, what)
 
 
 class SupervisorLauncher:
@@ -151,21 +171,28 @@ class SupervisorLauncher:
 
     def start(self, device, incarnation, fds):
         msg = ds.SpawnService(self.guest, device, incarnation, ds.ServiceFds.positions(len(fds.notify), len(fds.irq)))
+        return self._ask(msg, fds.all(), "service")
+
+    def start_plugin(self, index, fds):
+        return self._ask(pw.SpawnPlugin(self.guest, index, pw.PluginFds.positions(len(fds.sockets))), fds.all(),
+                         "plugin process")
+
+    def _ask(self, msg, fds, what):
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
             s.settimeout(self.timeout)
             try:
                 s.connect(self.sock_path)
-                socket.send_fds(s, [codec.encode(msg, ds.SPAWN)], fds.all())
+                socket.send_fds(s, [codec.encode(msg, ds.SPAWN)], fds)
                 data, got, _, _ = socket.recv_fds(s, REPLY_BYTES, 1, socket.MSG_CMSG_CLOEXEC)
             except OSError as e:
-                raise PeerFailed(f"the supervisor did not start the service: {e}") from None
+                raise PeerFailed(f"the supervisor did not start the {what}: {e}") from None
         try:
             reply = codec.decode(data, ds.SPAWN, expect=(ds.ServiceSpawned, Error))
             if isinstance(reply, Error) or len(got) != 1:
-                raise PeerFailed(f"the supervisor refused to start the service: "
+                raise PeerFailed(f"the supervisor refused to start the {what}: "
                                  f"{reply.message if isinstance(reply, Error) else 'no pidfd in its reply'}")
         except (ProtocolError, PeerFailed) as e:
             for fd in got:
                 os.close(fd)
             raise PeerFailed(str(e)) from None
-        return ServiceProcess(reply.pid, got[0])
+        return ServiceProcess(reply.pid, got[0], what=what)

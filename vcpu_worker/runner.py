@@ -58,7 +58,7 @@ class Foreground:
             self.host = runtime.PrivateDir()
             config = private_disks(snapshot, config, lambda device: self.host.file(f"disk-{device}"))
         self.config = config
-        if config.devices:
+        if config.devices or config.plugins:
             from pyhv.devices.virtio import kinds
             from pyhv.proto import runtime
             from pyhv.vcpu_worker.launchers import LocalLauncher, ensure_switch

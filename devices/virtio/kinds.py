@@ -16,7 +16,7 @@ import re
 
 from pyhv.proto.device_service import ServiceSpec
 from pyhv.proto.errors import UserError
-from pyhv.proto.guest import DeviceSpec, format_mac, parse_mac
+from pyhv.proto.guest import DeviceSpec, PluginSpec, check_plugin_source, format_mac, parse_mac
 
 IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")        # Linux IFNAMSIZ - 1
 SWITCH_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
@@ -25,6 +25,7 @@ SWITCH_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 class Kind:
     name = ""                 # DeviceSpec.kind
     flag = ""                 # its hvctl run/create option
+    own_option = True         # False: another option makes its specs (--device, for virtio plugins)
     metavar = None            # None: a switch that takes no value
     help = ""
     max_count = 1
@@ -65,6 +66,10 @@ class Kind:
     def model_class(self):
         module, _, cls = self.model.partition(":")
         return getattr(importlib.import_module(module), cls)
+
+    def num_queues(self, options):
+        """How many virtqueues a device of this kind with these options has (its eventfds are made before it runs)."""
+        return self.model_class().num_queues
 
     def build(self, options):
         """The model, in the process that runs it, from service_options()."""
@@ -206,7 +211,70 @@ class Net(Kind):
         return model
 
 
-KINDS = {k.name: k for k in (Rng(), Blk(), Console(), Net())}   # also the PCI slot order of a guest's devices
+class Plugin(Kind):
+    """A user's virtio device model (`--device MODULE:CLASS` naming a VirtioDevice subclass, docs/plugins.md).
+
+    Its spec carries where the class is, the options it is built with (as `arg.KEY`) and its queue count, which
+    supervisor/config.py learnt by loading it once in a process of its own: the worker makes the device's
+    eventfds from it and never imports the user's code; the service that does checks the count again.
+    """
+    name, flag, max_count, own_option = "plugin", "--device", 8, False
+    help = "a virtio device model of your own: --device MODULE:CLASS naming a VirtioDevice subclass"
+    service_options_needed = ("module", "class", "queues")
+    ARG = "arg."
+
+    @classmethod
+    def spec(cls, plugin, queues):
+        """The DeviceSpec of virtio plugin `plugin` (a PluginSpec) with `queues` virtqueues."""
+        options = {"module": plugin.module, "class": plugin.cls, "queues": str(queues),
+                   **({"path": plugin.path} if plugin.path else {}),
+                   **{cls.ARG + k: v for k, v in plugin.options.items()}}
+        return DeviceSpec(cls.name, options)
+
+    @classmethod
+    def plugin(cls, options):
+        """The PluginSpec a spec's options name."""
+        return PluginSpec(options["module"], options["class"], path=options.get("path"),
+                          options={k[len(cls.ARG):]: v for k, v in options.items() if k.startswith(cls.ARG)})
+
+    def validate(self, options):
+        fixed = {"module", "class", "queues", "path"}
+        extra = [k for k in options if k not in fixed and not k.startswith(self.ARG)]
+        if extra:
+            raise UserError(f"--device: unknown option {extra[0]!r} in a virtio plugin's spec")
+        if not all(isinstance(options.get(k), str) for k in ("module", "class", "queues")):
+            raise UserError("--device: a virtio plugin needs module, class and queues")
+        if not options["queues"].isdigit() or not 1 <= int(options["queues"]) <= 64:
+            raise UserError(f"--device: a virtio plugin's queues must be 1-64, not {options['queues']!r}")
+        p = self.plugin(options)
+        check_plugin_source(p.module, p.cls, p.options, p.path)
+
+    def check_host(self, options):
+        if options["module"].endswith(".py") and not os.path.isfile(options["module"]):
+            raise UserError(f"--device: no such plugin file: {options['module']}")
+
+    def describe(self, options):
+        return f"{options['module']}:{options['class']} (virtio plugin)"
+
+    def num_queues(self, options):
+        return int(options["queues"])
+
+    def build(self, options):
+        from pyhv.devices.plugin.loader import PluginError, load, virtio_queues
+        from pyhv.devices.virtio.device import VirtioDevice
+        spec = self.plugin(options)
+        model = load(spec)
+        if not isinstance(model, VirtioDevice):
+            raise PluginError(f"{spec.what}: {spec.cls} is no longer a VirtioDevice; create the guest again")
+        n = virtio_queues(model, spec.what)
+        if n != self.num_queues(options):
+            model.close()
+            raise PluginError(f"{spec.what}: {spec.cls} now has {n} queues, not {options['queues']} as when the "
+                              f"guest was created; create the guest again")
+        return model
+
+
+KINDS = {k.name: k for k in (Rng(), Blk(), Console(), Net(), Plugin())}   # also the PCI slot order of devices
 
 
 def kind(name):

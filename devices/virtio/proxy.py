@@ -96,7 +96,7 @@ class ServiceProxy(VirtioDevice):
         try:
             self._start()
             d = self._description
-            nq = kind.model_class().num_queues
+            nq = len(eventfds.notify)
             if d.num_queues != nq or len(d.queue_max_sizes) != nq:
                 raise ServiceGone(f"{name} service describes {d.num_queues} queues, expected {nq}")
         except BaseException:

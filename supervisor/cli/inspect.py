@@ -38,6 +38,7 @@ def cmd_info(args):
             ("vcpus", c.vcpus), ("timeout", "-" if c.timeout is None else f"{c.timeout:g} s"),
             ("pin", ",".join(map(str, c.pin)) or "-"), ("console log", g.console_log),
             *((device_kind(d.kind).flag.lstrip("-"), device_kind(d.kind).describe(d.options)) for d in c.devices),
+            *(("device", p.describe()) for p in c.plugins),
             ("compat", compat["name"]),
             *((f"  {kind}", item) for kind in ("cpuid_masks", "kernel_args", "fixups") for item in compat[kind]),
             *(("device", _device_line(name, d)) for name, d in g.devices.items())]

@@ -74,7 +74,8 @@ def _restored(args):
     from pyhv.proto.guest import check
     from pyhv.proto.snapshot import Snapshot
     given = [o for o in GUEST_OPTIONS if getattr(args, o) is not None] + \
-        [KINDS[k].flag[2:] for k in KINDS if getattr(args, f"device_{k}")]
+        [k.flag[2:] for k in KINDS.values() if k.own_option and getattr(args, f"device_{k.name}")] + \
+        (["device"] if args.plugins else [])
     if given or args.boot != "linux":
         raise UserError(f"--restore: the guest comes from the snapshot; give no --{(given or ['boot'])[0]} "
                         f"(only --timeout)")

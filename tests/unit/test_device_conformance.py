@@ -19,8 +19,9 @@ from pyhv.devices.virtio.proxy import ServiceProxy
 from pyhv.proto import runtime
 from pyhv.proto.device_service import DeviceHealth, DeviceState, QueueConfig
 from pyhv.proto.errors import HvError, UserError
-from pyhv.proto.guest import DeviceSpec, GuestConfig
+from pyhv.proto.guest import DeviceSpec, GuestConfig, PluginSpec
 from pyhv.vcpu_worker.launchers import LocalLauncher
+from hv import REPO
 from ringdriver import RingDriver
 
 RAM = 16 << 20
@@ -48,6 +49,9 @@ def options_for(kind, tmp_path):
         return {"path": str(img)}
     if kind == "net":
         return {"port": "switch:conformance", "mac": "52:54:00:12:34:56"}
+    if kind == "plugin":        # the example virtio plugin, as `--device` makes it
+        example = PluginSpec(str(REPO / "examples" / "plugins" / "seeded_rng.py"), "SeededRng", {"seed": "7"})
+        return kinds.Plugin.spec(example, 1).options
     return {}
 
 
@@ -56,7 +60,7 @@ BUF = 0x100000
 
 def post_request(kind_name, mem, drv):
     """One request on queue 0 that the kind serves without host input (None for receive-first kinds)."""
-    if kind_name == "rng":
+    if kind_name in ("rng", "plugin"):
         return drv.post([(BUF, 64, True)])
     if kind_name == "blk":
         mem.write(BUF, struct.pack("<IIQ", 0, 0, 1))
@@ -85,8 +89,7 @@ def build(kind_name, where, guest, host, tmp_path):
     """(device, eventfds, cleanup) for a kind, its model here or behind a ServiceProxy."""
     kind = kinds.kind(kind_name)
     options = options_for(kind_name, tmp_path)
-    nq = kind.model_class().num_queues
-    eventfds = Eventfds.create(nq)
+    eventfds = Eventfds.create(kind.num_queues(options))
     if where == "here":
         dev = kind.build_checked(kind.service_options(options, host))
     else:

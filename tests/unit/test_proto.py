@@ -3,15 +3,16 @@ import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pyhv.proto import codec, control as m, device_service as ds, errors
+from pyhv.proto import codec, control as m, device_service as ds, errors, plugin as pw
 from pyhv.proto.control import CONTROL
 from pyhv.proto.errors import ProtocolError
-from pyhv.proto.guest import GUEST, DeviceSpec, GuestConfig
+from pyhv.proto.guest import GUEST, DeviceSpec, GuestConfig, PluginRange, PluginSpec
 from pyhv.proto.messages import Error, Ok, to_plain
 
 CONFIG = GuestConfig(name="g1", kernel="/k", boot="raw16", load_addr=0x7C00, initrd=None,
                      cmdline="console=ttyS0", mem_bytes=64 << 20, vcpus=2, timeout=1.5,
-                     devices=[DeviceSpec("blk", {"path": "/d"}), DeviceSpec("rng")])
+                     devices=[DeviceSpec("blk", {"path": "/d"}), DeviceSpec("rng")],
+                     plugins=[PluginSpec("/p/dev.py", "Dev", {"base": "0x300"}, pio=[PluginRange(0x300, 8)], irq=5)])
 INFO = m.GuestInfo(name="g1", state="stopped", vcpus=2, mem_bytes=64 << 20, exit_status=7,
                    reason="guest wrote 7", pids={"worker": 123}, config=CONFIG,
                    console_log="/r/console.log", console_sock="/r/console.sock")
@@ -26,7 +27,7 @@ SAMPLES = [
     m.StatsReply({"vcpus": [{"index": 0, "exits": {"IO": 3}}], "x": None, "f": 1.5}),
 ]
 SPAWN_SAMPLES = [ds.SpawnService("g1", "virtio-rng", 1, ds.ServiceFds.positions(1, 2)), ds.ServiceSpawned(1234),
-                 Error("bad-argument", "no")]
+                 pw.SpawnPlugin("g1", 0, pw.PluginFds.positions(2)), Error("bad-argument", "no")]
 
 
 def envelope(type_, fields, v=codec.PROTOCOL_VERSION):
