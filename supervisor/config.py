@@ -63,6 +63,9 @@ def validate(config, boot_files=True):
     images = ([(config.kernel, "kernel")] + ([(config.initrd, "initrd")] if config.initrd is not None else [])
               if boot_files else [])
     for path, what in images:
+        if not os.path.isabs(path):     # the worker opens it from the guest's dir: only an absolute path is clear
+            raise UserError(f"{what} path {path!r} is relative: give an absolute one (hvctl and the Python API "
+                            f"resolve it from the caller's directory)")
         _check_file(path, what)
     total = sum(os.path.getsize(path) for path, _ in images)
     if total > config.mem_bytes:
