@@ -153,8 +153,10 @@ class Info(Message):
 
 @CONTROL
 class Wait(Message):
-    """Reply (GuestInfo) deferred until the guest is stopped or failed."""
+    """Reply (GuestInfo) deferred until the guest is stopped or failed.  With `timeout` (seconds) the client
+    stops listening after that long, and the supervisor forgets the request then too."""
     name: str
+    timeout: float | None = None
 
 
 @CONTROL

@@ -86,7 +86,7 @@ class Guest:
 
     def wait(self, timeout=None):
         """The guest's exit status once it has ended; NotResponding if it is still running after `timeout` s."""
-        return self.client.request(m.Wait(self.name), timeout=timeout).exit_status
+        return self.client.request(m.Wait(self.name, timeout=timeout), timeout=timeout).exit_status
 
     def logs(self):
         """Its console output so far (bytes)."""
@@ -226,7 +226,7 @@ class Client:
         if guests is None:
             guests = [Guest(self, g.name) for g in self.list() if g.state in ("running", "paused")]
         deadline = None if timeout is None else time.monotonic() + timeout
-        ids = {g.name: self.send(m.Wait(g.name)) for g in guests}
+        ids = {g.name: self.send(m.Wait(g.name, timeout=timeout)) for g in guests}
         out = {}
         for name, i in ids.items():
             try:

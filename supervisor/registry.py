@@ -33,7 +33,7 @@ class Guest:
     restore: tuple | None = None      # (snapshot dir, paused) for the next worker only: its RAM is in mem_fd already
     stop_reason: str | None = None    # set by stop/shutdown: a worker exit then means "stopped", not "failed"
     kill_at: float | None = None      # monotonic time at which the worker gets SIGKILL
-    waiters: list = field(default_factory=list)   # replies deferred until the guest ends: envelopes, or (envelope, reply)
+    waiters: list = field(default_factory=list)   # requests answered when the guest ends (server._Waiter)
     on_change: object = None          # on_change(guest, kind): the registry's listener (events)
 
     @property

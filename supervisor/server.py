@@ -45,6 +45,9 @@ STOP_GRACE = 3.0        # seconds a worker gets to exit after Stop before SIGKIL
 SWITCH_WATCH = 0.5      # seconds between checks of the net switch processes
 
 
+WAIT_GRACE = 1.0        # a Wait with a timeout is forgotten this long after its client stopped listening
+
+
 class AlreadyRunning(HvError):
     """Another supervisor holds this runtime dir."""
 
@@ -278,10 +281,36 @@ class Server:
         self.services.guest_ended(g.name)
         spawn.release_memory(g)
         info = g.info()
-        for waiter in g.waiters:            # an envelope (answered with the record), or (envelope, reply)
-            envelope, reply = waiter if isinstance(waiter, tuple) else (waiter, info)
-            self._reply(envelope, reply)
-        g.waiters.clear()
+        for waiter in list(g.waiters):
+            self._answer(g, waiter, info)
+
+    def _defer(self, g, envelope, reply=None, timeout=None):
+        """Answer `envelope` once guest g has ended: with `reply`, or g's record then.  A client that goes away
+        first is forgotten at once (an hvctl.sock connection that closes), or `timeout` s after it stopped
+        listening (a ZeroMQ client, which cannot be seen going): requests nobody waits for must not pile up."""
+        waiter = _Waiter(envelope, reply)
+        g.waiters.append(waiter)
+        if isinstance(envelope, socket.socket):      # it sends nothing more: readable means closed
+            self.loop.add(envelope, lambda: self._answer(g, waiter, None))
+        if timeout is not None:
+            waiter.timer = self.loop.call_at(time.monotonic() + timeout + WAIT_GRACE,
+                                             lambda: self._answer(g, waiter, None))
+        return None
+
+    def _answer(self, g, waiter, default):
+        """Reply to a deferred request (waiter.reply, else `default`; None: forget it without a reply)."""
+        if waiter not in g.waiters:
+            return
+        g.waiters.remove(waiter)
+        if waiter.timer is not None:
+            self.loop.cancel(waiter.timer)
+        if isinstance(waiter.envelope, socket.socket):
+            self.loop.remove(waiter.envelope)
+        reply = waiter.reply if waiter.reply is not None else default
+        if reply is not None:
+            self._reply(waiter.envelope, reply)
+        elif isinstance(waiter.envelope, socket.socket):
+            waiter.envelope.close()
 
     def _kill_now(self, g, reason):
         g.stop_reason = reason
@@ -432,9 +461,8 @@ class Server:
             g.stop_reason = None
             raise reply
         if stop and g.proc is not None:
-            g.waiters.append((envelope, reply))
             g.kill_at = time.monotonic() + STOP_GRACE
-            return None
+            return self._defer(g, envelope, reply)
         return reply
 
     def restore(self, msg, envelope):
@@ -544,8 +572,7 @@ class Server:
             if g.proc is None:
                 return reply
             g.kill_at = time.monotonic() + (0.0 if isinstance(r, HvError) else STOP_GRACE)
-            g.waiters.append((envelope, reply))
-            return None
+            return self._defer(g, envelope, reply)
         self._worker_or(g, m.Stop(g.name), envelope, stopped)
 
     def _migration_failed(self, move, envelope, why):
@@ -597,12 +624,12 @@ class Server:
         if g.proc is None:
             return g.info()             # already ended: nothing to do (as docker stop)
         g.stop_reason = "stopped by request"
-        g.waiters.append(envelope)      # answered when the worker has gone
 
         def sent(reply):
             if g.proc is not None:      # a hung worker is killed on the next tick
                 g.kill_at = time.monotonic() + (0.0 if isinstance(reply, HvError) else STOP_GRACE)
-        return self._worker(g, m.Stop(g.name), Ok, envelope, sent)
+        self._worker(g, m.Stop(g.name), Ok, envelope, sent)
+        return self._defer(g, envelope)     # answered when the worker has gone
 
     def shutdown(self, msg, envelope):
         g = self.registry.get(msg.name)
@@ -666,8 +693,9 @@ class Server:
             raise BadState(f"guest {g.name} has not been started")
         if g.proc is None:
             return g.info()
-        g.waiters.append(envelope)
-        return None
+        if msg.timeout is not None and not msg.timeout >= 0:
+            raise UserError(f"wait: timeout {msg.timeout} is not a number of seconds >= 0")
+        return self._defer(g, envelope, timeout=None if msg.timeout == float("inf") else msg.timeout)
 
     def stats(self, msg, envelope):
         """The worker's counters, then its devices' pids (a second request), then every process's CPU/memory."""
@@ -685,6 +713,14 @@ class Server:
                 return with_host(stats, None)
             return self._worker(g, m.DeviceStatus(g.name), m.StatsReply, envelope, lambda d: with_host(stats, d))
         return self._worker(g, m.Stats(g.name), m.StatsReply, envelope, counted)
+
+
+class _Waiter:
+    """A request answered when its guest ends (wait, stop, snapshot --stop, a migration's source)."""
+    __slots__ = ("envelope", "reply", "timer")
+
+    def __init__(self, envelope, reply):
+        self.envelope, self.reply, self.timer = envelope, reply, None
 
 
 class _Migration:
