@@ -160,6 +160,14 @@ class Wait(Message):
 
 
 @CONTROL
+class StopSupervisor(Message):
+    """End the supervisor (reply: SupervisorStopping).  Refused while guests run unless `force` (they are
+    stopped) or `leave_guests` (they run on, for the next supervisor of the runtime dir to adopt)."""
+    force: bool = False
+    leave_guests: bool = False
+
+
+@CONTROL
 class Stats(Message):
     name: str
 
@@ -176,6 +184,14 @@ class DeviceStatus(Message):
 class Pong(Message):
     pid: int
     runtime_dir: str
+
+
+@CONTROL
+class SupervisorStopping(Message):
+    """The supervisor ends once this is sent; `guests` were running (stopped by force, or left running)."""
+    pid: int
+    guests: list[str]
+    left_running: bool
 
 
 @CONTROL

@@ -3,13 +3,18 @@
 One thread, one EventLoop: requests from hvctl, the zygote's answers (a
 Start is answered once its worker exists, so a burst of Starts is served
 while the zygote forks), workers' device-service requests, and a TICK timer
-that polls the workers (waitpid by pid: they are our children, forked by the
-zygote or spawned directly, see spawn.py) so a worker's exit is noticed
-within TICK seconds.  Requests are validated on receipt; bad input gets an
-Error reply and never stops the loop.  `wait` and `stop` replies are
-deferred until the guest ends; any request other than Create, Start and Ping
-first waits for the starts in flight, so it sees every earlier Start done.
-Pause/resume/stop/stats are forwarded to the guest's worker with a timeout.
+that polls the workers (waitpid by pid for our children, forked by the
+zygote or spawned directly, see spawn.py; a pidfd for the workers adopted
+from an earlier supervisor, see procs.py) so a worker's exit is noticed
+within TICK seconds.  Guests outlive the supervisor: a new one on the same
+runtime dir adopts the workers and switches it finds running; SIGTERM and
+StopSupervisor(force) stop the guests with it, StopSupervisor(leave_guests)
+or a crash leave them running for the next one.  Requests are validated on
+receipt; bad input gets an Error reply and never stops the loop.  `wait` and
+`stop` replies are deferred until the guest ends; any request other than
+Create, Start and Ping first waits for the starts in flight, so it sees
+every earlier Start done.  Pause/resume/stop/stats are forwarded to the
+guest's worker with a timeout.
 """
 import fcntl
 import os
@@ -30,7 +35,7 @@ from pyhv.proto.errors import (EXIT_STOPPED, BadState, HostError, HvError, Inter
                                UserError, from_wire)
 from pyhv.proto.messages import Error, Ok
 from pyhv.proto.runtime import UNIX_PATH_MAX, RuntimeDir
-from pyhv.supervisor import spawn
+from pyhv.supervisor import procs, spawn
 from pyhv.supervisor.config import validate
 from pyhv.supervisor.registry import Registry
 from pyhv.supervisor.services import ServiceLauncher
@@ -60,14 +65,15 @@ class Server:
             raise UserError(f"runtime dir path is too long for unix sockets: {self.dir}")
         self.runtime.make_private()
         self._lock = self._take_lock()
-        self.registry = Registry(self.runtime, on_change=self._publish)
         self.subscribers = []               # hvctl.sock connections that asked for Events
         self._open_calls = set()            # DEALER sockets of worker requests still waiting for a reply
+        self._leave_guests = False          # set by StopSupervisor(leave_guests): the shutdown detaches
         self.ctx = zmq.Context()
         self.spawner = spawn.Spawner()
         self.switches = Switches(self.runtime)
         self._next_switch_watch = 0.0
         self.loop = EventLoop("supervisor")
+        self.registry = Registry(self.runtime, on_change=self._publish, adopt=self._adopt)
         self._zygote_fd = None
         self._fds = []                      # fds that came with the request being handled
         self.handlers = {m.Ping: self.ping, m.Create: self.create, m.Start: self.start,
@@ -75,7 +81,7 @@ class Server:
                          m.Events: self.events, m.SnapshotGuest: self.snapshot, m.RestoreGuest: self.restore,
                          m.Migrate: self.migrate, m.Immigrate: self.immigrate,
                          m.Destroy: self.destroy, m.List: self.list, m.Info: self.info,
-                         m.Wait: self.wait, m.Stats: self.stats}
+                         m.Wait: self.wait, m.Stats: self.stats, m.StopSupervisor: self.stop_supervisor}
 
     def _take_lock(self):
         """One supervisor per runtime dir: an flock held for our lifetime (pid inside)."""
@@ -89,6 +95,21 @@ class Server:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd
+
+    def _adopt(self, g, recorded):
+        """A guest whose record says it runs (called by the registry as it loads): its worker, started by an
+        earlier supervisor, is adopted if it still runs (the very process `recorded` names: procs.Adopted.find),
+        with a new fd on its RAM; else the guest gets the outcome its worker left in result.json, or fails."""
+        proc = procs.Adopted.find(recorded)
+        if proc is None:
+            g.set_state(*spawn.read_outcome(g, None))
+            print(f"supervisor: guest {g.name} ended while no supervisor was running: {g.state} "
+                  f"({g.exit_status}, {g.reason})", file=sys.stderr, flush=True)
+            return
+        g.proc = proc
+        g.mem_fd = procs.guest_memory(proc, g.config.mem_bytes)
+        print(f"supervisor: adopted guest {g.name} ({g.state}, worker pid {proc.pid})"
+              + ("" if g.mem_fd is not None else "; its RAM memfd could not be opened"), file=sys.stderr, flush=True)
 
     # --- the loop ----------------------------------------------------------
 
@@ -122,6 +143,9 @@ class Server:
         print(f"supervisor: pid {os.getpid()} serving {self.runtime.control_endpoint}", file=sys.stderr, flush=True)
         try:
             self.loop.run()
+        except BaseException:
+            self._leave_guests = True       # a crash is no decision to end the guests: the next supervisor adopts them
+            raise
         finally:
             self._shutdown()
 
@@ -273,11 +297,13 @@ class Server:
 
     def _finished(self, g, returncode):
         if g.migrated_to is not None:       # its worker was stopped once the guest ran on elsewhere
-            g.set_state("stopped", EXIT_STOPPED, f"migrated to {g.migrated_to}")
+            outcome = ("stopped", EXIT_STOPPED, f"migrated to {g.migrated_to}")
             g.migrated_to = None
         else:
-            g.set_state(*spawn.read_outcome(g, returncode))
-        g.proc, g.kill_at, g.stop_reason = None, None, None
+            outcome = spawn.read_outcome(g, returncode)
+        proc, g.proc, g.kill_at, g.stop_reason = g.proc, None, None, None
+        proc.close()
+        g.set_state(*outcome)               # (saved without the worker's identity: it has gone)
         self.services.guest_ended(g.name)
         spawn.release_memory(g)
         info = g.info()
@@ -312,22 +338,40 @@ class Server:
         elif isinstance(waiter.envelope, socket.socket):
             waiter.envelope.close()
 
+    def _leave(self, g):
+        """Detach from a running guest as we exit: its record keeps the worker's identity for our successor."""
+        error = Error.of(PeerFailed(f"the supervisor of {self.dir} stopped and left guest {g.name} running: "
+                                    f"ask the next supervisor there"))
+        for waiter in list(g.waiters):   # they wait for its end, which this supervisor will not see
+            waiter.reply = None
+            self._answer(g, waiter, error)
+        g.proc.close()
+        spawn.release_memory(g)         # the worker holds its own fd on the RAM
+        print(f"supervisor: left guest {g.name} {g.state} (worker pid {g.proc.pid})", file=sys.stderr, flush=True)
+
     def _kill_now(self, g, reason):
         g.stop_reason = reason
         g.proc.kill()
         self._finished(g, g.proc.wait())
 
     def _shutdown(self):
+        """Stop every guest with us, or (StopSupervisor(leave_guests)) leave them running for the next supervisor:
+        their workers, device services and switches go on; a new supervisor adopts them."""
         self.spawner.drain()
         live = [g for g in self.registry if g.proc is not None]
-        for g in live:                  # all signals first, then reap: no worker waits for another's turn
-            g.stop_reason = "stopped: the supervisor shut down"
-            g.proc.kill()
-        for g in live:
-            self._finished(g, g.proc.wait())
+        if self._leave_guests:
+            for g in live:
+                self._leave(g)
+        else:
+            for g in live:              # all signals first, then reap: no worker waits for another's turn
+                g.stop_reason = "stopped: the supervisor shut down"
+                g.proc.kill()
+            for g in live:
+                self._finished(g, g.proc.wait())
         self.spawner.close()
-        self.services.close()
-        self.switches.close()
+        self.services.close(kill=not self._leave_guests)
+        self.switches.close(keep={s for g in live for s in kinds.switches(g.config.devices)}
+                            if self._leave_guests else ())
         self.sock.close()
         self.seq.close()
         for path in (self.runtime.control_sock, self.runtime.hvctl_sock):
@@ -402,6 +446,20 @@ class Server:
 
     def ping(self, msg, envelope):
         return m.Pong(os.getpid(), self.dir)
+
+    def stop_supervisor(self, msg, envelope):
+        """End this supervisor once the reply is sent: its guests are stopped with it (force), or left running for
+        the next supervisor of the runtime dir to adopt (leave_guests); with neither, refused while any runs."""
+        if msg.force and msg.leave_guests:
+            raise UserError("--force stops the guests, --leave-guests leaves them running: give one of them")
+        live = [g.name for g in self.registry if g.proc is not None]     # (starts in flight are finished)
+        if live and not (msg.force or msg.leave_guests):
+            raise BadState(f"{len(live)} guest(s) still running ({', '.join(live[:5])}): stop them first, or "
+                           f"`hvctl supervisor --stop --force` to stop them with it, or --leave-guests to leave "
+                           f"them running for the next supervisor")
+        self._leave_guests = msg.leave_guests
+        self.loop.stop()
+        return m.SupervisorStopping(os.getpid(), live, msg.leave_guests)
 
     def create(self, msg, envelope):
         validate(msg.config)
@@ -521,6 +579,9 @@ class Server:
         import tempfile
         g = self.registry.get(msg.name)
         self._need_state(g, "running", "paused")
+        if g.mem_fd is None:
+            raise HostError(f"guest {g.name}'s RAM is out of this supervisor's reach (it adopted the guest and "
+                            f"could not open the worker's memfd): it cannot be migrated")
         if msg.copy:
             raise UserError("migrate --copy (RAM streamed while the guest runs) is not implemented yet; without "
                             "--copy the guest moves to a supervisor on this machine and its RAM is not copied")
