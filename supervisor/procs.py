@@ -17,6 +17,7 @@ misdirect a kill.  An adopted process is not our child, so its exit status
 is not ours to read: `returncode` becomes EXITED, and a worker's outcome comes
 from its result.json (spawn.read_outcome).
 """
+import functools
 import os
 import select
 import signal
@@ -27,6 +28,7 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 GUEST_RAM_LINK = "/memfd:guest-ram-"  # readlink of a worker's guest RAM fd (spawn.py names the memfds so)
 
 
+@functools.cache
 def boot_id():
     with open(BOOT_ID) as f:
         return f.read().strip()
