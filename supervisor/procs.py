@@ -58,6 +58,17 @@ def cmdline(pid):
         return []
 
 
+def is_worker(pid, name):
+    """Is process `pid` a worker of guest NAME?  Forked by the zygote, it is named hvw-NAME (comm: 15 bytes);
+    spawned directly, it runs pyhv.vcpu_worker.worker."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            comm = f.read().rstrip(b"\n")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return comm == f"hvw-{name}".encode()[:15] or "pyhv.vcpu_worker.worker" in cmdline(pid)
+
+
 class Adopted:
     """A live process we are not the parent of, watched and signalled through its pidfd.
 
@@ -90,8 +101,9 @@ class Adopted:
         return None
 
     @classmethod
-    def find(cls, recorded):
-        """The process a record's identity ({"pid", "start", "boot"}) names, if it still runs; else None."""
+    def find(cls, recorded, also=lambda pid: True):
+        """The process a record's identity ({"pid", "start", "boot"}) names, if it still runs and `also(pid)`
+        agrees (e.g. is_worker); else None."""
         if not isinstance(recorded, dict):
             return None
         try:
@@ -99,7 +111,7 @@ class Adopted:
                 return None             # a process of an earlier boot: whatever has that pid now is not it
         except OSError:
             return None
-        proc = cls.open(recorded.get("pid"), lambda pid: start_time(pid) == recorded.get("start"))
+        proc = cls.open(recorded.get("pid"), lambda pid: start_time(pid) == recorded.get("start") and also(pid))
         if proc is not None:
             proc.identity = dict(recorded)
         return proc

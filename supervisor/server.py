@@ -100,7 +100,7 @@ class Server:
         """A guest whose record says it runs (called by the registry as it loads): its worker, started by an
         earlier supervisor, is adopted if it still runs (the very process `recorded` names: procs.Adopted.find),
         with a new fd on its RAM; else the guest gets the outcome its worker left in result.json, or fails."""
-        proc = procs.Adopted.find(recorded)
+        proc = procs.Adopted.find(recorded, lambda pid: procs.is_worker(pid, g.name))
         if proc is None:
             g.set_state(*spawn.read_outcome(g, None))
             print(f"supervisor: guest {g.name} ended while no supervisor was running: {g.state} "

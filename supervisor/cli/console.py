@@ -69,13 +69,14 @@ def _runs_unsupervised(rd, name):
     """Does guest NAME of runtime dir `rd` run while no supervisor does: its record says so, and the worker it
     names (by identity, not just pid: supervisor/procs.py) is alive?"""
     import json
-    from pyhv.supervisor.procs import Adopted
+    from pyhv.supervisor.procs import Adopted, is_worker
     try:
         with open(rd.guest(name).record) as f:
             record = json.load(f)
     except (OSError, ValueError):
         return False
-    worker = Adopted.find(record.get("worker")) if record.get("state") in LIVE else None
+    worker = (Adopted.find(record.get("worker"), lambda pid: is_worker(pid, name))
+              if record.get("state") in LIVE else None)
     if worker is None:
         return False
     worker.close()

@@ -36,6 +36,7 @@ def test_a_recorded_identity_finds_its_process_and_only_it(child):
                   {**me, "boot": "an-earlier-boot"},           # a record from before a reboot
                   {**me, "pid": 0}, None, "junk"):
         assert procs.Adopted.find(other) is None
+    assert procs.Adopted.find(me, lambda pid: procs.is_worker(pid, "t")) is None     # alive, but no guest's worker
 
 
 def test_an_adopted_process_is_watched_and_killed_through_its_pidfd(child):
