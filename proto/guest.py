@@ -53,6 +53,7 @@ class GuestConfig(Message):
     pin: list[int] = list            # host CPUs; vCPU i runs on pin[i % len(pin)]; empty: unpinned
     compat: str = "nested"           # compatibility profile: "nested" (default) or "none"
     devices: list[DeviceSpec] = list  # virtio devices, in PCI slot order
+    gdb: str | None = None           # "tcp:HOST:PORT": a GDB stub listens there; vCPUs wait for its client
 
     def devices_of(self, kind):
         return [d for d in self.devices if d.kind == kind]
@@ -98,6 +99,18 @@ def parse_cpu_list(text):
     return cpus
 
 
+def parse_gdb(text):
+    """'tcp:127.0.0.1:1234' or 'tcp:[::1]:1234' -> (host, port), for --gdb."""
+    kind, _, rest = text.partition(":") if isinstance(text, str) else ("", "", "")
+    host, _, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if kind != "tcp" or not host or not port.isdigit() or not 1 <= int(port) <= 65535 \
+            or any(c in host for c in "[]/ ") or len(host) > 253:
+        raise UserError(f"--gdb: {text!r} is not tcp:HOST:PORT (e.g. tcp:127.0.0.1:1234, a port 1-65535)")
+    return host, int(port)
+
+
 def parse_mac(text):
     """'52:54:00:12:34:56' -> 6 bytes; UserError unless it is a unicast MAC address."""
     if not isinstance(text, str) or not MAC_RE.match(text):
@@ -134,3 +147,5 @@ def check(config):
         raise UserError(f"--cmdline: {len(c.cmdline.encode())} bytes is longer than Linux reads ({MAX_CMDLINE})")
     if c.compat not in COMPAT_PROFILES:
         raise UserError(f"--compat: {c.compat!r} is not one of {', '.join(COMPAT_PROFILES)}")
+    if c.gdb is not None:
+        parse_gdb(c.gdb)

@@ -14,7 +14,7 @@ from pyhv.proto.guest import DEFAULT_MEM_BYTES, GuestConfig, parse_cpu_list, par
 
 
 def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdline=None, mem=None, vcpus=None,
-                 timeout=None, pin=None, compat=None, devices=None):
+                 timeout=None, pin=None, compat=None, devices=None, gdb=None):
     """A validated GuestConfig from option strings as argparse gives them (None = default).
 
     `devices` maps a device kind's name to its option's value(s) (devices/virtio/kinds.py).
@@ -36,6 +36,7 @@ def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdlin
         pin=[] if pin is None else parse_cpu_list(pin),
         compat="nested" if compat is None else compat,
         devices=kinds.specs_from_options(devices or {}),
+        gdb=gdb,
     )
     validate(config)
     return config

@@ -17,6 +17,8 @@ def add_run_options(p):
     p.add_argument("--pin", metavar="CPUS", help="pin vCPU threads to host CPUs, e.g. 0,1 (vCPU i -> i-th CPU, cycling)")
     p.add_argument("--compat", choices=COMPAT_PROFILES,
                    help="compatibility profile for nested KVM hosts (default: nested; see hvctl info)")
+    p.add_argument("--gdb", metavar="tcp:HOST:PORT", help="a GDB stub listens there; the vCPUs wait for its client "
+                   "before their first instruction (docs/debugging.md)")
     for k in KINDS.values():
         dest = f"device_{k.name}"
         if k.metavar is None:
@@ -33,4 +35,4 @@ def config_from(args, name):
     devices = {k: getattr(args, f"device_{k}") for k in KINDS}
     return build_config(name, args.kernel, boot=args.boot, load_addr=args.load_addr, initrd=args.initrd,
                         cmdline=args.cmdline, mem=args.mem, vcpus=args.vcpus, timeout=args.timeout, pin=args.pin,
-                        compat=args.compat, devices=devices)
+                        compat=args.compat, devices=devices, gdb=args.gdb)
