@@ -329,6 +329,8 @@ class RawClient:
 def test_malformed_packets_leave_the_stub_and_guest_working(smp, guests):
     g = guests(smp)
     c = RawClient(g.port)
+    # at once, before the vCPU threads may even have parked: the stub waits for them
+    assert bytes.fromhex(c.packet(b"m100400,10").decode()) == b"pyhv-gdb-marker\n"
     second = socket.create_connection(("127.0.0.1", g.port), timeout=20)
     assert second.recv(16) == b""                               # one client at a time: the second is closed
     second.close()

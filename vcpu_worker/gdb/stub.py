@@ -457,7 +457,6 @@ class GdbStub:
         self.client = None
         self.peer = None
         self.session = None
-        self.attached_once = False
         self._thread = None
 
     def start(self):
@@ -509,9 +508,8 @@ class GdbStub:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client = conn
         self.peer = f"{peer[0]}:{peer[1]}"
-        if self.attached_once and not self.target.hold_all():
+        if not self.target.hold_all():          # the first client may come before the vCPU threads have parked
             self.notify("a vCPU did not stop for the new GDB client")
-        self.attached_once = True
         self.session = Session(self.target, self._send, self.loop.call_soon, self.notify)
         self.target.on_stop = self.session.vcpu_stopped
         self.loop.add(conn, self._readable)
