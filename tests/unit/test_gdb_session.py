@@ -327,3 +327,21 @@ def test_x87_tag_words():
     assert [(full >> 2 * p) & 3 for p in range(8)] == [3, 3, 3, 3, 3, 3, 0, 1]
     assert abridged_tag_word(full) == 0b11000000
     assert abridged_tag_word(0xFFFF) == 0
+
+
+@pytest.mark.parametrize("text,expected", [("tcp:127.0.0.1:1234", ("127.0.0.1", 1234)),
+                                           ("tcp:localhost:65535", ("localhost", 65535)),
+                                           ("tcp:[::1]:1", ("::1", 1))])
+def test_gdb_endpoints(text, expected):
+    from pyhv.proto.guest import parse_gdb
+    assert parse_gdb(text) == expected
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1:1234", "udp:127.0.0.1:1234", "tcp:127.0.0.1", "tcp::1234",
+                                  "tcp:127.0.0.1:0", "tcp:127.0.0.1:65536", "tcp:127.0.0.1:-1", "tcp:a b:1",
+                                  "tcp:127.0.0.1:12x", "unix:/tmp/sock"])
+def test_bad_gdb_endpoints_are_user_errors(text):
+    from pyhv.proto.errors import UserError
+    from pyhv.proto.guest import parse_gdb
+    with pytest.raises(UserError, match="--gdb"):
+        parse_gdb(text)
