@@ -29,7 +29,8 @@ from pyhv.devices.console_host import ConsoleHost
 from pyhv.devices.loop import EventLoop
 from pyhv.proto import codec, control as m, guest as g, runtime
 from pyhv.vcpu_worker.console_log import ConsoleLog
-from pyhv.proto.errors import EXIT_STOPPED, EXIT_TIMEOUT, EXIT_VM_FAILED, HvError, InternalError, ProtocolError, one_line
+from pyhv.proto.errors import (EXIT_STOPPED, EXIT_TIMEOUT, EXIT_VM_FAILED, BadState, HvError, InternalError,
+                               ProtocolError, one_line)
 from pyhv.proto.messages import Error, Ok
 
 PAUSE_TIMEOUT = 1.0     # below the supervisor's worker timeout
@@ -131,6 +132,9 @@ class Worker:
         A migration's hand-over (state only) leaves the guest held: the supervisor stops it once the guest runs
         under its new supervisor, or resumes it if that failed."""
         from pyhv.vcpu_worker.snapshot import write_snapshot
+        if self.machine.debugger is not None and self.machine.debugger.client is not None:
+            raise BadState(f"{self.config.name}: a GDB client is attached (its breakpoints are in guest memory); "
+                           f"detach it first")
         held = time.monotonic()
         was_paused = self.machine.paused
         if not was_paused and not self.machine.pause(PAUSE_TIMEOUT):
