@@ -44,6 +44,7 @@ class Machine:
         self._parked = 0
         self._sampling, self._samples = set(), {}   # sample_positions(): vCPUs still to answer, answers
         self.threads = []
+        self.tracer = None
         try:
             self.kvm = Kvm()
             self.vm = self.kvm.create_vm()
@@ -70,6 +71,10 @@ class Machine:
             self._create_vcpus(entry)
             if restore is not None:
                 self._load_state(restore)
+            if config.trace:
+                from pyhv.vcpu_worker.trace import Tracer
+                self.tracer = Tracer(config.trace, self.vcpus, {"guest": config.name, "boot": config.boot,
+                                                               "tsc_khz": self.vm.tsc_khz()})
         except HvError:
             self.devices.close()
             raise
@@ -125,6 +130,8 @@ class Machine:
 
     def start(self):
         lib.hv_install_kick_handler(KICK_SIGNAL)
+        if self.tracer is not None:
+            self.tracer.start()
         if self.paused:                  # restored paused: each vCPU parks before its first instruction
             for v in self.vcpus:
                 v.kick_prepare()
@@ -157,6 +164,18 @@ class Machine:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
         self.devices.close()
+        self.close_trace(0)
+
+    def close_trace(self, timeout=2.0):
+        """After the VM ended: the trace's last records and its end record (vCPU threads get `timeout` s to leave)."""
+        if self.tracer is None or self.tracer.closed:
+            return
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        self.tracer.close({t.vcpu.index for t in self.threads if not t.is_alive()} if self.threads
+                          else {v.index for v in self.vcpus}, self.outcome)
 
     def stop(self):
         self.finish(Outcome(EXIT_STOPPED, "stopped by request"))
@@ -257,4 +276,5 @@ class Machine:
             "mmio_unclaimed": sum(v["mmio_unclaimed"] for v in vcpus),
             "fixups": dict(self.fixup_counts),
             "compat": self.profile.describe(),
+            **({"trace": self.tracer.status()} if self.tracer is not None else {}),
         }
