@@ -39,6 +39,7 @@ only as the vCPU exits; 64 vCPUs reserve 32 MiB.
 import fcntl
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -79,14 +80,17 @@ class Tracer:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise UserError(f"--trace: cannot create {path}: {e.strerror}") from None
+        regular = stat.S_ISREG(os.fstat(self.fd).st_mode)     # not /dev/null, a FIFO
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)    # truncated only once it is ours
+            if regular:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)    # truncated only once it is ours
         except OSError:
             os.close(self.fd)
             raise UserError(f"--trace: {path} is being written by another guest (give each guest its own file)") \
                 from None
         try:
-            os.ftruncate(self.fd, 0)
+            if regular:
+                os.ftruncate(self.fd, 0)
             self.meta = {**meta, "vcpus": len(self.vcpus), "chunk_records": chunk_records, "clock": "CLOCK_MONOTONIC",
                          "start_ns": time.monotonic_ns(), "start_unix_ns": time.time_ns(),
                          "reasons": {str(k): v for k, v in sorted(reason_names().items())},
@@ -119,6 +123,10 @@ class Tracer:
             self._reported_error = True
             self.log(f"trace: writing {self.path} failed: {os.strerror(err)}; the records that could not be "
                      f"written are counted as dropped")
+
+    def drain(self):
+        """Write every full chunk now, in this thread (the drainer's work); the records written."""
+        return lib.hv_trace_drain(self._c, 0)
 
     def counters(self):
         """Per vCPU: records made, written, dropped, self-drains (and their ns), pending in the ring."""

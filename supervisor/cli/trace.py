@@ -10,11 +10,13 @@ import sys
 import time
 
 from pyhv.proto import trace as fmt
-from pyhv.proto.errors import EXIT_OK
+from pyhv.proto.errors import EXIT_OK, UserError
 from pyhv.supervisor.cli.client import table
 
 
 def cmd_trace(args):
+    if args.top < 0:
+        raise UserError(f"--top: {args.top} is not a number of rows >= 0")
     if args.plot:
         from pyhv.supervisor import plot
         plot.require(args.plot)

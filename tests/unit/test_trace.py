@@ -167,6 +167,10 @@ def test_two_guests_cannot_write_one_trace_file(tmp_path):
     t2, _ = tracer(path, 1)                                     # free again once the first closed it
     t2.close({0})
     assert fmt.summary(fmt.read(path))["total"] == 0
+    a, (va,) = tracer(os.devnull, 1)                            # a device is not locked (nor truncated)
+    b, _ = tracer(os.devnull, 1)
+    fill(va, 5000)
+    assert a.close({0})["vcpus"][0]["written"] == 5000 and b.close({0})["vcpus"][0]["written"] == 0
 
 
 # --- the reader: every kind of damage is one line -------------------------------------------
@@ -305,6 +309,10 @@ def test_hvctl_trace_json_has_the_contracts_keys(tmp_path):
     assert s["by_port"] == {"0x80": 2, "0x3f8": 1}
     r = hvctl("trace", path)
     assert r.returncode == 0 and "6 exits" in r.stdout and "0x3f8" in r.stdout and "none lost" in r.stdout
+    r = hvctl("trace", path, "--top", "1")
+    assert "0x80" in r.stdout and "0x3f8" not in r.stdout and "1 more ports" in r.stdout
+    r = hvctl("trace", path, "--top", "-1")
+    assert r.returncode == 2 and "--top" in r.stderr
 
 
 @pytest.mark.parametrize("content", [b"", b"PYHV", b"something else entirely", None])
