@@ -622,8 +622,11 @@ def main(argv=None):
 
 
 def _have_matplotlib():
-    import importlib.util
-    return importlib.util.find_spec("matplotlib") is not None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
