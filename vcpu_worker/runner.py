@@ -11,7 +11,7 @@ import os
 import threading
 
 from pyhv.devices.guest_memory import create_memfd
-from pyhv.proto.errors import EXIT_STOPPED, EXIT_TIMEOUT
+from pyhv.proto.errors import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_TIMEOUT
 from pyhv.vcpu_worker.vcpu import Outcome
 
 
@@ -92,6 +92,11 @@ class Foreground:
         return outcome
 
     def close(self):
+        machine = getattr(self, "machine", None)
+        if machine is not None and machine.tracer is not None and not machine.tracer.closed:
+            # run() did not get to the end (Ctrl-C on hvctl): end the guest so its trace is whole
+            machine.finish(Outcome(EXIT_INTERRUPTED, "hvctl was interrupted"))
+            machine.join()
         if self.host is not None:
             self.host.remove()
             self.host = None

@@ -245,6 +245,7 @@ def serve(config, mem_fd, guest, restore=None, paused=False):
         ctx.term()
         console.close()
     outcome = worker.outcome or machine.wait(0)
+    machine.close_trace()            # before result.json: once `hvctl wait` returns, the trace is complete
     return outcome.status, outcome.reason
 
 
