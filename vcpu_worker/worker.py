@@ -130,7 +130,9 @@ class Worker:
 
         A migration's hand-over (state only) leaves the guest held: the supervisor stops it once the guest runs
         under its new supervisor, or resumes it if that failed."""
+        from pyhv.devices.virtio.kinds import check_snapshottable
         from pyhv.vcpu_worker.snapshot import write_snapshot
+        check_snapshottable(self.config.devices, self.config.name)      # before the guest is held
         held = time.monotonic()
         was_paused = self.machine.paused
         if not was_paused and not self.machine.pause(PAUSE_TIMEOUT):
