@@ -24,7 +24,9 @@ reads its config space with GET_CONFIG (CONFIG is required for it, as in
 QEMU); fs builds its own (the tag and one request queue).  The guest is
 offered VERSION_1 and what the back end offers of the ring features
 (INDIRECT_DESC, EVENT_IDX) and of the device type's own bits: never packed
-rings, an IOMMU, dirty logging or bit 30.  At DRIVER_OK: SET_FEATURES,
+rings, an IOMMU, dirty logging or bit 30.  No back-end channel
+(SLAVE_REQ) is set up, so a config change the back end would announce
+(a resized disk) does not reach the guest.  At DRIVER_OK: SET_FEATURES,
 SET_MEM_TABLE (guest RAM's regions, each with the memfd and its user
 address in this process's mapping), and per enabled queue SET_VRING_NUM,
 SET_VRING_BASE, SET_VRING_ADDR (user addresses), SET_VRING_CALL (the irq

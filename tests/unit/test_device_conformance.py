@@ -4,7 +4,9 @@ Each kind's model must describe itself consistently, serve an activated
 queue, pause (touching no guest memory), snapshot while paused (and refuse
 while running), restore into a fresh instance that continues from the same
 queue positions, reset and close.  A device lacking a lifecycle method fails
-loudly (Unsupported), never silently.
+loudly (Unsupported), never silently.  vhost-user kinds, whose state is in
+their back end's process and which cannot snapshot, have their own tests
+(test_vhost_user.py).
 """
 import os
 import struct
