@@ -30,7 +30,8 @@ rings, an IOMMU, dirty logging or bit 30.  No back-end channel
 SET_MEM_TABLE (guest RAM's regions, each with the memfd and its user
 address in this process's mapping), and per enabled queue SET_VRING_NUM,
 SET_VRING_BASE, SET_VRING_ADDR (user addresses), SET_VRING_CALL (the irq
-eventfd of the queue's MSI-X vector), SET_VRING_KICK (its notify eventfd),
+eventfd of the queue's MSI-X vector, or one nobody reads for a queue without
+a vector), SET_VRING_KICK (its notify eventfd),
 SET_VRING_ENABLE.  Each request asks for a REPLY_ACK where the back end
 offers it; otherwise a GET_FEATURES round trip ends each step, so an error
 shows up there and then.  Reset and pause stop every ring with
@@ -120,6 +121,7 @@ class VhostUserDevice(VirtioDevice):
         self._bases = {}                # ring index -> next available index to start from
         self._paused = False
         self._host_base = 0
+        self._sink = None               # the call fd of queues without an MSI-X vector
         self._loop = None
         try:
             self._handshake()
@@ -286,13 +288,23 @@ class VhostUserDevice(VirtioDevice):
             self._exchange(vu.SET_VRING_ADDR, vu.vring_addr(i, self._user_address(mem, q.desc),
                                                             self._user_address(mem, q.device),
                                                             self._user_address(mem, q.driver)))
-            call = self.eventfds.irq_fd(q.vector) if q.vector != NO_VECTOR else None
-            self._exchange(vu.SET_VRING_CALL, vu.vring_fd(i, call is not None), [call] if call is not None else [])
+            self._exchange(vu.SET_VRING_CALL, vu.vring_fd(i), [self._call_fd(q)])
             self._exchange(vu.SET_VRING_KICK, vu.vring_fd(i), [self.eventfds.notify_fd(i)])
             if self.backend_features & vu.F_PROTOCOL_FEATURES:
                 self._exchange(vu.SET_VRING_ENABLE, vu.vring_state(i, 1))
         self._barrier()
         self._running = True
+
+    def _call_fd(self, q):
+        """The queue vector's irq eventfd; for a queue without a vector (a polling driver) an eventfd nobody
+        reads, as QEMU gives: libvhost-user back ends (qemu-storage-daemon 7.2) write their call fd
+        unconditionally and die on a missing one."""
+        fd = self.eventfds.irq_fd(q.vector) if q.vector != NO_VECTOR else None
+        if fd is None:
+            if self._sink is None:
+                self._sink = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            fd = self._sink
+        return fd
 
     def _stop_rings(self):
         """GET_VRING_BASE per ring: the back end stops it and says where; kept for the restart."""
@@ -420,6 +432,9 @@ class VhostUserDevice(VirtioDevice):
             self._running = False
             if self.sock.fileno() >= 0:
                 self.sock.close()         # the back end sees EOF and stops serving the rings
+            if self._sink is not None:
+                os.close(self._sink)
+                self._sink = None
             if self.state != "failed":
                 self.state = "stopped"
 

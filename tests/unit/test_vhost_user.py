@@ -217,11 +217,16 @@ def test_activation_hands_over_guest_ram_and_the_rings_and_the_back_end_serves_t
     assert b.served == 2 and d.counters()["activations"] == 1
 
 
-def test_a_queue_without_a_vector_gets_no_call_fd_and_is_still_served(blk, mem):
+def test_a_queue_without_a_vector_gets_a_call_fd_nobody_reads(blk, mem):
+    # libvhost-user back ends write their call fd whether or not the driver wants interrupts
     blk.dev.activate(mem, blk.dev.features, blk.queues(vector=False))
-    call = [p for r, _, p, n in blk.backend.log if r == vu.SET_VRING_CALL]
-    assert [vu.unpack_u64(p) & vu.VRING_NOFD for p in call] == [vu.VRING_NOFD] * 2
+    call = [(vu.unpack_u64(p), n) for r, _, p, n in blk.backend.log if r == vu.SET_VRING_CALL]
+    assert call == [(0, 1), (1, 1)]
     served_once(blk, mem)
+    assert blk.backend.rings[0].call is not None
+    for fd in blk.eventfds.irq:                                 # no vector was signalled
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(fd)
 
 
 def test_bad_rings_from_the_driver_are_refused_before_anything_is_sent(blk, mem):
