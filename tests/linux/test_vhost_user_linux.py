@@ -127,6 +127,8 @@ def test_linux_uses_a_qcow2_overlay_through_qemu_storage_daemon_and_a_host_direc
         info = sup.info("g")
         assert "closed the connection" in info["devices"]["vhost-user0"]["reason"], info["devices"]
         assert info["state"] == "running" and info["devices"]["vhost-user1"]["state"] == "running"
+        pci = json.loads(sup.hvctl("stats", "g", "--json", check=0).stdout)["devices"]["pci"]
+        assert pci["vhost-user0"]["status"] & 64 and not pci["vhost-user1"]["status"] & 64   # DEVICE_NEEDS_RESET
         out = c.run("cat /mnt/from-host.txt; echo alive-$((6*7))", "alive-42", timeout=60)
         assert "written by the host" in out, out
         r = sup.hvctl("snapshot", "g", tmp_path / "snap", check=2)
