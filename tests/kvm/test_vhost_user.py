@@ -35,8 +35,8 @@ def test_a_supervised_guest_with_a_vhost_user_device_reports_it_and_survives_its
         text = sup.hvctl("info", "g", check=0).stdout
         assert f"vhost-user:   fs,socket={listener.path},tag=share" in text
         assert f"vhost-user0: running (pid {os.getpid()})" in text
-        stats = sup.hvctl("stats", "g", check=0).stdout          # the back end's process among the guest's
-        assert "vhost-user0" in stats and f"device:vhost-user0  {os.getpid()}" in stats, stats
+        stats = sup.hvctl("stats", "g", check=0).stdout
+        assert f"vhost-user0  running  {os.getpid()}" in stats, stats
 
         # its back end's state cannot be saved: snapshot and migrate refuse at once, the guest runs on
         target = tmp_path / "snap"
