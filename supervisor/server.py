@@ -504,6 +504,7 @@ class Server:
         from pyhv.proto.snapshot import check_target
         g = self.registry.get(msg.name)
         self._need_state(g, "running", "paused")
+        kinds.check_snapshottable(g.config.devices, g.name)
         if not os.path.isabs(msg.dir):
             raise UserError(f"snapshot directory {msg.dir!r} is not an absolute path")
         check_target(msg.dir)
@@ -579,6 +580,7 @@ class Server:
         import tempfile
         g = self.registry.get(msg.name)
         self._need_state(g, "running", "paused")
+        kinds.check_snapshottable(g.config.devices, g.name)
         if g.mem_fd is None:
             raise HostError(f"guest {g.name}'s RAM is out of this supervisor's reach (it adopted the guest and "
                             f"could not open the worker's memfd): it cannot be migrated")

@@ -131,7 +131,9 @@ class Worker:
 
         A migration's hand-over (state only) leaves the guest held: the supervisor stops it once the guest runs
         under its new supervisor, or resumes it if that failed."""
+        from pyhv.devices.virtio.kinds import check_snapshottable
         from pyhv.vcpu_worker.snapshot import write_snapshot
+        check_snapshottable(self.config.devices, self.config.name)      # before the guest is held
         if self.machine.debugger is not None and self.machine.debugger.client is not None:
             raise BadState(f"{self.config.name}: a GDB client is attached (its breakpoints are in guest memory); "
                            f"detach it first")
