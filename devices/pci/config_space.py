@@ -12,7 +12,9 @@ decoded BAR: a BAR the guest moves onto another one stops decoding, as
 overlapping PCI devices would not work either (they would fight over the
 cycles); it decodes again once moved apart.  The root owns the decision
 (`root.decode`), so that all functions are checked against each other under
-one lock; a function is told with `bar_moved(index, old, new)`.
+one lock; a function is told with `bar_moved(index, old, None)` when a BAR
+stops decoding at `old` and `bar_moved(index, None, new)` when it starts at
+`new` (every BAR has left its old place before any takes a new one).
 """
 import struct
 
@@ -161,7 +163,7 @@ class PciFunction:
             self.root.decode()
 
     def bar_moved(self, index, old, new):
-        """Override: BAR `index` is now decoded at `new` (None: not decoded); it was at `old`."""
+        """Override: BAR `index` stopped decoding at `old` (new is None) or started at `new` (old is None)."""
 
     def plugged(self):
         """Override: now on the bus (`self.root` set), BARs placed, decoding not yet on."""

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from fakes import FakeBackend, FakeRouter
+from fuzzing import StrictRouter
 from ringdriver import AVAIL, DESC, USED, RingDriver
 
 from pyhv.devices.guest_memory import GuestMemory, create_memfd
@@ -175,14 +176,44 @@ def test_guest_moving_a_bar_moves_the_window_and_the_ioeventfds():
     root.router.ioeventfd_log.clear()
     cfg_write(root, 1, 0x10, new, 4)                   # decoding stays on
     assert dev.bar_addr[0] == new
-    assert root.router.ioeventfd_log[:2] == [("deassign", dev.eventfds.notify[0], old + V.NOTIFY_OFF, 2),
-                                     ("assign", dev.eventfds.notify[0], new + V.NOTIFY_OFF, 2)]
+    n0, n1 = dev.eventfds.notify
+    assert root.router.ioeventfd_log == [       # every old place is left before any new one is taken
+        ("deassign", n0, old + V.NOTIFY_OFF, 2), ("deassign", n1, old + V.NOTIFY_OFF + 4, 2),
+        ("assign", n0, new + V.NOTIFY_OFF, 2), ("assign", n1, new + V.NOTIFY_OFF + 4, 2)]
     win = root.window
     assert win.read(new - R.MMIO_WINDOW_START + NUMQ, 2) == b"\x02\x00"
     assert win.read(old - R.MMIO_WINDOW_START + NUMQ, 2) == b"\xff\xff"
     cfg_write(root, 1, 0x10, 0x1000_0000, 4)           # outside the window: not decoded
     assert dev.bar_addr[0] is None
     assert win.read(new - R.MMIO_WINDOW_START, 4) == b"\xff" * 4
+
+
+def strict_pair():
+    """A bus with two virtio functions (slots 1 and 2) on a router that refuses what KVM refuses."""
+    router = StrictRouter()
+    root = PciRoot(router)
+    fns = []
+    for name in ("a", "b"):
+        fn = V.VirtioPciDevice(FakeBackend(), None, router, Eventfds.create(2))
+        root.add(fn, name)
+        fns.append(fn)
+    return root, router, fns
+
+
+def notify_ioeventfds(*fns):
+    return {(fn.bar_addr[0] + V.NOTIFY_OFF + 4 * q, 2): fd for fn in fns for q, fd in enumerate(fn.eventfds.notify)}
+
+
+def test_a_bar_taking_the_place_another_has_just_left_gets_its_ioeventfds():
+    """Found by tests/unit/fuzz/test_fuzz_pci.py: a's BAR put onto b's does not decode; when b then turns memory
+    decoding off, a's decodes there in the same step, and its ioeventfds must be added only after b's are gone
+    (they were added first: EEXIST, the VM failed with 70)."""
+    root, router, (a, b) = strict_pair()
+    cfg_write(root, 1, 0x10, b.bar_addr[0], 4)
+    assert a.bar_addr[0] is None
+    cfg_write(root, 2, 0x04, 0, 2)
+    assert b.bar_addr[0] is None and a.bar_addr[0] == b.bar_value(0)
+    assert router.ioeventfds == notify_ioeventfds(a)
 
 
 def test_capability_list_describes_the_bar_layout():
