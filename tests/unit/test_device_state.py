@@ -103,3 +103,33 @@ def test_states_are_plain_values():
     for device in (Serial8250(irq=lambda level: None, out=lambda b: None), I8042(reset=lambda: None), CmosRtc(),
                    DebugPage(exit_vm=lambda v: None, console_out=lambda d: None)):
         assert codec._is_plain(device.snapshot()), device
+
+
+# --- saved state from a hostile snapshot (found by tests/unit/fuzz/test_fuzz_legacy.py) ---------------------
+
+@pytest.mark.parametrize("field, value", [("lcr", 256), ("ier", 0x10), ("dll", 0x1FF), ("scr", 2 ** 64),
+                                          ("mcr", 0x20), ("lsr_err", 0x01), ("tx_bytes", -1)])
+def test_serial_refuses_registers_no_uart_holds(field, value):
+    """An 8250 restored with LCR=256 read it back through a 256-entry table: IndexError in the vCPU, VM failed (70)
+    on the guest's first register read instead of the restore refusing the snapshot."""
+    a = Serial8250(irq=lambda level: None, out=lambda b: None)
+    before = a.snapshot()
+    with pytest.raises(StateError):
+        a.restore({**before, field: value})
+    assert a.snapshot() == before                   # nothing half-restored
+    for offset in range(8):
+        assert len(a.read(offset, 1)) == 1
+
+
+@pytest.mark.parametrize("field, value", [("last", -1), ("ctr", 256), ("outport", 0x100), ("status_cmd", 3),
+                                          ("pending", 0x42)])
+def test_i8042_refuses_registers_no_controller_holds(field, value):
+    """last=-1 made the next read of port 0x60 raise ValueError (bytes((-1,))): the VM failed instead of the
+    restore refusing the snapshot."""
+    a = I8042(reset=lambda: None)
+    before = a.snapshot()
+    with pytest.raises(StateError):
+        a.restore({**before, field: value})
+    assert a.snapshot() == before
+    assert len(a.data_port().read(0, 1)) == 1 and len(a.command_port().read(0, 1)) == 1
+
