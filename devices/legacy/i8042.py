@@ -18,7 +18,7 @@ there as a working port and then waits 250 ms for an IRQ 12 that never comes.
 import threading
 from collections import deque
 
-from pyhv.proto.errors import StateError
+from pyhv.proto.errors import StateError, state_bytes
 
 STATUS_OBF, STATUS_SYS, STATUS_CMD, STATUS_UNLOCKED = 0x01, 0x04, 0x08, 0x10
 CTR_KBDINT, CTR_KBDDIS, CTR_AUXDIS = 0x01, 0x10, 0x20
@@ -118,7 +118,7 @@ class I8042:
         if byte["status_cmd"] not in (0, STATUS_CMD):
             raise StateError(f"i8042 status bit 3 saved as {byte['status_cmd']!r}")
         with self._lock:
-            self._out = deque(bytes(state["out"])[:OUT_BUFFER])
+            self._out = deque(state_bytes(state["out"], "i8042 output buffer")[:OUT_BUFFER])
             self._last, self._ctr, self._outport = byte["last"], byte["ctr"], byte["outport"]
             self._pending = pending
             self._status_cmd = byte["status_cmd"]

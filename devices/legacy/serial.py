@@ -12,7 +12,7 @@ order.
 import threading
 from collections import deque
 
-from pyhv.proto.errors import StateError
+from pyhv.proto.errors import StateError, state_bytes
 
 # Register offsets; with LCR.DLAB set, offsets 0 and 1 are DLL and DLM.
 THR, IER, IIR, LCR, MCR, LSR, MSR, SCR = range(8)
@@ -112,7 +112,7 @@ class Serial8250:
         with self._lock:
             for name, value in values.items():
                 setattr(self, name, value)
-            self._rx = deque(bytes(state["rx"])[-self._rx_size:])
+            self._rx = deque(state_bytes(state["rx"], "serial input")[-self._rx_size:])
 
     def refresh_irq(self):
         """Drive the IRQ line to the registers' level: after a restore the new irqchip has no line of ours high."""

@@ -18,7 +18,7 @@ stops decoding at `old` and `bar_moved(index, None, new)` when it starts at
 """
 import struct
 
-from pyhv.proto.errors import HvError, StateError
+from pyhv.proto.errors import HvError, StateError, state_bytes
 
 VENDOR_ID, DEVICE_ID, COMMAND, STATUS = 0x00, 0x02, 0x04, 0x06
 REVISION_ID, CLASS_PROG, HEADER_TYPE = 0x08, 0x09, 0x0E
@@ -180,7 +180,7 @@ class PciFunction:
         return {"config": bytes(self.config)}
 
     def restore(self, state):
-        config = bytes(state["config"])
+        config = state_bytes(state["config"], "PCI config space")
         if len(config) != CONFIG_SIZE or config[:4] != self.config[:4]:
             raise StateError("PCI config space does not belong to this function")
         self.config[:] = config
