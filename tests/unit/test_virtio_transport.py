@@ -24,6 +24,7 @@ from pyhv.devices.virtio.queue import QueueConfigError
 from pyhv.devices.virtio.rng import VirtioRng
 from pyhv.devices.virtio.transport import common_config as cc, msix as MX, pci as V
 from pyhv.proto.device_service import QueueConfig, ServiceFds
+from pyhv.proto.errors import StateError
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -552,3 +553,29 @@ def test_threaded_backend_serves_kicks_made_before_activation():
         eventfds.close()
 
 
+
+
+# --- transport state from a hostile snapshot (found by tests/unit/fuzz/test_fuzz_snapshot.py) ---------------
+
+@pytest.mark.parametrize("field, value", [
+    ("status", 256), ("device_feature_select", -1), ("driver_feature_select", 2 ** 32), ("config_vector", 0x10000),
+    ("queue_select", -1), ("config_generation", 0x100), ("driver_features", 2 ** 64),
+    ("queue 0 vector", 0x10000), ("queue 0 desc", 2 ** 64), ("queue 1 driver", -1), ("queue 0 enabled", 5),
+    ("queue 0 size", "8")])
+def test_a_saved_transport_register_out_of_range_is_refused_and_changes_nothing(field, value):
+    """status=256 restored fine and the guest's next read of the common config packed it into one byte
+    (struct.error in the vCPU: the VM failed with 70); a negative feature select was a ValueError there."""
+    root, dev = make()
+    state = {"pci": CS.PciFunction.snapshot(dev), "common": dev.common.snapshot(), "msix": dev.msix.snapshot(),
+             "isr": 0, "config": b""}
+    if field.startswith("queue "):
+        _, q, name = field.split()
+        state["common"]["queues"][int(q)][name] = value
+    else:
+        state["common"][field] = value
+    before = dev.common.snapshot()
+    with pytest.raises(StateError, match="outside"):
+        dev.restore(state)
+    assert dev.common.snapshot() == before
+    for off in range(0, cc.LENGTH):
+        common_read(dev, off, 1)
