@@ -102,6 +102,17 @@ def test_a_bad_manifest_is_refused(tmp_path, change, message):
         S.Snapshot(snap)
 
 
+@pytest.mark.parametrize("text", [b"[" * 100_000, b'{"format": "pyhv-snapshot", "files": ' + b"[" * 5000 + b"]" * 5000 + b"}"])
+def test_a_manifest_nested_past_the_recursion_limit_is_refused_in_one_line(tmp_path, text):
+    """Found by tests/unit/fuzz/test_fuzz_snapshot.py: json.loads raised RecursionError, which the reader did not
+    catch, so `hvctl restore` of such a directory printed a traceback instead of refusing it."""
+    snap = write(str(tmp_path / "s"))
+    with open(os.path.join(snap, "manifest.json"), "wb") as f:
+        f.write(text)
+    with pytest.raises(S.SnapshotError, match="not JSON"):
+        S.Snapshot(snap)
+
+
 def test_ram_that_does_not_match_its_checksum_is_refused_while_loading(tmp_path):
     snap = write(str(tmp_path / "s"))
     with open(os.path.join(snap, "memory"), "r+b") as f:
