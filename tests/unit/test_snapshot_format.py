@@ -93,6 +93,7 @@ def _set(path, value):
     (_set(["files", "state.msgpack", "sha256"], "0" * 64), "checksum"),
     (_set(["config", "vcpus"], 3), "3 vCPUs"),
     (_set(["config", "boot"], 7), "bad guest config"),
+    (_set(["config", "cmdline"], "\ud800"), "bad guest config.*not UTF-8"),   # JSON can say it; .encode() fails
     (lambda m: m["files"].pop("state.msgpack"), "incomplete"),
 ])
 def test_a_bad_manifest_is_refused(tmp_path, change, message):
