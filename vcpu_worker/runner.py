@@ -69,6 +69,8 @@ class Foreground:
             from pyhv.proto import runtime
             from pyhv.vcpu_worker.launchers import LocalLauncher, ensure_switch
             self.host = self.host or runtime.PrivateDir()
+            for name in kinds.switches(config.devices):
+                runtime.check_switch_socket(self.host.switch_root, name)
             self.launcher = LocalLauncher(config, self.host)    # the disks are ours (locked) before anything runs
             switch_dir = runtime.RuntimeDir(self.host.switch_root)
             for name in kinds.switches(config.devices):
