@@ -64,7 +64,7 @@ def ensure_switch(runtime_dir, name, idle_exit=15.0):
     supervisor's (supervisor/switches.py).
     """
     from pyhv.devices.net.switch import is_served
-    os.makedirs(runtime_dir.path, exist_ok=True)
+    runtime_dir.make_private()          # 0700 whatever the umask (its sockets carry the guests' frames), or refused
     if is_served(runtime_dir.switch_file(name, "lock")):
         return
     log_path = runtime_dir.switch_file(name, "log")

@@ -178,3 +178,23 @@ def test_a_switch_whose_socket_path_cannot_exist_is_refused_at_create_and_run(bu
     finally:
         sup.stop()
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+def test_hvctl_run_makes_its_switch_dir_private_even_under_umask_000(build_c_guest, tmp_path):
+    """Re-checking issue 14 defect 5 (runtime dir safety rested on the umask): the supervisor's dir was fixed, but
+    `hvctl run --net switch:` made the default runtime dir itself, with os.makedirs: under umask 000 the dir and
+    the switch's socket were 0777, so any local user could connect to the switch and read and inject the guests'
+    frames.  It now makes the dir as the supervisor does: 0700, or refused if another user's."""
+    import stat
+    spin = build_c_guest("long guest_main(long i, long n, long k) { for (;;) __asm__ volatile(\"pause\"); }")
+    os.chmod(tmp_path, 0o755)
+    rundir = str(tmp_path / "rt")
+    env = {**os.environ, "HV_RUNTIME_DIR": rundir}
+    r = subprocess.run([*HVCTL, "run", "--kernel", spin, "--boot", "raw64", "--net", "switch:lab", "--timeout", "2"],
+                       env=env, umask=0, capture_output=True, timeout=60)
+    assert r.returncode == 124, r.stderr
+    assert stat.S_IMODE(os.stat(rundir).st_mode) == 0o700
+    os.chmod(rundir, 0o777)                                    # a dir others can write to is refused
+    r = subprocess.run([*HVCTL, "run", "--kernel", spin, "--boot", "raw64", "--net", "switch:lab", "--timeout", "2"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "writable by others" in r.stderr and len(r.stderr.splitlines()) == 1
