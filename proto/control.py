@@ -99,9 +99,11 @@ class Migrate(Message):
 @CONTROL
 class Immigrate(Message):
     """Supervisor -> supervisor, on hvctl.sock with the guest's RAM memfd attached: continue the guest whose
-    hand-over state is in `dir` (inside the receiver's runtime dir); reply GuestInfo once its worker runs."""
+    hand-over state is in `dir` (inside the receiver's runtime dir); reply GuestInfo once its worker runs.
+    After the memfd come the fds of its disk images (locked), one per device named in `images`."""
     dir: str
     paused: bool = False
+    images: list[str] = list
 
 
 @CONTROL

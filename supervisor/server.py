@@ -48,6 +48,7 @@ MIGRATE_TIMEOUT = 60.0    # for the target to start the guest it was handed
 SNAPSHOT_TIMEOUT = 600.0  # a snapshot writes the guest's RAM and disks: seconds per GiB on a slow disk
 STOP_GRACE = 3.0        # seconds a worker gets to exit after Stop before SIGKILL
 SWITCH_WATCH = 0.5      # seconds between checks of the net switch processes
+MAX_REQUEST_FDS = 16    # with a request on hvctl.sock: an Immigrate's memfd and its disk images
 
 
 WAIT_GRACE = 1.0        # a Wait with a timeout is forgotten this long after its client stopped listening
@@ -198,7 +199,7 @@ class Server:
     def _on_seq(self, conn):
         self.loop.remove(conn)
         try:
-            data, fds, _, _ = socket.recv_fds(conn, codec.MAX_MESSAGE_BYTES + 1, 1)
+            data, fds, _, _ = socket.recv_fds(conn, codec.MAX_MESSAGE_BYTES + 1, MAX_REQUEST_FDS)
         except OSError:
             data, fds = b"", []
         if not data:
@@ -464,8 +465,8 @@ class Server:
     def create(self, msg, envelope):
         validate(msg.config)
         g = self.registry.add(msg.config)
-        if msg.start:
-            return self.start(m.Start(g.name), envelope)      # the reply comes when the worker is there
+        if msg.start:                   # the reply comes when the worker is there; a refused start leaves nothing
+            return self._forget_on_failure(g, lambda: self.start(m.Start(g.name), envelope))
         return g.info()
 
     def start(self, msg, envelope):
@@ -477,23 +478,30 @@ class Server:
         return self._launch(g, envelope)
 
     def _launch(self, g, envelope):
-        """Start g's worker (switches first); the reply goes to `envelope` once it exists."""
+        """Start g's worker (its disk images locked and switches started first); the reply goes to `envelope` once
+        it exists."""
         def done(error):
             g.starting = False
             paused = g.restore is not None and g.restore[1]
             g.restore = None            # a later start boots afresh
             if error is not None:
                 spawn.release_memory(g)
+                self.services.release_images(g.name)
                 self._reply(envelope, Error.of(InternalError(f"cannot start guest {g.name}: {error}")))
                 return
             g.set_state("paused" if paused else "running")
             self._reply(envelope, g.info())
 
-        for name in kinds.switches(g.config.devices):
-            try:
-                self.switches.ensure(name)
-            except OSError as e:
-                raise InternalError(f"cannot start switch {name} for guest {g.name}: {e}") from None
+        self.services.open_images(g)    # UserError if another guest holds one: nothing has run
+        try:
+            for name in kinds.switches(g.config.devices):
+                try:
+                    self.switches.ensure(name)
+                except OSError as e:
+                    raise InternalError(f"cannot start switch {name} for guest {g.name}: {e}") from None
+        except BaseException:
+            self.services.release_images(g.name)
+            raise
         g.starting = True
         self.spawner.start_worker(g, done)      # done() now (direct spawn) or when the zygote answers
         self._sync_zygote()
@@ -566,6 +574,7 @@ class Server:
             return start()
         except BaseException:
             spawn.release_memory(g)
+            self.services.release_images(g.name)
             self.registry.remove(g, keep_logs=False)
             raise
 
@@ -605,9 +614,11 @@ class Server:
             if isinstance(reply, HvError):
                 move.close(self.loop)
                 raise reply
+            images = self.services.images.get(g.name, {})     # the locks go with the guest
             try:
-                socket.send_fds(conn, [codec.encode(m.Immigrate(os.path.join(incoming, "state"), was_paused),
-                                                    m.CONTROL)], [g.mem_fd])
+                socket.send_fds(conn, [codec.encode(m.Immigrate(os.path.join(incoming, "state"), was_paused,
+                                                                images=list(images)), m.CONTROL)],
+                                [g.mem_fd, *images.values()])
             except OSError as e:
                 return self._migration_failed(move, envelope, f"cannot hand it over: {e.strerror}")
             move.timer = self.loop.call_at(time.monotonic() + MIGRATE_TIMEOUT,
@@ -659,8 +670,9 @@ class Server:
     def immigrate(self, msg, envelope):
         """A guest handed over by another supervisor (`migrate`): its RAM is the fd that came with the request."""
         from pyhv.proto.snapshot import Snapshot
-        if len(self._fds) != 1:
-            raise ProtocolError("Immigrate comes on hvctl.sock with one fd: the guest's RAM memfd")
+        if len(self._fds) != 1 + len(msg.images):
+            raise ProtocolError("Immigrate comes on hvctl.sock with the guest's RAM memfd and one fd per image it "
+                                "names")
         if os.path.dirname(os.path.dirname(os.path.realpath(msg.dir))) != os.path.realpath(self.dir):
             raise UserError(f"a hand-over is taken only from inside {self.dir}, not {msg.dir}")
         snap = Snapshot(msg.dir, handover=True)
@@ -670,10 +682,17 @@ class Server:
         if os.fstat(self._fds[0]).st_size != config.mem_bytes:
             raise UserError(f"the RAM handed over is not the {config.mem_bytes >> 20} MiB guest {config.name} has")
         validate(config, boot_files=False)
+        devices = {name: (k, d.options) for name, k, d in kinds.named(config.devices)}
+        images = dict(zip(msg.images, self._fds[1:]))
+        for name, fd in images.items():
+            if name not in devices or not devices[name][0].is_image(devices[name][1], fd):
+                raise UserError(f"the image handed over as {name!r} is not a disk of guest {config.name}")
         g = self.registry.add(config)
-        g.mem_fd = self._fds.pop()
+        g.mem_fd = self._fds.pop(0)
+        self._fds = []                              # the images: ours from here on, held with the guest
 
         def start():
+            self.services.open_images(g, images)    # the source's locks, not new ones (its services still run)
             state = g.files.file("handover")
             shutil.move(snap.path, state)           # ours now, beside the guest's other files
             g.restore = (state, msg.paused)

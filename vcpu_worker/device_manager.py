@@ -141,7 +141,7 @@ class DeviceManager:
                 p.restore(saved_plugins[name])
         except ProtocolError as e:
             raise StateError(f"the snapshot's device state is malformed: {e}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise StateError(f"the snapshot's device state is malformed: {type(e).__name__}: {e}") from None
         self.serial.refresh_irq()        # a level the restored irqchip may not hold as a line of ours
 

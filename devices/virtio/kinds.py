@@ -65,6 +65,15 @@ class Kind:
         """The options its service gets: `options` with host-side resources resolved by `host`."""
         return dict(options)
 
+    def open_image(self, options):
+        """The host file its service works on (a disk image), opened and locked by whoever starts the service and
+        held while the guest runs (devices/virtio/image_lock.py); None for kinds without one.  UserError."""
+        return None
+
+    def is_image(self, options, fd):
+        """Whether `fd` (handed over by a peer) is what open_image() would have opened for `options`."""
+        return False
+
     def model_class(self):
         module, _, cls = self.model.partition(":")
         return getattr(importlib.import_module(module), cls)
@@ -74,15 +83,16 @@ class Kind:
         return self.model_class().num_queues
 
     def build(self, options):
-        """The model, in the process that runs it, from service_options()."""
+        """The model, in the process that runs it, from service_options(); a kind with an image also takes
+        `image`, the fd open_image() gave (None: it opens the file itself, unlocked, as in-process tests do)."""
         return self.model_class()()
 
-    def build_checked(self, options):
+    def build_checked(self, options, image=None):
         """build() after checking that `options` (from a ServiceSpec) has what it needs; UserError otherwise."""
         missing = [o for o in self.service_options_needed if not isinstance(options.get(o), str)]
         if missing:
             raise UserError(f"a {self.name} service needs option {missing[0]!r}")
-        return self.build(options)
+        return self.build(options) if image is None else self.build(options, image)
 
 
 class Rng(Kind):
@@ -130,8 +140,16 @@ class Blk(Kind):
     def describe(self, options):
         return options["path"] + (",ro" if "ro" in options else "")
 
-    def build(self, options):
-        return self.model_class()(options["path"], read_only="ro" in options)
+    def open_image(self, options):
+        from pyhv.devices.virtio.image_lock import open_image
+        return open_image(options["path"], "ro" in options)
+
+    def is_image(self, options, fd):
+        from pyhv.devices.virtio.image_lock import is_image
+        return is_image(fd, options["path"], "ro" in options)
+
+    def build(self, options, image=None):
+        return self.model_class()(options["path"], read_only="ro" in options, fd=image)
 
 
 class Console(Kind):
@@ -387,6 +405,22 @@ def named(devices):
         n = counts[k.name] = counts.get(k.name, -1) + 1
         out.append((k.device_name(n), k, d))
     return out
+
+
+def open_images(devices):
+    """{device name: fd} of every image the devices' services work on, each opened and locked (open_image);
+    UserError (none left open) if one cannot be."""
+    images = {}
+    try:
+        for name, k, d in named(devices):
+            fd = k.open_image(d.options)
+            if fd is not None:
+                images[name] = fd
+    except BaseException:
+        for fd in images.values():
+            os.close(fd)
+        raise
+    return images
 
 
 def switches(devices):

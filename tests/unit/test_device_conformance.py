@@ -84,11 +84,18 @@ class Guest:
 def guest():
     g = Guest()
     yield g
+    launcher = _launchers.pop(g, None)
+    if launcher is not None:
+        launcher.close()
     g.close()
 
 
+_launchers = {}
+
+
 def build(kind_name, where, guest, host, tmp_path):
-    """(device, eventfds, cleanup) for a kind, its model here or behind a ServiceProxy."""
+    """(device, eventfds) for a kind, its model here or behind a ServiceProxy (one launcher per guest, holding its
+    disk image, as `hvctl run` has: a second instance is the same guest's next incarnation)."""
     kind = kinds.kind(kind_name)
     options = options_for(kind_name, tmp_path)
     eventfds = Eventfds.create(kind.num_queues(options))
@@ -96,7 +103,9 @@ def build(kind_name, where, guest, host, tmp_path):
         dev = kind.build_checked(kind.service_options(options, host))
     else:
         config = GuestConfig(name="c", kernel="/k", mem_bytes=RAM, devices=[DeviceSpec(kind_name, options)])
-        dev = ServiceProxy(kind, kinds.named(config.devices)[0][0], guest.mem, eventfds, LocalLauncher(config, host))
+        if guest not in _launchers:
+            _launchers[guest] = LocalLauncher(config, host)
+        dev = ServiceProxy(kind, kinds.named(config.devices)[0][0], guest.mem, eventfds, _launchers[guest])
     dev.attach(TransportEvents(), eventfds)
     return dev, eventfds
 
