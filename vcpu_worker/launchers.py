@@ -24,12 +24,13 @@ import time
 from pyhv.devices.net.switch import ALREADY_SERVED
 from pyhv.devices.virtio import kinds
 from pyhv.devices.virtio.proxy import LauncherAbsent
-from pyhv.proto import codec, device_service as ds, plugin as pw, runtime
+from pyhv.proto import codec, device_service as ds, plugin as pw, runtime, sandbox
 from pyhv.proto.errors import PeerFailed, ProtocolError
 from pyhv.proto.messages import Error
 
 REPLY_BYTES = 4096
 SWITCH_START_TIMEOUT = 10.0
+REAP_WAIT = 2.0               # how long a dead service may wait to be reaped by the supervisor (every 50 ms)
 
 
 def service_command(spec):
@@ -121,13 +122,24 @@ class ServiceProcess:
     def describe_exit(self):
         rc, who = self.returncode, f"{self.what} pid {self.pid}"
         if rc == "exited":
-            return f"{who} ended (its exit status is in the supervisor's log)"
+            status = self._reaped_status()
+            if status is None:
+                return f"{who} ended (its exit status is in the supervisor's log)"
+            return f"{who} {sandbox.describe_wait_status(status)}"
         if rc is not None and rc < 0:
-            try:
-                return f"{who} killed by {signal.Signals(-rc).name}"
-            except ValueError:
-                return f"{who} killed by signal {-rc}"
+            return f"{who} {sandbox.killed_by(-rc)}"
         return f"{who} exited with status {rc}"
+
+    def _reaped_status(self):
+        """Someone else's child: its wait status from the pidfd once its parent (the supervisor, which reaps
+        every TICK) has reaped it; None if that does not happen within REAP_WAIT or the kernel cannot say."""
+        deadline = time.monotonic() + REAP_WAIT
+        while self.pidfd is not None:
+            status = sandbox.pidfd_exit_status(self.pidfd)
+            if status is not None or time.monotonic() > deadline:
+                return status
+            time.sleep(0.01)
+        return None
 
     def close(self):
         if self.pidfd is not None:

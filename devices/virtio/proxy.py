@@ -169,20 +169,22 @@ class ServiceProxy(VirtioDevice):
         if evt is not None:
             self._loop.remove(evt)
 
-    def _reap(self):
-        """The incarnation is dead (or must be): kill, wait, close its sockets; how it ended."""
+    def _reap(self, describe=False):
+        """The incarnation is dead (or must be): kill, wait, close its sockets; how it ended (if `describe`:
+        that may wait for its parent to reap it)."""
         proc = self._proc
         if proc is None:
             return "not running"
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        how = proc.describe_exit() if describe else None     # before close(): it may ask the pidfd
         proc.close()
         for s in (self._ctl, self._evt):
             if s is not None:
                 s.close()
         self._proc = self._ctl = self._evt = None
-        return proc.describe_exit()
+        return how
 
     def _call(self, msg, expect, timeout=None):
         """One request/reply.  ServiceRefused on an Error reply, ServiceGone on death or timeout."""
@@ -266,7 +268,7 @@ class ServiceProxy(VirtioDevice):
             if self._closed or proc is not self._proc:
                 return
             self._unwatch(proc, evt)
-            why = self._reap()
+            why = self._reap(describe=True)
             if self.reason.startswith(("no reply", "bad reply")):
                 why = f"{self.reason} ({why})"
             self.reason = why
