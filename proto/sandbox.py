@@ -56,6 +56,8 @@ Why these choices (docs/threat-model.md has the whole story):
   already connected); a switch may also write in its runtime dir (stats
   file, its socket).  TCP bind/connect are denied (ABI 4+), and so are
   signals and abstract sockets outside the process (ABI 6+).
+- **No core dumps** (RLIMIT_CORE 0): a seccomp kill would otherwise dump
+  the process, guest RAM included, into its working directory.
 - **Closing what a role was not given**: spawned roles get exactly their fds
   (subprocess close_fds + pass_fds), the zygote's worker closes every fd but
   its own before anything else (supervisor/zygote.py); tests check
@@ -71,7 +73,7 @@ import sys
 
 ENV = "HV_SECCOMP"
 MODES = ("enforce", "log", "off")
-LOG_PIDS_ENV = "HV_SECCOMP_PIDS"        # log mode: a file where each process appends "pid role" (for `collect`)
+LOG_PIDS_ENV = "HV_SECCOMP_PIDS"        # a file where each process appends "pid role" (for `collect`)
 SIGSYS_TEXT = "killed by SIGSYS: a system call outside its seccomp filter (HV_SECCOMP=log to find it)"
 
 # --- the lists ---------------------------------------------------------------------------------------------------
@@ -150,6 +152,8 @@ DENIED = {      # what no role does: absent from every list; what a plugin's den
 PARTLY = {      # calls a role without them in its list may still make with these values of one argument
     "prctl": (0, {15, 16}),             # PR_SET_NAME, PR_GET_NAME: libzmq names its threads
 }
+REFUSED = {"unlink", "unlinkat"}       # outside a list: EACCES, not a kill (a service's console socket is
+                                        # removed on a best-effort basis at exit, as Landlock would refuse it)
 NO_CAPS = {"service", "switch", "plugin"}
 LANDLOCKED = {"service", "switch"}
 NS_FLAGS = 0x7E020000                   # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
@@ -190,6 +194,7 @@ ATTR_CTL_TSYNC = 4
 CMP_EQ = 4
 CMP_MASKED_EQ = 7
 ENOSYS = 38
+EACCES = 13
 
 
 class _ArgCmp(ctypes.Structure):
@@ -275,6 +280,8 @@ def load_filter(role, log=False):
                 if name not in names:
                     for value in sorted(values):
                         _add(lib, ctx, ACT_ALLOW, name, _ArgCmp(arg, CMP_EQ, value, 0))
+            for name in sorted(REFUSED - names):
+                _add(lib, ctx, ACT_ERRNO | EACCES, name)
             for t in sorted(ioctl_types(role)):
                 _add(lib, ctx, ACT_ALLOW, "ioctl", _ArgCmp(1, CMP_MASKED_EQ, 0xFF00, t << 8))
         _add(lib, ctx, ACT_ERRNO | ENOSYS, "clone3")
@@ -416,11 +423,13 @@ def apply(role, writable=()):
     _status.update(role=role, mode=how)
     if role in NO_CAPS and drop_capabilities():
         _status["capabilities"] = "none"
+    import resource                     # a killed process dumps no core: a worker's or service's holds guest RAM
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     set_no_new_privs()
     _status["no_new_privs"] = True
     if how == "off":
         return dict(_status)
-    if how == "log" and os.environ.get(LOG_PIDS_ENV):
+    if os.environ.get(LOG_PIDS_ENV):
         with open(os.environ[LOG_PIDS_ENV], "a") as f:
             f.write(f"{os.getpid()} {role}\n")
     if role in LANDLOCKED:

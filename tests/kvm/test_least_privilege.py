@@ -109,6 +109,13 @@ def test_every_role_runs_with_no_new_privs_a_seccomp_filter_and_only_its_own_fds
     stats = __import__("json").loads(fleet.hvctl("stats", "all", "--json", check=0).stdout)
     assert stats["sandbox"]["role"] == "worker" and stats["sandbox"]["mode"] == "enforce"
     assert all(p["seccomp"] == 2 and p["no_new_privs"] == 1 for p in stats["host"].values()), stats["host"]
+    for name in ("all", "other"):              # their ends, every process's shutdown path, stay inside the lists
+        fleet.hvctl("stop", name, check=0)
+        assert fleet.info(name)["state"] == "stopped", fleet.info(name)
+    time.sleep(1)
+    logs = open(os.path.join(fleet.dir, "test-supervisor.log")).read() + "".join(
+        open(os.path.join(fleet.dir, "guests", n, "worker.log")).read() for n in ("all", "other"))
+    assert "SIGSYS" not in logs, logs
 
 
 def forbidden_call(pid):

@@ -150,3 +150,23 @@ def test_collect_names_the_calls_each_role_lacks():
              '[ 1.1] audit: type=1326 audit(1:3): auid=1 uid=0 gid=0 ses=1 pid=78 comm="x" exe="/x" sig=0 '
              'arch=c000003e syscall=0 compat=0 ip=0x1 code=0x7ffc0000\n') * 2
     assert sandbox.collect(dmesg, "77 service\n") == {"service": {"ptrace": 2}}
+
+
+def test_a_service_removing_a_file_gets_eacces_and_lives():
+    r = run_as("service", """
+        try:
+            os.unlink("/nonexistent-pyhv-probe")
+        except PermissionError:
+            print("refused")
+    """)
+    assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stderr)
+
+
+def test_a_killed_role_dumps_no_core(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "from pyhv.proto import sandbox; import ctypes, resource\n"
+                        "resource.setrlimit(resource.RLIMIT_CORE, (-1, -1))\nsandbox.apply('service')\n"
+                        "print(resource.getrlimit(resource.RLIMIT_CORE), flush=True)\n"
+                        "ctypes.CDLL(None).syscall(sandbox.syscall_number('ptrace'), 0, 0, 0, 0)"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGSYS and r.stdout.strip() == "(0, 0)", (r.stdout, r.stderr)
+    assert os.listdir(tmp_path) == []
