@@ -457,13 +457,14 @@ def proc_status(pid):
 
 # --- how a process ended -----------------------------------------------------------------------------------------
 
-def killed_by(signo):
-    """"killed by SIGNAME", naming SIGSYS as a seccomp kill (that is the only way our processes get it)."""
+def killed_by(signo, word=""):
+    """"killed by SIGNAME" ("killed by signal SIGNAME" with word="signal "), naming SIGSYS as a seccomp kill
+    (that is the only way our processes get it)."""
     import signal
     if signo == signal.SIGSYS:
         return SIGSYS_TEXT
     try:
-        return f"killed by {signal.Signals(signo).name}"
+        return f"killed by {word}{signal.Signals(signo).name}"
     except ValueError:
         return f"killed by signal {signo}"
 

@@ -420,7 +420,7 @@ def read_outcome(guest, returncode):
     elif returncode == procs.EXITED:
         how = "ended without a result (an earlier supervisor started it: its exit status is unknown)"
     elif returncode < 0:
-        how = sandbox.killed_by(-returncode)
+        how = sandbox.killed_by(-returncode, "signal ")
     else:
         how = f"exited with status {returncode} without a result"
     return "failed", EXIT_VM_FAILED, f"worker {how} (see {guest.files.worker_log})"

@@ -56,6 +56,8 @@ from pyhv.proto.messages import Error, Ok
 
 RESTART_WINDOW = 60.0
 LAUNCHER_RETRY = 0.5                # seconds between asks while nobody can start a service (no supervisor)
+REAP_WAIT = 5.0                     # a dead service the supervisor has not reaped yet (it does every 50 ms; a
+                                    # debugger attached to the service delays it): wait this long for its status
 UNIX_PATH_MAX = 107                 # sun_path minus its NUL
 
 
@@ -263,6 +265,9 @@ class ServiceProxy(VirtioDevice):
             return
         evt = self._evt
         self._events(evt)                    # the events it sent before dying still count
+        reaped = getattr(proc, "reaped_status", None)
+        if reaped is not None and proc.poll() is not None:
+            reaped(REAP_WAIT)                # how it ended (e.g. SIGSYS), known before the lock is taken
         give_up = None
         with self._lock:
             if self._closed or proc is not self._proc:
