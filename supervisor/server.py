@@ -30,7 +30,7 @@ import zmq
 
 from pyhv.devices.loop import EventLoop
 from pyhv.devices.virtio import kinds
-from pyhv.proto import codec, control as m
+from pyhv.proto import codec, control as m, sandbox
 from pyhv.proto.errors import (EXIT_STOPPED, BadState, HostError, HvError, InternalError, PeerFailed, ProtocolError,
                                UserError, from_wire)
 from pyhv.proto.messages import Error, Ok
@@ -141,6 +141,7 @@ class Server:
         self.loop.add(self.services.fileno(), self.services.serve)
         self.loop.every(TICK, self._watch)
         self._sync_zygote()
+        sandbox.apply("supervisor")     # the union of every role's calls: they are all its descendants
         print(f"supervisor: pid {os.getpid()} serving {self.runtime.control_endpoint}", file=sys.stderr, flush=True)
         try:
             self.loop.run()

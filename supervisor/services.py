@@ -23,13 +23,12 @@ this supervisor did not start (adopted after a restart) has its images
 opened on its first service request.
 """
 import os
-import signal
 import socket
 import subprocess
 import sys
 
 from pyhv.devices.virtio import kinds
-from pyhv.proto import codec, device_service as ds, plugin as pw, runtime
+from pyhv.proto import codec, device_service as ds, plugin as pw, runtime, sandbox
 from pyhv.proto.errors import HvError, UserError
 from pyhv.proto.messages import Error
 from pyhv.vcpu_worker.launchers import plugin_command, plugin_process, service_command
@@ -173,7 +172,7 @@ class ServiceLauncher:
                 if rc is None:
                     continue
                 procs.remove(p)
-                how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
+                how = sandbox.killed_by(-rc) if rc < 0 else f"exited with status {rc}"
                 print(f"supervisor: device service pid {p.pid} of guest {name} {how}", file=sys.stderr, flush=True)
             if not procs:
                 del self.procs[name]

@@ -37,7 +37,7 @@ import time
 
 from pyhv.devices.guest_memory import create_memfd
 from pyhv.devices.restarts import RestartPolicy
-from pyhv.proto import codec, guest as guest_msgs, runtime
+from pyhv.proto import codec, guest as guest_msgs, runtime, sandbox
 from pyhv.proto.errors import EXIT_STOPPED, EXIT_VM_FAILED
 from pyhv.supervisor import procs
 ZYGOTE_RESTART_BACKOFF = 5.0    # seconds between restarts of a zygote that keeps dying
@@ -156,6 +156,14 @@ class Spawner:
 
     def _drop_zygote(self, why):
         """Give up on the zygote: kill it, spawn what it still owed us directly."""
+        rc = self.zygote.proc.poll()
+        if rc is None and "went away" in why:
+            try:                        # its socket closed as it died: in a moment it is a zombie to read
+                rc = self.zygote.proc.wait(0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        if rc is not None and rc < 0:
+            why = f"{why} ({sandbox.killed_by(-rc)})"
         print(f"supervisor: zygote pid {self.zygote.pid}: {why}; workers are spawned directly until it is back",
               file=sys.stderr, flush=True)
         self.zygote.close()
@@ -177,7 +185,8 @@ class Spawner:
             if not self.zygote.alive():
                 self.collect()          # what it answered before it died still counts
                 if self.zygote is not None:
-                    self._drop_zygote(f"exited with status {self.zygote.proc.returncode}")
+                    rc = self.zygote.proc.returncode
+                    self._drop_zygote(sandbox.killed_by(-rc) if rc < 0 else f"exited with status {rc}")
             else:
                 self.collect()
                 if self.zygote is not None and self.pending:
@@ -411,10 +420,7 @@ def read_outcome(guest, returncode):
     elif returncode == procs.EXITED:
         how = "ended without a result (an earlier supervisor started it: its exit status is unknown)"
     elif returncode < 0:
-        try:
-            how = f"killed by signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            how = f"killed by signal {-returncode}"
+        how = sandbox.killed_by(-returncode, "signal ")
     else:
         how = f"exited with status {returncode} without a result"
     return "failed", EXIT_VM_FAILED, f"worker {how} (see {guest.files.worker_log})"

@@ -21,7 +21,7 @@ import sys
 
 from pyhv.devices.net.switch import ALREADY_SERVED, is_served
 from pyhv.devices.restarts import RestartPolicy
-from pyhv.proto import runtime
+from pyhv.proto import runtime, sandbox
 from pyhv.supervisor.procs import Adopted, cmdline
 from pyhv.vcpu_worker.launchers import switch_command
 
@@ -33,7 +33,7 @@ class Switches:
         self.runtime = runtime_dir          # a proto.runtime.RuntimeDir
         self.procs = {}                 # name -> Popen, or procs.Adopted for one we did not start
         self.restarts = {}              # name -> count
-        self.failures = {}              # name -> last exit status
+        self.failures = {}              # name -> how its last process ended
         self._policy = {}               # name -> RestartPolicy
 
     def ensure(self, name):
@@ -78,9 +78,14 @@ class Switches:
         if isinstance(p, Adopted):
             p.close()
         if p.returncode != ALREADY_SERVED:
-            self.failures[name] = p.returncode
             self.restarts[name] = self.restarts.get(name, 0) + 1
-            how = "ended" if isinstance(p, Adopted) else f"exited with status {p.returncode}"
+            if isinstance(p, Adopted):
+                how = "ended"
+            elif p.returncode < 0:
+                how = sandbox.killed_by(-p.returncode)
+            else:
+                how = f"exited with status {p.returncode}"
+            self.failures[name] = how
             print(f"supervisor: switch {name} {how}; restarting", file=sys.stderr, flush=True)
 
     def watch(self, in_use):
@@ -100,8 +105,11 @@ class Switches:
     def status(self, name):
         p = self.procs.get(name)
         running = p is not None and p.poll() is None
-        return {"name": name, "state": "running" if running else "stopped", "pid": p.pid if running else None,
-                "restarts": self.restarts.get(name, 0), "endpoint": self.runtime.switch_endpoint(name)}
+        out = {"name": name, "state": "running" if running else "stopped", "pid": p.pid if running else None,
+               "restarts": self.restarts.get(name, 0), "endpoint": self.runtime.switch_endpoint(name)}
+        if name in self.failures:
+            out["last_exit"] = self.failures[name]         # how the last one ended (e.g. killed by SIGSYS)
+        return out
 
     def close(self, keep=()):
         """End our switches, but those named in `keep` (used by guests left running): they run on, to be adopted."""

@@ -233,6 +233,8 @@ def main(argv=None):
     _preload()
     gc.collect()
     gc.freeze()                              # forked workers never write to these objects' GC headers
+    from pyhv.proto import sandbox
+    sandbox.apply("zygote")                  # its workers narrow it further (sandbox.apply("worker"))
     sock.send(json.dumps({"ready": os.getpid()}).encode())
 
     sel = selectors.DefaultSelector()

@@ -24,12 +24,13 @@ import time
 from pyhv.devices.net.switch import ALREADY_SERVED
 from pyhv.devices.virtio import kinds
 from pyhv.devices.virtio.proxy import LauncherAbsent
-from pyhv.proto import codec, device_service as ds, plugin as pw, runtime
+from pyhv.proto import codec, device_service as ds, plugin as pw, runtime, sandbox
 from pyhv.proto.errors import PeerFailed, ProtocolError
 from pyhv.proto.messages import Error
 
 REPLY_BYTES = 4096
 SWITCH_START_TIMEOUT = 10.0
+REAP_WAIT = 2.0               # describe_exit: how long a dead service may take to be reaped by the supervisor
 
 
 def service_command(spec):
@@ -90,6 +91,7 @@ class ServiceProcess:
     def __init__(self, pid, pidfd, popen=None, what="service"):
         self.pid, self.pidfd, self.popen, self.what = pid, pidfd, popen, what
         self.returncode = None          # ours: the exit status; someone else's child: "exited"
+        self._status = None             # someone else's child: its wait status once reaped (reaped_status)
 
     def poll(self):
         if self.returncode is None:
@@ -121,13 +123,25 @@ class ServiceProcess:
     def describe_exit(self):
         rc, who = self.returncode, f"{self.what} pid {self.pid}"
         if rc == "exited":
-            return f"{who} ended (its exit status is in the supervisor's log)"
+            status = self.reaped_status(REAP_WAIT)
+            if status is None:
+                return f"{who} ended (its exit status is in the supervisor's log)"
+            return f"{who} {sandbox.describe_wait_status(status)}"
         if rc is not None and rc < 0:
-            try:
-                return f"{who} killed by {signal.Signals(-rc).name}"
-            except ValueError:
-                return f"{who} killed by signal {-rc}"
+            return f"{who} {sandbox.killed_by(-rc)}"
         return f"{who} exited with status {rc}"
+
+    def reaped_status(self, timeout=0.0):
+        """Someone else's child: its wait status from the pidfd once its parent (the supervisor, which reaps
+        every TICK) has reaped it, waiting up to `timeout`; None if not reaped by then or the kernel cannot say.
+        Kept once known, so a caller can wait for it before taking a lock and describe_exit() under it."""
+        deadline = time.monotonic() + timeout
+        while self._status is None and self.pidfd is not None:
+            self._status = sandbox.pidfd_exit_status(self.pidfd)
+            if self._status is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        return self._status
 
     def close(self):
         if self.pidfd is not None:

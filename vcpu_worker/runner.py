@@ -87,6 +87,8 @@ class Foreground:
         """Run to the end; the Outcome.  A byte `escape` on stdin stops the guest."""
         machine = self.machine
         threading.Thread(target=_pump_stdin, args=(machine, escape), name="stdin", daemon=True).start()
+        from pyhv.proto import sandbox
+        sandbox.apply("runner")          # a worker that also spawns its services, plugins and switch
         machine.start()
         outcome = machine.wait(self.config.timeout)
         if outcome is None:

@@ -27,7 +27,7 @@ import zmq
 
 from pyhv.devices.console_host import ConsoleHost
 from pyhv.devices.loop import EventLoop
-from pyhv.proto import codec, control as m, guest as g, runtime
+from pyhv.proto import codec, control as m, guest as g, runtime, sandbox
 from pyhv.vcpu_worker.console_log import ConsoleLog
 from pyhv.proto.errors import (EXIT_STOPPED, EXIT_TIMEOUT, EXIT_VM_FAILED, BadState, HvError, InternalError,
                                ProtocolError, one_line)
@@ -162,6 +162,7 @@ class Worker:
         stats = self.machine.stats()
         if self.console_log is not None:
             stats["console_log"] = self.console_log.counters()
+        stats["sandbox"] = sandbox.status()
         return m.StatsReply(json.loads(json.dumps(stats, default=str)))
 
     def device_status(self, msg):
@@ -238,6 +239,7 @@ def serve(config, mem_fd, guest, restore=None, paused=False):
 
     loop.add_socket(rep, request)
     loop.add(ended_r, loop.stop)
+    sandbox.apply("worker")          # set up: from here on the guest runs, under the worker's filter
     machine.start()
     arm()
     try:

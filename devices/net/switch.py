@@ -29,7 +29,7 @@ import sys
 import time
 
 from pyhv.devices.loop import EventLoop
-from pyhv.proto import switch as wire
+from pyhv.proto import sandbox, switch as wire
 
 ALREADY_SERVED = 3
 QUEUE_FRAMES = 1024
@@ -192,6 +192,7 @@ def main(argv=None):
     write_pid(lock)
     sw = Switch(a.name, a.endpoint, a.stats, a.idle_exit)
     signal.signal(signal.SIGTERM, lambda *_: sw.loop.stop())
+    sandbox.apply("switch", writable=[os.path.dirname(os.path.abspath(a.stats))])   # its stats file
     print(f"switch: serving {a.name} on {a.endpoint} (pid {os.getpid()})", file=sys.stderr, flush=True)
     try:
         sw.serve()

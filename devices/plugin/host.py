@@ -28,7 +28,7 @@ import msgpack
 
 from pyhv.devices.guest_memory import GuestMemory
 from pyhv.devices.plugin.loader import PluginError, declared, describe, exception_text, load
-from pyhv.proto import codec
+from pyhv.proto import codec, sandbox
 from pyhv.proto import plugin as wire
 from pyhv.proto.errors import EXIT_USAGE, ProtocolError, one_line
 from pyhv.proto.guest import PluginSpec
@@ -172,6 +172,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)                     # the plugin's prints go to the log, never onto a socket or the console
+    sandbox.apply("plugin")           # before any of the user's code runs: docs/plugins.md says what it may not do
     try:
         if args.describe:
             spec = codec.from_plain(PluginSpec, json.loads(base64.b64decode(args.describe)))

@@ -56,6 +56,8 @@ from pyhv.proto.messages import Error, Ok
 
 RESTART_WINDOW = 60.0
 LAUNCHER_RETRY = 0.5                # seconds between asks while nobody can start a service (no supervisor)
+REAP_WAIT = 5.0                     # a dead service the supervisor has not reaped yet (it does every 50 ms; a
+                                    # debugger attached to the service delays it): wait this long for its status
 UNIX_PATH_MAX = 107                 # sun_path minus its NUL
 
 
@@ -169,20 +171,22 @@ class ServiceProxy(VirtioDevice):
         if evt is not None:
             self._loop.remove(evt)
 
-    def _reap(self):
-        """The incarnation is dead (or must be): kill, wait, close its sockets; how it ended."""
+    def _reap(self, describe=False):
+        """The incarnation is dead (or must be): kill, wait, close its sockets; how it ended (if `describe`:
+        that may wait for its parent to reap it)."""
         proc = self._proc
         if proc is None:
             return "not running"
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        how = proc.describe_exit() if describe else None     # before close(): it may ask the pidfd
         proc.close()
         for s in (self._ctl, self._evt):
             if s is not None:
                 s.close()
         self._proc = self._ctl = self._evt = None
-        return proc.describe_exit()
+        return how
 
     def _call(self, msg, expect, timeout=None):
         """One request/reply.  ServiceRefused on an Error reply, ServiceGone on death or timeout."""
@@ -261,12 +265,15 @@ class ServiceProxy(VirtioDevice):
             return
         evt = self._evt
         self._events(evt)                    # the events it sent before dying still count
+        reaped = getattr(proc, "reaped_status", None)
+        if reaped is not None and proc.poll() is not None:
+            reaped(REAP_WAIT)                # how it ended (e.g. SIGSYS), known before the lock is taken
         give_up = None
         with self._lock:
             if self._closed or proc is not self._proc:
                 return
             self._unwatch(proc, evt)
-            why = self._reap()
+            why = self._reap(describe=True)
             if self.reason.startswith(("no reply", "bad reply")):
                 why = f"{self.reason} ({why})"
             self.reason = why

@@ -32,7 +32,7 @@ from pyhv.devices.guest_memory import GuestMemory
 from pyhv.devices.loop import EventLoop
 from pyhv.devices.virtio import kinds
 from pyhv.devices.virtio.device import Eventfds, TransportEvents
-from pyhv.proto import codec, device_service as ds
+from pyhv.proto import codec, device_service as ds, sandbox
 from pyhv.proto.errors import EXIT_USAGE, HvError, InternalError, ProtocolError, UserError, one_line
 from pyhv.proto.messages import Error, Ok
 
@@ -203,6 +203,7 @@ def main(argv=None):
             loop.stop()
     loop.add_socket(ctl, request, during_pause=True)
     loop.add(fds.lifeline, loop.stop, during_pause=True)       # EOF: the worker is gone
+    sandbox.apply("service")           # everything is open and connected: from here on, only the service's calls
     status = 0
     try:
         loop.run()
