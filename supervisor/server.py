@@ -577,7 +577,8 @@ class Server:
         config = snap.config
         if config.name in {g.name for g in self.registry}:
             raise BadState(f"guest {config.name} already exists under {self.dir}")
-        if os.fstat(self._fds[0]).st_size != config.mem_bytes:
+        from pyhv.devices.guest_memory import memfd_fits
+        if not memfd_fits(self._fds[0], config.mem_bytes):
             raise UserError(f"the RAM handed over is not the {config.mem_bytes >> 20} MiB guest {config.name} has")
         validate(config, boot_files=False)
         g = self.registry.add(config)
