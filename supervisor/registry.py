@@ -30,6 +30,7 @@ class Guest:
     starting: bool = False            # a Start is waiting for the zygote's answer
     mem_fd: int | None = None
     migrated_to: str | None = None    # set once the guest runs under another supervisor: its worker ends here
+    moving: object = None             # a migration in flight, out or in (supervisor/migration.py)
     restore: tuple | None = None      # (snapshot dir, paused) for the next worker only: its RAM is in mem_fd already
     stop_reason: str | None = None    # set by stop/shutdown: a worker exit then means "stopped", not "failed"
     kill_at: float | None = None      # monotonic time at which the worker gets SIGKILL
@@ -109,6 +110,7 @@ class Registry:
         self.on_change = on_change
         os.makedirs(runtime.guests, exist_ok=True)
         self.guests = {}
+        self.reserved = set()              # names of guests being migrated here, not yet added
         for name in sorted(os.listdir(runtime.guests)):
             self._load(name)
 
@@ -139,6 +141,8 @@ class Registry:
     def add(self, config):
         if config.name in self.guests:
             raise BadState(f"guest {config.name} already exists (destroy it first)")
+        if config.name in self.reserved:
+            raise BadState(f"guest {config.name} is being migrated here")
         files = self.runtime.guest(config.name)
         if len(files.longest_socket()) > UNIX_PATH_MAX:
             raise UserError(f"runtime dir path is too long for unix sockets: {self.runtime.path}")
