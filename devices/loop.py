@@ -207,13 +207,18 @@ class EventLoop:
             if paused and not during_pause:
                 continue
             for _ in range(_SOCKET_BURST):
-                if self._stop or fd not in self._sockets:
+                if self._stop:
                     return False
+                if self._sockets.get(fd, (None,))[0] is not sock:
+                    # A callback closed this socket, and maybe opened another that got the same ZMQ_FD: that one is
+                    # not ours to read or remove here; the next turn drains it.
+                    more = more or fd in self._sockets
+                    break
                 try:
                     if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
                 except zmq.ZMQError:            # closed under us by a callback
-                    self.remove(fd)
+                    self.remove(sock)
                     break
                 self._call(callback)
             else:

@@ -126,3 +126,48 @@ def test_call_soon_runs_on_the_loop_thread(loop):
     until(lambda: where)
     assert where == [t]
 
+
+
+class _FakeSocket:
+    """Stands for a ZeroMQ socket whose ZMQ_FD is `fd`: `pending` messages, ZMQError once closed."""
+
+    def __init__(self, fd, pending):
+        self.fd, self.pending, self.closed = fd, pending, False
+
+    def getsockopt(self, option):
+        if self.closed:
+            raise zmq.ZMQError(zmq.ENOTSOCK)
+        if option == zmq.FD:
+            return self.fd
+        return zmq.POLLIN if self.pending else 0
+
+    def fileno(self):
+        return self.fd
+
+    def take(self):
+        self.pending -= 1
+
+
+def test_a_socket_opened_by_a_callback_on_the_fd_its_closed_one_had_is_served(loop):
+    """A request's reply callback closes its socket and opens the next request's, which ZeroMQ may give the same
+    ZMQ_FD: the loop must serve the new socket, not drop it as the closed one (seen as a 2 s "worker not
+    responding" after a migration's reply)."""
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    first, second = _FakeSocket(fd, 1), _FakeSocket(fd, 1)
+    got = []
+
+    def first_reply():
+        first.take()
+        loop.remove(first)
+        first.closed = True
+        loop.add_socket(second, second_reply)
+
+    def second_reply():
+        second.take()
+        got.append("second")
+    loop.add_socket(first, first_reply)
+    t = loop.start()
+    until(lambda: got == ["second"])
+    loop.stop()
+    t.join(2)
+    os.close(fd)
