@@ -38,6 +38,7 @@ from pyhv.supervisor.switches import Switches
 
 TICK = 0.05             # seconds between worker polls
 WORKER_TIMEOUT = 2.0    # a worker that does not answer a request within this is "not responding"
+WORKER_RECONNECT_MS = 5  # ZeroMQ's retry of a connect to a worker socket not bound yet (its default: 100 ms)
 SNAPSHOT_TIMEOUT = 600.0  # a snapshot writes the guest's RAM and disks: seconds per GiB on a slow disk
 STOP_GRACE = 3.0        # seconds a worker gets to exit after Stop before SIGKILL
 SWITCH_WATCH = 0.5      # seconds between checks of the net switch processes
@@ -329,6 +330,7 @@ class Server:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.RECONNECT_IVL, WORKER_RECONNECT_MS)     # a worker still starting binds any moment
         sock.connect(g.files.worker_endpoint)
         sock.send_multipart([b"", codec.encode(msg, m.CONTROL)])
         call = {}
