@@ -72,7 +72,7 @@ def receive(control, listener, mem_fd):
         r = mig.Receiver(stream, mem_fd, expect)
         r.hello()
         state = r.receive()
-        writer = Writer(expect.state_dir)
+        writer = Writer(expect.state_dir, durable=False)
         try:
             writer.state(state)
             writer.commit(expect.config, handover=True)
