@@ -291,6 +291,20 @@ class Outgoing:
 
 # --- the guest arriving ---------------------------------------------------------------------------------------------
 
+def _tombstone(g):
+    """The record a guest that migrated away left here: its return may replace it."""
+    return g.state == "stopped" and g.proc is None and g.moving is None and g.reason.startswith("migrated to ")
+
+
+def _may_arrive(server, name):
+    """BadState unless a guest `name` may arrive here: the name is free, or held by a migrated guest's record."""
+    if name in server.registry.reserved:
+        raise BadState(f"guest {name} is being migrated here already")
+    g = server.registry.guests.get(name)
+    if g is not None and not _tombstone(g):
+        raise BadState(f"guest {name} already exists under {server.dir}")
+
+
 class Incoming:
     """A guest arriving here: built from what came, held (g.moving) until the source commits, or discarded."""
 
@@ -306,6 +320,9 @@ class Incoming:
         worker held; then(None) once it is, or then(HvError) (discarded then)."""
         server = self.server
         server.registry.reserved.discard(self.config.name)
+        old = server.registry.guests.get(self.config.name)
+        if old is not None and _tombstone(old):       # back where it was before: its logs are kept
+            server.registry.remove(old, keep_logs=True)
         g = self.guest = server.registry.add(self.config)
         g.moving = self
         g.mem_fd, self.mem_fd = mem_fd, None
@@ -388,8 +405,7 @@ def immigrate(server, msg, conn):
         raise UserError(f"a hand-over is taken only from inside {server.dir}, not {msg.dir}")
     snap = Snapshot(msg.dir, handover=True)
     config = snap.config
-    if config.name in {g.name for g in server.registry} or config.name in server.registry.reserved:
-        raise BadState(f"guest {config.name} already exists under {server.dir}")
+    _may_arrive(server, config.name)
     if not memfd_fits(server._fds[0], config.mem_bytes):
         raise UserError(f"the RAM handed over is not the {config.mem_bytes >> 20} MiB guest {config.name} has")
     validate(config, boot_files=False)
@@ -448,8 +464,7 @@ def receive(server, msg, envelope):
     from pyhv.proto import guest as guest_msgs
     config = msg.config
     guest_msgs.check(config)
-    if config.name in {g.name for g in server.registry} or config.name in server.registry.reserved:
-        raise BadState(f"guest {config.name} already exists under {server.dir}")
+    _may_arrive(server, config.name)
     validate(config, boot_files=False)
     try:
         incoming = tempfile.mkdtemp(prefix=server.runtime.incoming_prefix(config.name), dir=server.dir)

@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 
 import psutil
 import pytest
@@ -93,6 +92,22 @@ def test_a_migrated_guest_continues_under_the_other_supervisor(pair, counter, co
     assert b.hvctl("wait", "c", timeout=60).returncode == 0
     assert console(a, "c") + console(b, "c") == FULL
     assert [f for f in os.listdir(b.dir) if f.startswith("incoming-")] == [] and receivers(b) == []
+
+
+@pytest.mark.parametrize("there, back", [(True, False), (False, True)], ids=["copy-then-handover",
+                                                                            "handover-then-copy"])
+def test_a_guest_migrated_there_and_back_continues(pair, slow_counter, there, back):
+    """Back where it was, the guest replaces the record it left ("migrated to ..."); its logs are kept."""
+    a, b = pair
+    start_counting(a, "c", slow_counter)
+    a.hvctl("migrate", "c", "--to", b.dir, *(["--copy"] if there else []), check=0)
+    wait_for(lambda: console(b, "c").count("\n") >= 5, timeout=30)
+    b.hvctl("migrate", "c", "--to", a.dir, *(["--copy"] if back else []), check=0)
+    assert b.info("c")["reason"] == f"migrated to {a.dir}"
+    assert a.hvctl("wait", "c", timeout=60).returncode == 0
+    with open(os.path.join(a.dir, "logs", "c", "console.log")) as f:
+        first_leg = f.read()
+    assert first_leg + console(b, "c") + console(a, "c") == FULL
 
 
 @pytest.mark.parametrize("copy", [False, True], ids=["handover", "copy"])
