@@ -27,6 +27,10 @@ fi
 # (and PYTHONDONTWRITEBYTECODE may be set, so it would compile every time).
 "$VENV/bin/python" -m compileall -q -j 0 pyhv supervisor vcpu_worker devices proto >/dev/null
 "$VENV/bin/hvctl" guests fetch
+# Debian's gdb drives the GDB stub's tests (tests/kvm/test_gdb.py); installed only where it is missing.
+if ! command -v gdb >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+	apt-get install -y -qq gdb >/dev/null || { apt-get update -qq && apt-get install -y -qq gdb >/dev/null; }
+fi
 make -s -C examples
 "$VENV/bin/hvctl" run --boot raw64 --kernel examples/build/hello.bin
 

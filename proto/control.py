@@ -210,8 +210,18 @@ class Info(Message):
 
 @CONTROL
 class Wait(Message):
-    """Reply (GuestInfo) deferred until the guest is stopped or failed."""
+    """Reply (GuestInfo) deferred until the guest is stopped or failed.  With `timeout` (seconds) the client
+    stops listening after that long, and the supervisor forgets the request then too."""
     name: str
+    timeout: float | None = None
+
+
+@CONTROL
+class StopSupervisor(Message):
+    """End the supervisor (reply: SupervisorStopping).  Refused while guests run unless `force` (they are
+    stopped) or `leave_guests` (they run on, for the next supervisor of the runtime dir to adopt)."""
+    force: bool = False
+    leave_guests: bool = False
 
 
 @CONTROL
@@ -231,6 +241,14 @@ class DeviceStatus(Message):
 class Pong(Message):
     pid: int
     runtime_dir: str
+
+
+@CONTROL
+class SupervisorStopping(Message):
+    """The supervisor ends once this is sent; `guests` were running (stopped by force, or left running)."""
+    pid: int
+    guests: list[str]
+    left_running: bool
 
 
 @CONTROL

@@ -104,6 +104,7 @@ class GuestConfig(Message):
     compat: str = "nested"           # compatibility profile: "nested" (default) or "none"
     devices: list[DeviceSpec] = list  # virtio devices, in PCI slot order
     plugins: list[PluginSpec] = list  # device plugins, each in a process of its own (devices/plugin/)
+    gdb: str | None = None           # "tcp:HOST:PORT": a GDB stub listens there; vCPUs wait for its client
 
     def devices_of(self, kind):
         return [d for d in self.devices if d.kind == kind]
@@ -147,6 +148,18 @@ def parse_cpu_list(text):
     if not cpus:
         raise UserError(f"--pin: {text!r} names no CPU")
     return cpus
+
+
+def parse_gdb(text):
+    """'tcp:127.0.0.1:1234' or 'tcp:[::1]:1234' -> (host, port), for --gdb."""
+    kind, _, rest = text.partition(":") if isinstance(text, str) else ("", "", "")
+    host, _, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if kind != "tcp" or not host or not port.isdigit() or not 1 <= int(port) <= 65535 \
+            or any(c in host for c in "[]/ ") or len(host) > 253:
+        raise UserError(f"--gdb: {text!r} is not tcp:HOST:PORT (e.g. tcp:127.0.0.1:1234, a port 1-65535)")
+    return host, int(port)
 
 
 def parse_mac(text):
@@ -212,6 +225,8 @@ def check(config):
     for p in c.plugins:
         check_plugin_source(p.module, p.cls, p.options, p.path)
         check_plugin_ranges(p.what, p.pio, p.mmio, p.irq)
+    if c.gdb is not None:
+        parse_gdb(c.gdb)
 
 
 def check_plugin_source(module, cls, options, path):

@@ -122,7 +122,7 @@ class RuntimeDir:
         return self.file(f"switch-{name}.{ext}")
 
 
-def _alive(pid):
+def pid_alive(pid):
     """Is `pid` a live process (a zombie, killed but not yet reaped, is not)?"""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -184,7 +184,7 @@ class PrivateDir(_Dir):
                     continue
                 with open(os.path.join(path, "owner.pid")) as f:
                     pid = int(f.read())
-                if not _alive(pid):
+                if not pid_alive(pid):
                     shutil.rmtree(path, ignore_errors=True)
             except (OSError, ValueError):
                 continue               # not ours to judge: no pid file (an older run), or unreadable

@@ -14,7 +14,7 @@ from pyhv.proto.guest import DEFAULT_MEM_BYTES, GuestConfig, parse_cpu_list, par
 
 
 def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdline=None, mem=None, vcpus=None,
-                 timeout=None, pin=None, compat=None, devices=None, plugins=None):
+                 timeout=None, pin=None, compat=None, devices=None, plugins=None, gdb=None):
     """A validated GuestConfig from option strings as argparse gives them (None = default).
 
     `devices` maps a device kind's name to its option's value(s) (devices/virtio/kinds.py); `plugins` is the
@@ -38,6 +38,7 @@ def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdlin
         pin=[] if pin is None else parse_cpu_list(pin),
         compat="nested" if compat is None else compat,
         devices=kinds.specs_from_options(devices or {}),
+        gdb=gdb,
     )
     if plugins:
         ports, virtio = describe_plugins([guest.parse_plugin(text, os.getcwd()) for text in plugins])
@@ -63,6 +64,9 @@ def validate(config, boot_files=True):
     images = ([(config.kernel, "kernel")] + ([(config.initrd, "initrd")] if config.initrd is not None else [])
               if boot_files else [])
     for path, what in images:
+        if not os.path.isabs(path):     # the worker opens it from the guest's dir: only an absolute path is clear
+            raise UserError(f"{what} path {path!r} is relative: give an absolute one (hvctl and the Python API "
+                            f"resolve it from the caller's directory)")
         _check_file(path, what)
     total = sum(os.path.getsize(path) for path, _ in images)
     if total > config.mem_bytes:

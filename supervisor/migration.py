@@ -67,6 +67,9 @@ def migrate(server, msg, envelope):
     """Move a running (or paused) guest to the supervisor of msg.to; answered with a MigrateReply."""
     g = server.registry.get(msg.name)
     server._need_state(g, "running", "paused")
+    if g.mem_fd is None and not msg.copy:
+        raise HostError(f"guest {g.name}'s RAM is out of this supervisor's reach (it adopted the guest and could "
+                        f"not open the worker's memfd): it cannot be handed over; `migrate --copy` can move it")
     target = RuntimeDir(os.path.abspath(msg.to))
     if os.path.realpath(target.path) == os.path.realpath(server.dir):
         raise UserError(f"--to: {msg.to} is this supervisor's own runtime dir")
@@ -229,8 +232,7 @@ class Outgoing:
             if g.proc is None:
                 return reply
             g.kill_at = time.monotonic() + (0.0 if isinstance(r, HvError) else STOP_GRACE)
-            g.waiters.append((self.envelope, reply))
-            return None
+            return self.server._defer(g, self.envelope, reply)
         self.server._worker_or(g, m.Stop(g.name), self.envelope, stopped)
         return None
 

@@ -3,13 +3,18 @@
 One thread, one EventLoop: requests from hvctl, the zygote's answers (a
 Start is answered once its worker exists, so a burst of Starts is served
 while the zygote forks), workers' device-service requests, and a TICK timer
-that polls the workers (waitpid by pid: they are our children, forked by the
-zygote or spawned directly, see spawn.py) so a worker's exit is noticed
-within TICK seconds.  Requests are validated on receipt; bad input gets an
-Error reply and never stops the loop.  `wait` and `stop` replies are
-deferred until the guest ends; any request other than Create, Start and Ping
-first waits for the starts in flight, so it sees every earlier Start done.
-Pause/resume/stop/stats are forwarded to the guest's worker with a timeout.
+that polls the workers (waitpid by pid for our children, forked by the
+zygote or spawned directly, see spawn.py; a pidfd for the workers adopted
+from an earlier supervisor, see procs.py) so a worker's exit is noticed
+within TICK seconds.  Guests outlive the supervisor: a new one on the same
+runtime dir adopts the workers and switches it finds running; SIGTERM and
+StopSupervisor(force) stop the guests with it, StopSupervisor(leave_guests)
+or a crash leave them running for the next one.  Requests are validated on
+receipt; bad input gets an Error reply and never stops the loop.  `wait` and
+`stop` replies are deferred until the guest ends; any request other than
+Create, Start and Ping first waits for the starts in flight, so it sees
+every earlier Start done.  Pause/resume/stop/stats are forwarded to the
+guest's worker with a timeout.
 """
 import fcntl
 import os
@@ -29,7 +34,7 @@ from pyhv.proto.errors import (EXIT_STOPPED, BadState, HostError, HvError, Inter
                                UserError, from_wire)
 from pyhv.proto.messages import Error, Ok
 from pyhv.proto.runtime import UNIX_PATH_MAX, RuntimeDir
-from pyhv.supervisor import migration, spawn
+from pyhv.supervisor import migration, procs, spawn
 from pyhv.supervisor.config import validate
 from pyhv.supervisor.registry import Registry
 from pyhv.supervisor.services import ServiceLauncher
@@ -42,6 +47,9 @@ WORKER_RECONNECT_MS = 5  # ZeroMQ's retry of a connect to a worker socket not bo
 SNAPSHOT_TIMEOUT = 600.0  # a snapshot writes the guest's RAM and disks: seconds per GiB on a slow disk
 STOP_GRACE = 3.0        # seconds a worker gets to exit after Stop before SIGKILL
 SWITCH_WATCH = 0.5      # seconds between checks of the net switch processes
+
+
+WAIT_GRACE = 1.0        # a Wait with a timeout is forgotten this long after its client stopped listening
 
 
 class AlreadyRunning(HvError):
@@ -57,14 +65,15 @@ class Server:
         self.runtime.make_private()
         self._lock = self._take_lock()
         migration.sweep(self.runtime)
-        self.registry = Registry(self.runtime, on_change=self._publish)
         self.subscribers = []               # hvctl.sock connections that asked for Events
         self._open_calls = set()            # DEALER sockets of worker requests still waiting for a reply
+        self._leave_guests = False          # set by StopSupervisor(leave_guests): the shutdown detaches
         self.ctx = zmq.Context()
         self.spawner = spawn.Spawner()
         self.switches = Switches(self.runtime)
         self._next_switch_watch = 0.0
         self.loop = EventLoop("supervisor")
+        self.registry = Registry(self.runtime, on_change=self._publish, adopt=self._adopt)
         self._zygote_fd = None
         self._fds = []                      # fds that came with the request being handled
         self.handlers = {m.Ping: self.ping, m.Create: self.create, m.Start: self.start,
@@ -72,7 +81,7 @@ class Server:
                          m.Events: self.events, m.SnapshotGuest: self.snapshot, m.RestoreGuest: self.restore,
                          m.Migrate: self.migrate, m.Immigrate: self.immigrate, m.ReceiveGuest: self.receive,
                          m.Destroy: self.destroy, m.List: self.list, m.Info: self.info,
-                         m.Wait: self.wait, m.Stats: self.stats}
+                         m.Wait: self.wait, m.Stats: self.stats, m.StopSupervisor: self.stop_supervisor}
 
     def _take_lock(self):
         """One supervisor per runtime dir: an flock held for our lifetime (pid inside)."""
@@ -86,6 +95,21 @@ class Server:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd
+
+    def _adopt(self, g, recorded):
+        """A guest whose record says it runs (called by the registry as it loads): its worker, started by an
+        earlier supervisor, is adopted if it still runs (the very process `recorded` names: procs.Adopted.find),
+        with a new fd on its RAM; else the guest gets the outcome its worker left in result.json, or fails."""
+        proc = procs.Adopted.find(recorded, lambda pid: procs.is_worker(pid, g.name))
+        if proc is None:
+            g.set_state(*spawn.read_outcome(g, None))
+            print(f"supervisor: guest {g.name} ended while no supervisor was running: {g.state} "
+                  f"({g.exit_status}, {g.reason})", file=sys.stderr, flush=True)
+            return
+        g.proc = proc
+        g.mem_fd = procs.guest_memory(proc, g.config.mem_bytes)
+        print(f"supervisor: adopted guest {g.name} ({g.state}, worker pid {proc.pid})"
+              + ("" if g.mem_fd is not None else "; its RAM memfd could not be opened"), file=sys.stderr, flush=True)
 
     # --- the loop ----------------------------------------------------------
 
@@ -119,6 +143,9 @@ class Server:
         print(f"supervisor: pid {os.getpid()} serving {self.runtime.control_endpoint}", file=sys.stderr, flush=True)
         try:
             self.loop.run()
+        except BaseException:
+            self._leave_guests = True       # a crash is no decision to end the guests: the next supervisor adopts them
+            raise
         finally:
             self._shutdown()
 
@@ -274,19 +301,58 @@ class Server:
 
     def _finished(self, g, returncode):
         if g.migrated_to is not None:       # its worker was stopped once the guest ran on elsewhere
-            g.set_state("stopped", EXIT_STOPPED, f"migrated to {g.migrated_to}")
+            outcome = ("stopped", EXIT_STOPPED, f"migrated to {g.migrated_to}")
             g.migrated_to = None
         else:
-            g.set_state(*spawn.read_outcome(g, returncode))
-        g.proc, g.kill_at, g.stop_reason = None, None, None
+            outcome = spawn.read_outcome(g, returncode)
+        proc, g.proc, g.kill_at, g.stop_reason = g.proc, None, None, None
+        proc.close()
+        g.set_state(*outcome)               # (saved without the worker's identity: it has gone)
         self.services.guest_ended(g.name)
         spawn.release_memory(g)
         info = g.info()
-        for waiter in g.waiters:            # an envelope (answered with the record), or (envelope, reply)
-            envelope, reply = waiter if isinstance(waiter, tuple) else (waiter, info)
-            self._reply(envelope, reply)
-        g.waiters.clear()
+        for waiter in list(g.waiters):
+            self._answer(g, waiter, info)
         migration.worker_ended(g)
+
+    def _defer(self, g, envelope, reply=None, timeout=None):
+        """Answer `envelope` once guest g has ended: with `reply`, or g's record then.  A client that goes away
+        first is forgotten at once (an hvctl.sock connection that closes), or `timeout` s after it stopped
+        listening (a ZeroMQ client, which cannot be seen going): requests nobody waits for must not pile up."""
+        waiter = _Waiter(envelope, reply)
+        g.waiters.append(waiter)
+        if isinstance(envelope, socket.socket):      # it sends nothing more: readable means closed
+            self.loop.add(envelope, lambda: self._answer(g, waiter, None))
+        if timeout is not None:
+            waiter.timer = self.loop.call_at(time.monotonic() + timeout + WAIT_GRACE,
+                                             lambda: self._answer(g, waiter, None))
+        return None
+
+    def _answer(self, g, waiter, default):
+        """Reply to a deferred request (waiter.reply, else `default`; None: forget it without a reply)."""
+        if waiter not in g.waiters:
+            return
+        g.waiters.remove(waiter)
+        if waiter.timer is not None:
+            self.loop.cancel(waiter.timer)
+        if isinstance(waiter.envelope, socket.socket):
+            self.loop.remove(waiter.envelope)
+        reply = waiter.reply if waiter.reply is not None else default
+        if reply is not None:
+            self._reply(waiter.envelope, reply)
+        elif isinstance(waiter.envelope, socket.socket):
+            waiter.envelope.close()
+
+    def _leave(self, g):
+        """Detach from a running guest as we exit: its record keeps the worker's identity for our successor."""
+        error = Error.of(PeerFailed(f"the supervisor of {self.dir} stopped and left guest {g.name} running: "
+                                    f"ask the next supervisor there"))
+        for waiter in list(g.waiters):   # they wait for its end, which this supervisor will not see
+            waiter.reply = None
+            self._answer(g, waiter, error)
+        g.proc.close()
+        spawn.release_memory(g)         # the worker holds its own fd on the RAM
+        print(f"supervisor: left guest {g.name} {g.state} (worker pid {g.proc.pid})", file=sys.stderr, flush=True)
 
     def _kill_now(self, g, reason):
         g.stop_reason = reason
@@ -294,16 +360,23 @@ class Server:
         self._finished(g, g.proc.wait())
 
     def _shutdown(self):
+        """Stop every guest with us, or (StopSupervisor(leave_guests)) leave them running for the next supervisor:
+        their workers, device services and switches go on; a new supervisor adopts them."""
         self.spawner.drain()
         live = [g for g in self.registry if g.proc is not None]
-        for g in live:                  # all signals first, then reap: no worker waits for another's turn
-            g.stop_reason = "stopped: the supervisor shut down"
-            g.proc.kill()
-        for g in live:
-            self._finished(g, g.proc.wait())
+        if self._leave_guests:
+            for g in live:
+                self._leave(g)
+        else:
+            for g in live:              # all signals first, then reap: no worker waits for another's turn
+                g.stop_reason = "stopped: the supervisor shut down"
+                g.proc.kill()
+            for g in live:
+                self._finished(g, g.proc.wait())
         self.spawner.close()
-        self.services.close()
-        self.switches.close()
+        self.services.close(kill=not self._leave_guests)
+        self.switches.close(keep={s for g in live for s in kinds.switches(g.config.devices)}
+                            if self._leave_guests else ())
         self.sock.close()
         self.seq.close()
         for path in (self.runtime.control_sock, self.runtime.hvctl_sock):
@@ -388,6 +461,20 @@ class Server:
     def ping(self, msg, envelope):
         return m.Pong(os.getpid(), self.dir)
 
+    def stop_supervisor(self, msg, envelope):
+        """End this supervisor once the reply is sent: its guests are stopped with it (force), or left running for
+        the next supervisor of the runtime dir to adopt (leave_guests); with neither, refused while any runs."""
+        if msg.force and msg.leave_guests:
+            raise UserError("--force stops the guests, --leave-guests leaves them running: give one of them")
+        live = [g.name for g in self.registry if g.proc is not None]     # (starts in flight are finished)
+        if live and not (msg.force or msg.leave_guests):
+            raise BadState(f"{len(live)} guest(s) still running ({', '.join(live[:5])}): stop them first, or "
+                           f"`hvctl supervisor --stop --force` to stop them with it, or --leave-guests to leave "
+                           f"them running for the next supervisor")
+        self._leave_guests = msg.leave_guests
+        self.loop.stop()
+        return m.SupervisorStopping(os.getpid(), live, msg.leave_guests)
+
     def create(self, msg, envelope):
         validate(msg.config)
         g = self.registry.add(msg.config)
@@ -446,9 +533,8 @@ class Server:
             g.stop_reason = None
             raise reply
         if stop and g.proc is not None:
-            g.waiters.append((envelope, reply))
             g.kill_at = time.monotonic() + STOP_GRACE
-            return None
+            return self._defer(g, envelope, reply)
         return reply
 
     def restore(self, msg, envelope):
@@ -523,12 +609,12 @@ class Server:
         if g.proc is None:
             return g.info()             # already ended: nothing to do (as docker stop)
         g.stop_reason = "stopped by request"
-        g.waiters.append(envelope)      # answered when the worker has gone
 
         def sent(reply):
             if g.proc is not None:      # a hung worker is killed on the next tick
                 g.kill_at = time.monotonic() + (0.0 if isinstance(reply, HvError) else STOP_GRACE)
-        return self._worker(g, m.Stop(g.name), Ok, envelope, sent)
+        self._worker(g, m.Stop(g.name), Ok, envelope, sent)
+        return self._defer(g, envelope)     # answered when the worker has gone
 
     def shutdown(self, msg, envelope):
         g = self.registry.get(msg.name)
@@ -593,8 +679,9 @@ class Server:
             raise BadState(f"guest {g.name} has not been started")
         if g.proc is None:
             return g.info()
-        g.waiters.append(envelope)
-        return None
+        if msg.timeout is not None and not msg.timeout >= 0:
+            raise UserError(f"wait: timeout {msg.timeout} is not a number of seconds >= 0")
+        return self._defer(g, envelope, timeout=None if msg.timeout == float("inf") else msg.timeout)
 
     def stats(self, msg, envelope):
         """The worker's counters, then its devices' pids (a second request), then every process's CPU/memory."""
@@ -612,6 +699,14 @@ class Server:
                 return with_host(stats, None)
             return self._worker(g, m.DeviceStatus(g.name), m.StatsReply, envelope, lambda d: with_host(stats, d))
         return self._worker(g, m.Stats(g.name), m.StatsReply, envelope, counted)
+
+
+class _Waiter:
+    """A request answered when its guest ends (wait, stop, snapshot --stop, a migration's source)."""
+    __slots__ = ("envelope", "reply", "timer")
+
+    def __init__(self, envelope, reply):
+        self.envelope, self.reply, self.timer = envelope, reply, None
 
 
 def _moved_nics(config, ports):

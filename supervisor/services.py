@@ -11,7 +11,9 @@ checked the same way: the plugin it names must be in the guest's config.  The se
 its own session with the guest's worker log as stderr; the reply carries its
 pid and a pidfd.  Its exit status goes to the supervisor's log.  Services
 also exit by themselves when their worker dies (the lifeline pipe), and
-whatever is left when a guest ends is killed.
+whatever is left when a guest ends is killed.  They do not depend on the
+supervisor otherwise: they outlive it with their worker, which asks the
+next supervisor on this socket when one has to be restarted.
 """
 import os
 import signal
@@ -146,9 +148,12 @@ class ServiceLauncher:
             p.wait()
         self.watch()
 
-    def close(self):
-        for name in list(self.procs):
-            self.guest_ended(name)
+    def close(self, kill=True):
+        """Stop serving; the services still running are killed, or (kill=False) left to their guests, which
+        run on for the next supervisor."""
+        if kill:
+            for name in list(self.procs):
+                self.guest_ended(name)
         self.sock.close()
         try:
             os.unlink(self.path)

@@ -308,6 +308,13 @@ class Vcpu:
     def set_sregs(self, sregs):
         ioctl(self.fd, "KVM_SET_SREGS", sregs)
 
+    def get_xsave(self):
+        """The XSAVE image (FXSAVE legacy area first: x87, MXCSR, XMM) as bytes."""
+        return _get_blob(self.fd, "KVM_GET_XSAVE", "struct kvm_xsave")
+
+    def set_xsave(self, blob):
+        _set_blob(self.fd, "KVM_SET_XSAVE", "struct kvm_xsave", blob)
+
     def get_mxcsr(self):
         """MXCSR, from the XSAVE image: KVM_GET_FPU leaves its mxcsr field unset on x86."""
         xsave = ffi.new("struct kvm_xsave *")

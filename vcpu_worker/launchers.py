@@ -23,6 +23,7 @@ import time
 
 from pyhv.devices.net.switch import ALREADY_SERVED
 from pyhv.devices.virtio import kinds
+from pyhv.devices.virtio.proxy import LauncherAbsent
 from pyhv.proto import codec, device_service as ds, plugin as pw, runtime
 from pyhv.proto.errors import PeerFailed, ProtocolError
 from pyhv.proto.messages import Error
@@ -160,7 +161,10 @@ class LocalLauncher:
 
 
 class SupervisorLauncher:
-    """Asks the supervisor to start the services of guest `guest` (whose files are GuestDir `host`)."""
+    """Asks the supervisor to start the services of guest `guest` (whose files are GuestDir `host`).
+
+    With no supervisor listening (killed, or being upgraded) it raises LauncherAbsent, and the proxy asks again
+    until the next supervisor, which has adopted this worker, answers."""
 
     def __init__(self, sock_path, guest, host, timeout=10.0):
         self.sock_path, self.guest, self.host, self.timeout = sock_path, guest, host, timeout
@@ -182,6 +186,11 @@ class SupervisorLauncher:
             s.settimeout(self.timeout)
             try:
                 s.connect(self.sock_path)
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise LauncherAbsent(f"no supervisor serves {self.sock_path} ({e.strerror})") from None
+            except OSError as e:
+                raise PeerFailed(f"the supervisor did not start the {what}: {e}") from None
+            try:
                 socket.send_fds(s, [codec.encode(msg, ds.SPAWN)], fds)
                 data, got, _, _ = socket.recv_fds(s, REPLY_BYTES, 1, socket.MSG_CMSG_CLOEXEC)
             except OSError as e:

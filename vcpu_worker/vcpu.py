@@ -13,6 +13,7 @@ import threading
 from pyhv.proto.errors import EXIT_OK, EXIT_VM_FAILED
 from pyhv.vcpu_worker import fixups
 from pyhv.vcpu_worker._kvm import ffi, lib
+from pyhv.vcpu_worker.guest_debug import NOT_MINE
 
 EXIT_NAMES = {getattr(lib, n): n[len("KVM_EXIT_"):] for n in dir(lib)
               if n.startswith("KVM_EXIT_") and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
@@ -38,10 +39,14 @@ class Outcome:
 
 
 class ExitContext:
-    """What handling one vCPU's exits needs; `on_kick(ctx)` answers a kick (park, sample) and may end the loop."""
-    __slots__ = ("vcpu", "pio_lookup", "mmio_lookup", "mem", "fixups", "fixup_counts", "on_kick", "mmio_unclaimed")
+    """What handling one vCPU's exits needs; `on_kick(ctx)` answers a kick (park, sample) and may end the loop.
 
-    def __init__(self, vcpu, pio_lookup, mmio_lookup, mem, fixups=(), fixup_counts=None, on_kick=None):
+    `debug` is the vCPU's GuestDebug (vcpu_worker/guest_debug.py): whoever set a breakpoint or step gets its
+    debug exits, and an int3 it planted is its own, not the guest's."""
+    __slots__ = ("vcpu", "pio_lookup", "mmio_lookup", "mem", "fixups", "fixup_counts", "on_kick", "mmio_unclaimed",
+                 "debug")
+
+    def __init__(self, vcpu, pio_lookup, mmio_lookup, mem, fixups=(), fixup_counts=None, on_kick=None, debug=None):
         self.vcpu = vcpu
         self.pio_lookup = pio_lookup
         self.mmio_lookup = mmio_lookup
@@ -50,6 +55,7 @@ class ExitContext:
         self.fixup_counts = {} if fixup_counts is None else fixup_counts
         self.on_kick = on_kick
         self.mmio_unclaimed = 0
+        self.debug = debug
 
 
 def _io(e, ctx):
@@ -98,6 +104,17 @@ def _interrupted(e, ctx):
     return ctx.on_kick(ctx) if ctx.on_kick is not None else None
 
 
+def _step_done(e, ctx):
+    """A stepped instruction that exited for I/O has completed (the C loop's HV_EXIT_STEP_DONE): its step ends here.
+
+    It came as a kick would (immediate_exit), so one that coincided is answered too."""
+    ctx.vcpu.kick_clear()
+    outcome = ctx.debug.step_completed(ctx) if ctx.debug is not None else None
+    if outcome is None and ctx.on_kick is not None:
+        outcome = ctx.on_kick(ctx)
+    return outcome
+
+
 def _ignore(e, ctx):
     return None
 
@@ -118,10 +135,25 @@ def _internal_error(e, ctx):
     data = [e.data[i] for i in range(e.ndata)]
     if e.suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
         insn = fixups.instruction_bytes(ctx.vcpu, ctx.mem, data)
+        # An int3 in ring 0 ends KVM_RUN as an emulation failure at the 0xCC byte here, even under
+        # KVM_GUESTDBG_USE_SW_BP: one a debugger planted is its breakpoint; the guest's own gets #BP (the fix-up).
+        if insn[:1] == b"\xcc" and ctx.debug is not None:
+            outcome = ctx.debug.software_breakpoint(ctx, ctx.vcpu.get_regs().rip)
+            if outcome is not NOT_MINE:
+                return outcome
         if fixups.apply(ctx.vcpu, ctx.mem, insn, ctx.fixups, ctx.fixup_counts):
+            if ctx.debug is not None and ctx.debug.steppers:      # the fix-up did the stepped instruction
+                return ctx.debug.step_completed(ctx)
             return None
         return _failed(ctx, f"emulation failure: instruction {fixups.describe(insn)}")
     return _failed(ctx, f"KVM internal error, suberror {e.suberror}, data {[hex(d) for d in data]}")
+
+
+def _debug(e, ctx):
+    """A breakpoint, watchpoint or single-step someone asked for (vcpu_worker/guest_debug.py hands it to them)."""
+    if ctx.debug is None:
+        return _unknown(e, ctx)
+    return ctx.debug.on_exit(e, ctx)
 
 
 def _fail_entry(e, ctx):
@@ -146,8 +178,10 @@ HANDLERS = {
     lib.KVM_EXIT_SHUTDOWN: _shutdown,
     lib.KVM_EXIT_SYSTEM_EVENT: _system_event,
     lib.KVM_EXIT_INTERNAL_ERROR: _internal_error,
+    lib.KVM_EXIT_DEBUG: _debug,
     lib.KVM_EXIT_FAIL_ENTRY: _fail_entry,
     lib.HV_EXIT_ERRNO: _run_failed,
+    lib.HV_EXIT_STEP_DONE: _step_done,
 }
 
 

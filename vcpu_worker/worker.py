@@ -3,6 +3,10 @@
 Started by the supervisor (supervisor/spawn.py) with the guest RAM memfd
 passed as an fd: forked by the zygote (supervisor/zygote.py), which calls
 main(argv) in the forked process, or as `python -m pyhv.vcpu_worker.worker`.
+It does not die with the supervisor: nothing here depends on the supervisor
+being alive except the start of a device service (vcpu_worker/launchers.py,
+which waits for the next supervisor), so a killed or upgraded supervisor's
+guests run on until a new one adopts them.
 Its files are the guest's GuestDir (proto/runtime.py); stdout is the guest's
 console log (append-only), stderr the worker log.  The main thread's event
 loop serves the control requests (one handler per request type), sleeping
@@ -14,7 +18,6 @@ import argparse
 import base64
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -40,16 +43,13 @@ def write_result(path, status, reason):
     os.replace(tmp, path)
 
 
-def _die_with_parent(parent_pid):
-    """SIGKILL us if the supervisor dies: nobody else could manage this guest.
-
-    The signal follows the parent *thread*: a worker forked by the zygote gets
-    here only once it has been re-parented to the supervisor (zygote.py).
-    """
-    import ctypes
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if parent_pid and os.getppid() != parent_pid:
+def _wait_for_go(fd):
+    """Run the guest only once the supervisor has recorded us (one byte); EOF: it gave up on us, or died."""
+    try:
+        go = os.read(fd, 1)
+    finally:
+        os.close(fd)
+    if go != b"g":
         os._exit(1)
 
 
@@ -60,7 +60,7 @@ def _parse(argv):
     src.add_argument("--config-fd", type=int, help="fd to read the GuestConfig message (msgpack) from")
     p.add_argument("--mem-fd", type=int, required=True, help="guest RAM memfd (inherited)")
     p.add_argument("--runtime-dir", required=True, help="the supervisor's runtime dir (the guest's files are below)")
-    p.add_argument("--parent-pid", type=int, default=0, help="exit if this process (the supervisor) dies")
+    p.add_argument("--go-fd", type=int, help="run the guest once a byte arrives on this pipe (EOF: exit)")
     p.add_argument("--restore", metavar="DIR", help="continue from this snapshot (its RAM is already in the memfd)")
     p.add_argument("--paused", action="store_true", help="with --restore: hold the vCPUs until Resume")
     return p.parse_args(argv)
@@ -68,7 +68,8 @@ def _parse(argv):
 
 def main(argv=None):
     args = _parse(argv)
-    _die_with_parent(args.parent_pid)
+    if args.go_fd is not None:
+        _wait_for_go(args.go_fd)
     raw = base64.b64decode(args.config) if args.config else _read_fd(args.config_fd)
     try:
         config = codec.decode(raw, g.GUEST, expect=g.GuestConfig)
@@ -137,6 +138,9 @@ class Worker:
         A migration's hand-over (state only) leaves the guest held: the supervisor stops it once the guest runs
         under its new supervisor, or resumes it if that failed."""
         from pyhv.vcpu_worker.snapshot import write_snapshot
+        if self.machine.debugger is not None and self.machine.debugger.client is not None:
+            raise BadState(f"{self.config.name}: a GDB client is attached (its breakpoints are in guest memory); "
+                           f"detach it first")
         held = time.monotonic()
         was_paused = self.machine.paused
         if not was_paused and not self.machine.pause(PAUSE_TIMEOUT):

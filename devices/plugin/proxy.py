@@ -13,6 +13,7 @@ failure of a plugin ends its guest.
 import os
 import queue
 import socket
+import struct
 import sys
 import threading
 
@@ -91,8 +92,13 @@ class PluginDevice:
         if (h.pio, h.mmio, h.irq) != (spec.pio, spec.mmio, spec.irq):
             raise PluginStartError(f"{self.what}: the plugin now declares {declaration_text(h)}, not "
                                    f"{declaration_text(spec)} as when the guest was created; create the guest again")
+        # A kernel timeout (SO_RCVTIMEO) on a blocking socket, not Python's: Python would poll() before every
+        # send and recv, two more system calls on each guest access.  A timed-out recv raises BlockingIOError.
+        limit = struct.pack("ll", int(self.timeout), int(self.timeout % 1 * 1e6))
         for sock in self._socks:
-            sock.settimeout(self.timeout)
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
             self._free.put(sock)
 
     def _exit_text(self):
@@ -112,7 +118,7 @@ class PluginDevice:
         try:
             s.send(wire.REQUEST.pack(op, space, index, size, offset) + data)
             reply = s.recv(wire.MAX_REPLY)
-        except TimeoutError:
+        except (BlockingIOError, TimeoutError):
             self._fail(f"no answer within {self.timeout:g} s (the plugin hangs)")
             return None                          # this socket may still get the late answer: never reused
         except OSError:
@@ -157,8 +163,9 @@ class PluginDevice:
         try:
             s.send(wire.REQUEST.pack(op, 0, 0, 0, 0) + payload)
             reply = s.recv(wire.REQUEST.size + wire.MAX_STATE)
-        except (TimeoutError, OSError) as e:
-            self._fail(f"no answer to {what}() ({e})")
+        except OSError as e:           # BlockingIOError: SO_RCVTIMEO ran out
+            self._fail(f"no answer to {what}() within {self.timeout:g} s" if isinstance(e, BlockingIOError)
+                       else f"{what}(): {e}")
             raise StateError(f"{self.name} ({self.what}) did not {what} its state: {self.reason}") from None
         self._free.put(s)
         if reply[:1] != wire.OK:

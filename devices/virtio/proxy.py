@@ -35,7 +35,10 @@ state stays "failed" and, if the driver had the device running, the
 transport is told `needs_reset` (DEVICE_NEEDS_RESET plus a config-change
 interrupt).  Control calls time out after `timeout` seconds; a service that
 does not answer is killed, so `reset()` returns only when nothing touches
-guest memory any more.
+guest memory any more.  A launcher that raises LauncherAbsent (no supervisor
+right now: it was killed or is being upgraded) is asked again every
+LAUNCHER_RETRY seconds, for as long as it takes, without using up restarts:
+the device is "failed" meanwhile, and continues once a supervisor is back.
 """
 import os
 import threading
@@ -52,7 +55,12 @@ from pyhv.proto.errors import HvError, PeerFailed, ProtocolError, from_wire
 from pyhv.proto.messages import Error, Ok
 
 RESTART_WINDOW = 60.0
+LAUNCHER_RETRY = 0.5                # seconds between asks while nobody can start a service (no supervisor)
 UNIX_PATH_MAX = 107                 # sun_path minus its NUL
+
+
+class LauncherAbsent(PeerFailed):
+    """Nobody can start a service right now (the supervisor is being restarted): ask again later."""
 
 
 class ServiceRefused(HvError):
@@ -126,7 +134,15 @@ class ServiceProxy(VirtioDevice):
         self._ctl = self._socket(zmq.PAIR, ctl_ep)
         self._evt = self._socket(zmq.PULL, evt_ep)
         fds = ds.ServiceFds(self.mem.fd, self._life_r, self.eventfds.notify, self.eventfds.irq)
-        self._proc = self.launcher.start(self.device, n, fds)      # an HvError or OSError if refused
+        try:
+            self._proc = self.launcher.start(self.device, n, fds)      # an HvError or OSError if refused
+        except BaseException as e:
+            self._ctl.close()
+            self._evt.close()
+            self._ctl = self._evt = None
+            if isinstance(e, LauncherAbsent):
+                self._incarnation -= 1          # nothing was started: the next ask reuses its endpoints
+            raise
         self._description = self._call(ds.Describe(), ds.Description, timeout=self.start_timeout)
         self.state = "running"
 
@@ -263,24 +279,36 @@ class ServiceProxy(VirtioDevice):
         if give_up is None:
             if self.restart_delay:
                 time.sleep(self.restart_delay)
-            with self._lock:
-                if self._closed:
-                    return
-                try:
-                    self._start()
-                    self.restarts += 1
-                    if self._active is not None:
-                        self._call(ds.Restore(state=self._resume_state(), paused=self._paused), Ok)
+            self._restart()
+            return
+        self._give_up(give_up)
+
+    def _restart(self):
+        """Start the next incarnation and give it the running device's state (the watcher's thread)."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._start()
+                self.restarts += 1
+                if self._active is not None:
+                    self._call(ds.Restore(state=self._resume_state(), paused=self._paused), Ok)
+                self._watch_incarnation()
+                return
+            except LauncherAbsent as e:
+                self.state, self.reason = "failed", f"waiting to be restarted: {e}"
+                self._loop.call_at(time.monotonic() + LAUNCHER_RETRY, self._restart)
+                return
+            except (HvError, OSError) as e:
+                self.reason = f"restart failed: {e}"
+                if self._proc is not None:       # the new one failed at once: the watcher sees it die
                     self._watch_incarnation()
+                    self._kill(self.reason)
                     return
-                except (HvError, OSError) as e:
-                    self.reason = f"restart failed: {e}"
-                    if self._proc is not None:       # the new one failed at once: the watcher sees it die
-                        self._watch_incarnation()
-                        self._kill(self.reason)
-                        return
-                    self.state = "failed"
-                    give_up = f"{self.name}: {self.reason}"
+                self.state = "failed"
+        self._give_up(f"{self.name}: {self.reason}")
+
+    def _give_up(self, give_up):
         with self._lock:
             self.reason = give_up
             self._given_up = True

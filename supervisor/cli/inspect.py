@@ -36,7 +36,7 @@ def cmd_info(args):
             ("load addr", "default" if c.load_addr is None else hex(c.load_addr)),
             ("initrd", c.initrd or "-"), ("cmdline", c.cmdline or "-"), ("mem", size_text(c.mem_bytes)),
             ("vcpus", c.vcpus), ("timeout", "-" if c.timeout is None else f"{c.timeout:g} s"),
-            ("pin", ",".join(map(str, c.pin)) or "-"), ("console log", g.console_log),
+            ("pin", ",".join(map(str, c.pin)) or "-"), ("gdb", c.gdb or "-"), ("console log", g.console_log),
             *((device_kind(d.kind).flag.lstrip("-"), device_kind(d.kind).describe(d.options)) for d in c.devices),
             *(("device", p.describe()) for p in c.plugins),
             ("compat", compat["name"]),

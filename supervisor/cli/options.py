@@ -20,6 +20,8 @@ def add_run_options(p):
     p.add_argument("--device", dest="plugins", action="append", default=[], metavar="MODULE:CLASS[,KEY=VALUE...]",
                    help="a device plugin: a Python class serving ports or MMIO, or a virtio device model, in a "
                         "process of its own (docs/plugins.md); repeatable")
+    p.add_argument("--gdb", metavar="tcp:HOST:PORT", help="a GDB stub listens there; the vCPUs wait for its client "
+                   "before their first instruction (docs/debugging.md)")
     for k in (k for k in KINDS.values() if k.own_option):
         dest = f"device_{k.name}"
         if k.metavar is None:
@@ -36,4 +38,4 @@ def config_from(args, name):
     devices = {k.name: getattr(args, f"device_{k.name}") for k in KINDS.values() if k.own_option}
     return build_config(name, args.kernel, boot=args.boot, load_addr=args.load_addr, initrd=args.initrd,
                         cmdline=args.cmdline, mem=args.mem, vcpus=args.vcpus, timeout=args.timeout, pin=args.pin,
-                        compat=args.compat, devices=devices, plugins=args.plugins)
+                        compat=args.compat, devices=devices, plugins=args.plugins, gdb=args.gdb)

@@ -78,7 +78,7 @@ def _restored(args):
         (["device"] if args.plugins else [])
     if given or args.boot != "linux":
         raise UserError(f"--restore: the guest comes from the snapshot; give no --{(given or ['boot'])[0]} "
-                        f"(only --timeout)")
+                        f"(only --timeout and --gdb)")
     snapshot = Snapshot(args.restore)
     config = snapshot.config
     if args.timeout is not None:
@@ -86,7 +86,9 @@ def _restored(args):
             config = config.replace(timeout=float(args.timeout))
         except ValueError:
             raise UserError(f"--timeout: {args.timeout!r} is not a number of seconds") from None
-        check(config)
+    if args.gdb is not None:
+        config = config.replace(gdb=args.gdb)
+    check(config)
     return config, snapshot
 
 
@@ -105,5 +107,5 @@ def add_commands(add):
                      "(create --start) and print its name")
     run.add_argument("--name", help="with -d: the guest's name (default run-XXXXXX)")
     run.add_argument("--restore", metavar="DIR", help="continue the guest of this snapshot instead of booting "
-                     "one (`hvctl snapshot`); only --timeout applies")
+                     "one (`hvctl snapshot`); only --timeout and --gdb apply")
     run.add_argument("--stats-json", metavar="FILE", help="write the VMM's counters (exits, time in guest/VMM) here at exit")

@@ -25,7 +25,8 @@ SAMPLES = [
     m.MigrateOut("g1", "unix:/run/b/s.sock", "t"), m.MigrateReply("done", copy=True, to="/run/b", rounds=3,
                                                                   bytes=1 << 20, held_bytes=4096, downtime=0.02),
     m.Event("g1", "stopped", 143, "stopped by request", 1.5), m.Destroy("g1"), m.List(),
-    m.Info("g1"), m.Wait("g1"), m.Stats("g1"), m.DeviceStatus("g1"), Ok(), Error("no-such-guest", "no such guest: x"),
+    m.Info("g1"), m.Wait("g1"), m.Wait("g1", 2.5), m.Stats("g1"), m.StopSupervisor(leave_guests=True),
+    m.SupervisorStopping(42, ["g1"], True), m.DeviceStatus("g1"), Ok(), Error("no-such-guest", "no such guest: x"),
     m.Pong(42, "/run/pyhv"), m.GuestList([INFO, INFO]), m.GuestList([]),
     m.StatsReply({"vcpus": [{"index": 0, "exits": {"IO": 3}}], "x": None, "f": 1.5}),
 ]

@@ -110,6 +110,12 @@ static void hv_fill_exit(struct hv_vcpu *v, struct hv_exit *e)
     case KVM_EXIT_SYSTEM_EVENT:
         e->suberror = run->system_event.type;
         break;
+    case KVM_EXIT_DEBUG:            /* suberror: the exception (1 #DB, 3 #BP); data: pc, dr6, dr7 */
+        e->suberror = run->debug.arch.exception;
+        e->data[0] = run->debug.arch.pc;
+        e->data[1] = run->debug.arch.dr6;
+        e->data[2] = run->debug.arch.dr7;
+        break;
     default:
         break;
     }
@@ -145,6 +151,17 @@ static int hv_fast_io(struct hv_vcpu *v, struct hv_exit *e)
     }
 }
 
+/* A single-stepped instruction exited to user space (I/O, MMIO).  KVM here
+ * completes it on the next KVM_RUN and runs on without reporting the step,
+ * so that KVM_RUN gets immediate_exit: it only completes the instruction,
+ * and returns HV_EXIT_STEP_DONE (or KVM's own debug exit, on hosts that
+ * report the step). */
+static void hv_complete_alone(struct hv_vcpu *v)
+{
+    v->step_io = 1;
+    __atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+}
+
 /* Run the vCPU until an exit Python must see.  Returns e->reason. */
 uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e)
 {
@@ -156,10 +173,12 @@ uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e)
         uint64_t t1 = hv_now_ns();
         v->ns_in_guest += t1 - t0;
         v->last_return_ns = t1;
+        int completing = v->step_io;
+        v->step_io = 0;
         if (r < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 v->exits[KVM_EXIT_INTR]++;
-                e->reason = KVM_EXIT_INTR;
+                e->reason = completing ? HV_EXIT_STEP_DONE : KVM_EXIT_INTR;
                 return e->reason;
             }
             e->reason = HV_EXIT_ERRNO;
@@ -171,11 +190,16 @@ uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e)
             v->exits[reason]++;
         if (reason == KVM_EXIT_IO) {
             int fast = hv_fast_io(v, e);
-            if (fast == 1)
+            if (fast == 1) {
+                if (v->stepping)
+                    hv_complete_alone(v);
                 continue;
+            }
             if (fast == 2)
                 return e->reason;
         }
+        if (v->stepping && (reason == KVM_EXIT_IO || reason == KVM_EXIT_MMIO))
+            hv_complete_alone(v);
         hv_fill_exit(v, e);
         return e->reason;
     }

@@ -19,6 +19,8 @@
 /* Pseudo exit reasons, above KVM's. */
 #define HV_EXIT_GUEST_EXIT 1000
 #define HV_EXIT_ERRNO 1001
+/* A single-stepped instruction that exited to user space has completed. */
+#define HV_EXIT_STEP_DONE 1002
 
 struct hv_exit {
     uint32_t reason;
@@ -30,7 +32,7 @@ struct hv_exit {
     uint64_t mmio_addr;
     uint32_t mmio_len, mmio_write;
     char *mmio_data;
-    /* KVM_EXIT_INTERNAL_ERROR / FAIL_ENTRY / SYSTEM_EVENT */
+    /* KVM_EXIT_INTERNAL_ERROR / FAIL_ENTRY / SYSTEM_EVENT / DEBUG */
     uint32_t suberror, ndata;
     uint64_t data[16];
     uint64_t exit_value;
@@ -46,6 +48,8 @@ struct hv_vcpu {
     uint64_t ns_in_guest;           /* time inside KVM_RUN */
     uint64_t ns_in_vmm;             /* time between KVM_RUN calls */
     uint64_t last_return_ns;        /* when KVM_RUN last returned */
+    uint8_t stepping;               /* single-stepping (guest_debug.py): see hv_vcpu_run */
+    uint8_t step_io;                /* this KVM_RUN only completes a stepped I/O instruction */
 };
 
 long hv_ioctl(int fd, unsigned long req, void *arg);
