@@ -137,10 +137,12 @@ class ReceiveReady(Message):
 @CONTROL
 class MigrateOut(Message):
     """Supervisor -> worker (`migrate --copy`): stream the guest to the receiver at `address`, presenting `token`;
-    the reply (MigrateReply) comes once the outcome is known.  After "done" the guest stays held here."""
+    the reply (MigrateReply) comes once the outcome is known.  After "done" the guest stays held here until Stop
+    (or, if none comes, ends itself: "migrated to `to`")."""
     name: str
     address: str
     token: str
+    to: str = ""
 
 
 @CONTROL

@@ -39,7 +39,7 @@ from pyhv.proto import codec, control as m, migration as mig, runtime
 from pyhv.proto.errors import BadState, HostError, HvError, PeerFailed, ProtocolError, UserError
 from pyhv.proto.messages import Error
 from pyhv.proto.runtime import UNIX_PATH_MAX, RuntimeDir
-from pyhv.supervisor import spawn
+from pyhv.supervisor import procs, spawn
 from pyhv.supervisor.config import validate
 
 ANSWER_TIMEOUT = 10.0       # for the target supervisor's answer to ReceiveGuest
@@ -204,7 +204,7 @@ class Outgoing:
         self._close_conn()
         g = self.guest
         try:
-            self.server._worker(g, m.MigrateOut(g.name, reply.address, reply.token), m.MigrateReply,
+            self.server._worker(g, m.MigrateOut(g.name, reply.address, reply.token, to=self.to), m.MigrateReply,
                                 self.envelope, self._copied, timeout=COPY_TIMEOUT, on_open=self._opened)
         except HvError as e:
             self._failed(str(e))
@@ -326,7 +326,7 @@ class Incoming:
         if old is not None and _tombstone(old):       # back where it was before: its logs are kept
             server.registry.remove(old, keep_logs=True)
         g = self.guest = server.registry.add(self.config)
-        g.moving = self
+        g.moving, g.arriving = self, True           # saved with the worker's identity: no successor adopts it
         g.mem_fd, self.mem_fd = mem_fd, None
         state = g.files.file("handover")
         shutil.move(state_dir, state)
@@ -356,7 +356,11 @@ class Incoming:
         """The source let the guest go: run it (unless it came paused); then(GuestInfo) either way."""
         g = self.guest
         self.done = True
-        g.moving = None
+        g.moving, g.arriving = None, False
+        try:
+            g.save()                            # before it runs: from now on it is ours to keep
+        except HostError as e:
+            print(f"supervisor: guest {g.name} arrived: {e}", file=sys.stderr, flush=True)
         if self.paused or g.proc is None:
             then(g.info())
             return
@@ -572,6 +576,24 @@ class Receiving:
         self.ctl.close()
         self.proc.kill()                        # done or gone already; a stuck one has nothing left to do
         self.proc.wait()
+
+
+def abandon(g, recorded):
+    """(A supervisor starting, as it loads its registry) a guest that was migrating here when the supervisor before
+    died, before the source's Commit: it never ran here and may run there, so its held worker is killed, not
+    adopted, and the guest is forgotten (forget_abandoned)."""
+    proc = procs.Adopted.find(recorded, lambda pid: procs.is_worker(pid, g.name))
+    if proc is not None:
+        proc.kill()
+        proc.close()
+    print(f"supervisor: discarded guest {g.name}: it was migrating here, uncommitted, when the supervisor "
+          f"before ended", file=sys.stderr, flush=True)
+
+
+def forget_abandoned(registry):
+    for g in registry:
+        if g.arriving:
+            registry.remove(g, keep_logs=False)
 
 
 def sweep(runtime_dir):

@@ -32,6 +32,7 @@ class Guest:
     mem_fd: int | None = None
     migrated_to: str | None = None    # set once the guest runs under another supervisor: its worker ends here
     moving: object = None             # a migration in flight, out or in (supervisor/migration.py)
+    arriving: bool = False            # migrated here, not yet committed: saved, so no successor adopts it
     restore: tuple | None = None      # (snapshot dir, paused) for the next worker only: its RAM is in mem_fd already
     stop_reason: str | None = None    # set by stop/shutdown: a worker exit then means "stopped", not "failed"
     kill_at: float | None = None      # monotonic time at which the worker gets SIGKILL
@@ -73,7 +74,8 @@ class Guest:
         """Write guest.json (atomically); HostError if the host refuses (ENOSPC...), the old record kept."""
         record = {"config": to_plain(self.config), "state": self.state,
                   "exit_status": self.exit_status, "reason": self.reason,
-                  "worker": self.proc.identity if self.proc is not None else None}
+                  "worker": self.proc.identity if self.proc is not None else None,
+                  **({"arriving": True} if self.arriving else {})}
         tmp = self.files.record + ".tmp"
         try:
             with open(tmp, "w") as f:
@@ -130,6 +132,7 @@ class Registry:
             return
         self.guests[g.name] = g
         g.on_change = self._changed
+        g.arriving = record.get("arriving") is True
         if g.live and self.adopt is not None:
             self.adopt(g, record.get("worker"))
         elif g.live:

@@ -74,6 +74,7 @@ class Server:
         self._next_switch_watch = 0.0
         self.loop = EventLoop("supervisor")
         self.registry = Registry(self.runtime, on_change=self._publish, adopt=self._adopt)
+        migration.forget_abandoned(self.registry)
         self._zygote_fd = None
         self._fds = []                      # fds that came with the request being handled
         self.handlers = {m.Ping: self.ping, m.Create: self.create, m.Start: self.start,
@@ -99,7 +100,10 @@ class Server:
     def _adopt(self, g, recorded):
         """A guest whose record says it runs (called by the registry as it loads): its worker, started by an
         earlier supervisor, is adopted if it still runs (the very process `recorded` names: procs.Adopted.find),
-        with a new fd on its RAM; else the guest gets the outcome its worker left in result.json, or fails."""
+        with a new fd on its RAM; else the guest gets the outcome its worker left in result.json, or fails.
+        A guest that was migrating here is not adopted (supervisor/migration.py abandon)."""
+        if g.arriving:
+            return migration.abandon(g, recorded)
         proc = procs.Adopted.find(recorded, lambda pid: procs.is_worker(pid, g.name))
         if proc is None:
             g.set_state(*spawn.read_outcome(g, None))

@@ -34,6 +34,7 @@ from pyhv.proto.errors import (EXIT_STOPPED, EXIT_TIMEOUT, EXIT_VM_FAILED, BadSt
 from pyhv.proto.messages import Error, Ok
 
 PAUSE_TIMEOUT = 1.0     # below the supervisor's worker timeout
+MIGRATED_GRACE = 10.0   # after a migration out, for the supervisor's Stop
 
 
 def write_result(path, status, reason):
@@ -165,11 +166,17 @@ class Worker:
     def migrate_out(self, msg):
         """Stream the guest to a receiver (`migrate --copy`) from a thread; answered when the outcome is known."""
         from pyhv.vcpu_worker.migration import Outgoing
+        from pyhv.vcpu_worker.vcpu import Outcome
         answer = self.answer_later
+
+        def gone():
+            self.machine.finish(Outcome(EXIT_STOPPED, f"migrated to {msg.to or msg.address}"))
 
         def done(reply):
             self.migration = None
             answer(reply)
+            if reply.outcome == "done":         # the supervisor stops us; if it has gone, we end ourselves
+                self.loop.call_soon(lambda: self.loop.call_at(time.monotonic() + MIGRATED_GRACE, gone))
         self.migration = Outgoing(self.machine, self.config, msg, self._in_loop, self._hold, self._let_go, done)
         self.migration.start()
         return None

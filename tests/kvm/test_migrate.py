@@ -273,3 +273,75 @@ def test_a_stream_without_the_token_is_refused_and_leaves_nothing(pair, counter)
     wait_for(lambda: not receivers(b) and not [f for f in os.listdir(b.dir) if f.startswith("incoming-")])
     nothing_left(b)
     b.hvctl("create", "x", "--boot", "raw64", "--kernel", counter, check=0)     # the name is free again
+
+
+# --- a supervisor that dies while a guest moves (guests outlive their supervisor) -------------------------------
+
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill9(sup):
+    sup.proc.send_signal(signal.SIGKILL)
+    sup.proc.wait(10)
+
+
+def test_a_guest_arriving_when_its_supervisor_died_is_discarded_not_adopted(build_guest):
+    """Until the source's Commit the guest held by the target may still run at the source: the next supervisor
+    there must kill its held worker and forget it, not adopt it.  (The moment stood for here: a guest whose
+    record says it is arriving, its worker running, and the supervisor killed.)"""
+    import json
+    t = Supervisor()
+    t2 = None
+    try:
+        t.hvctl("create", "x", "--boot", "raw64", "--kernel", build_guest("1: jmp 1b\n"), "--timeout", "120",
+                "--start", check=0)
+        worker = t.info("x")["pids"]["worker"]
+        path = os.path.join(t.dir, "guests", "x", "guest.json")
+        with open(path) as f:
+            record = json.load(f)
+        with open(path, "w") as f:
+            json.dump({**record, "arriving": True}, f)
+        kill9(t)
+        assert alive(worker)                              # guests outlive their supervisor...
+        t2 = Supervisor(t.dir)
+        wait_for(lambda: not alive(worker), timeout=10)   # ...but not this one
+        nothing_left(t2)
+        assert not os.path.exists(os.path.join(t.dir, "guests", "x"))
+    finally:
+        for s in (t2, t):
+            if s is not None and s.proc.poll() is None:
+                s.stop()
+        shutil.rmtree(t.dir, ignore_errors=True)
+
+
+def test_a_source_supervisor_killed_mid_copy_leaves_the_guest_migrated(slow_counter):
+    """The source's worker streams on without its supervisor, commits, and ends itself ("migrated to DIR") when no
+    Stop comes; the next supervisor there finds it so.  Every number once."""
+    a, b = Supervisor(), Supervisor()
+    a2 = None
+    try:
+        start_counting(a, "c", slow_counter)
+        worker = a.info("c")["pids"]["worker"]
+        move = subprocess.Popen(HVCTL + ["migrate", "c", "--to", b.dir, "--copy"], text=True,
+                                env={**os.environ, "HV_RUNTIME_DIR": a.dir}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        wait_for(lambda: receivers(b), timeout=30)
+        kill9(a)
+        move.communicate(timeout=60)
+        wait_for(lambda: b.info("c")["state"] in ("running", "stopped"), timeout=60)
+        wait_for(lambda: not alive(worker), timeout=60)
+        a2 = Supervisor(a.dir)
+        info = a2.info("c")
+        assert (info["state"], info["reason"]) == ("stopped", f"migrated to {b.dir}")
+        assert b.hvctl("wait", "c", timeout=60).returncode == 0
+        assert console(a, "c") + console(b, "c") == FULL
+    finally:
+        for s in (a2, a, b):
+            if s is not None and s.proc.poll() is None:
+                s.stop()
+        for s in (a, b):
+            shutil.rmtree(s.dir, ignore_errors=True)
