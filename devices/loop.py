@@ -60,6 +60,9 @@ class EventLoop:
         self._sockets[fd] = (sock, callback, during_pause)
         if during_pause or not self._parked:
             self._poll.register(fd, select.POLLIN)
+        # A new socket's first message may never make its fd readable (ZeroMQ signals the fd when a pipe turns
+        # readable, and a new pipe starts out so): the next turn must drain it before the loop sleeps in poll.
+        self._kick()
 
     def remove(self, fd_or_socket):
         """Stop watching an fd or socket (before closing it)."""
@@ -210,15 +213,12 @@ class EventLoop:
                 if self._stop:
                     return False
                 if self._sockets.get(fd, (None,))[0] is not sock:
-                    # A callback closed this socket, and maybe opened another that got the same ZMQ_FD: that one is
-                    # not ours to read or remove here; the next turn drains it.
-                    more = more or fd in self._sockets
-                    break
+                    break           # removed by a callback, maybe closed, and the fd number maybe another socket's
                 try:
                     if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
-                except zmq.ZMQError:            # closed under us by a callback
-                    self.remove(sock)
+                except zmq.ZMQError:            # closed under us by a callback that did not remove it
+                    self.remove(fd)
                     break
                 self._call(callback)
             else:

@@ -102,9 +102,11 @@ class Immigrate(Message):
     """Supervisor -> supervisor, on hvctl.sock with the guest's RAM memfd attached: take the guest whose hand-over
     state is in `dir` (inside the receiver's runtime dir).  Two-phase: the reply is Prepared once its worker holds
     it; then Commit on the same connection runs it (paused: keeps it paused) and is answered with GuestInfo.  A
-    connection closed before Commit (or an Error reply) leaves nothing there and the guest never ran there."""
+    connection closed before Commit (or an Error reply) leaves nothing there and the guest never ran there.
+    After the memfd come the fds of its disk images (locked), one per device named in `images`."""
     dir: str
     paused: bool = False
+    images: list[str] = list
 
 
 @CONTROL
@@ -122,9 +124,12 @@ class Commit(Message):
 @CONTROL
 class ReceiveGuest(Message):
     """Supervisor -> supervisor (`migrate --copy`), on hvctl.sock: make ready to receive guest `config` over a
-    migration stream (proto/migration.py) and answer ReceiveReady; paused: it arrives paused."""
+    migration stream (proto/migration.py) and answer ReceiveReady; paused: it arrives paused.  With it come the
+    fds of its disk images (locked), one per device named in `images`: on this machine the locks go over with
+    the guest, as a hand-over's do."""
     config: GuestConfig
     paused: bool = False
+    images: list[str] = list
 
 
 @CONTROL

@@ -105,6 +105,7 @@ class GuestConfig(Message):
     devices: list[DeviceSpec] = list  # virtio devices, in PCI slot order
     plugins: list[PluginSpec] = list  # device plugins, each in a process of its own (devices/plugin/)
     gdb: str | None = None           # "tcp:HOST:PORT": a GDB stub listens there; vCPUs wait for its client
+    trace: str | None = None         # --trace: absolute path of the exit trace the worker writes (proto/trace.py)
 
     def devices_of(self, kind):
         return [d for d in self.devices if d.kind == kind]
@@ -218,6 +219,8 @@ def check(config):
         raise UserError(f"--timeout: {c.timeout:g} is not a number of seconds > 0 and <= {MAX_TIMEOUT} (24 days)")
     if len(c.cmdline.encode()) > MAX_CMDLINE:
         raise UserError(f"--cmdline: {len(c.cmdline.encode())} bytes is longer than Linux reads ({MAX_CMDLINE})")
+    if c.trace is not None and not c.trace.startswith("/"):
+        raise UserError(f"--trace: {c.trace!r} is not an absolute path")
     if c.compat not in COMPAT_PROFILES:
         raise UserError(f"--compat: {c.compat!r} is not one of {', '.join(COMPAT_PROFILES)}")
     if len(c.plugins) > MAX_PLUGINS:

@@ -136,6 +136,15 @@ def switch_endpoint(runtime_dir, name):
     return f"ipc://{os.path.join(os.path.abspath(runtime_dir), f'switch-{name}.sock')}"
 
 
+def check_switch_socket(runtime_dir, name):
+    """UserError unless switch NAME's socket in `runtime_dir` fits in a unix socket address (else nothing can
+    bind it: the NIC would never reach its switch)."""
+    path = switch_endpoint(runtime_dir, name)[len("ipc://"):]
+    if len(path) > UNIX_PATH_MAX:
+        raise UserError(f"--net: switch:{name}: its socket {path} is {len(path)} characters, more than a unix "
+                        f"socket allows ({UNIX_PATH_MAX}): use a shorter switch name or runtime dir")
+
+
 class GuestDir(_Dir):
     """RUNTIME/guests/NAME: a supervised guest's files."""
 

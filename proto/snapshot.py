@@ -200,7 +200,7 @@ class Snapshot:
         raw = self._read(MANIFEST, MAX_MANIFEST_BYTES)
         try:
             manifest = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):            # RecursionError: nesting past the interpreter's limit
             raise SnapshotError(f"snapshot {path}: {MANIFEST} is not JSON (corrupt)") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise SnapshotError(f"snapshot {path}: {MANIFEST} is not a {FORMAT} manifest")

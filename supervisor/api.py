@@ -33,7 +33,7 @@ from pyhv.proto.runtime import RuntimeDir, child_env, default_dir, python_module
 from pyhv.supervisor.config import build_config
 
 # keyword -> the kind whose option it is (disks=[...] for --disk, nets=[...] for --net, rng=True, ...)
-DEVICE_KEYWORDS = {"disks": "blk", "nets": "net", "rng": "rng", "vconsole": "console"}
+DEVICE_KEYWORDS = {"disks": "blk", "nets": "net", "rng": "rng", "vconsole": "console", "vhost_user": "vhost-user"}
 START_TIMEOUT = 15.0
 
 

@@ -11,10 +11,11 @@ from pyhv.devices.virtio import kinds
 from pyhv.proto import guest
 from pyhv.proto.errors import UserError
 from pyhv.proto.guest import DEFAULT_MEM_BYTES, GuestConfig, parse_cpu_list, parse_int, parse_size
+from pyhv.supervisor.output_files import check_writable
 
 
 def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdline=None, mem=None, vcpus=None,
-                 timeout=None, pin=None, compat=None, devices=None, plugins=None, gdb=None):
+                 timeout=None, pin=None, compat=None, devices=None, plugins=None, gdb=None, trace=None):
     """A validated GuestConfig from option strings as argparse gives them (None = default).
 
     `devices` maps a device kind's name to its option's value(s) (devices/virtio/kinds.py); `plugins` is the
@@ -39,6 +40,7 @@ def build_config(name, kernel, boot="linux", load_addr=None, initrd=None, cmdlin
         compat="nested" if compat is None else compat,
         devices=kinds.specs_from_options(devices or {}),
         gdb=gdb,
+        trace=None if trace is None else os.path.abspath(trace),
     )
     if plugins:
         ports, virtio = describe_plugins([guest.parse_plugin(text, os.getcwd()) for text in plugins])
@@ -80,6 +82,8 @@ def validate(config, boot_files=True):
     if config.plugins:
         from pyhv.vcpu_worker.platform import check_plugins
         check_plugins(config)
+    if config.trace is not None:
+        check_writable(config.trace, "--trace")
 
 
 PLUGIN_LOAD_TIMEOUT = 30.0

@@ -35,6 +35,7 @@ import tempfile
 import time
 
 from pyhv.devices.guest_memory import create_memfd, memfd_fits
+from pyhv.devices.virtio import kinds
 from pyhv.proto import codec, control as m, migration as mig, runtime
 from pyhv.proto.errors import BadState, HostError, HvError, PeerFailed, ProtocolError, UserError
 from pyhv.proto.messages import Error
@@ -67,6 +68,7 @@ def migrate(server, msg, envelope):
     """Move a running (or paused) guest to the supervisor of msg.to; answered with a MigrateReply."""
     g = server.registry.get(msg.name)
     server._need_state(g, "running", "paused")
+    kinds.check_snapshottable(g.config.devices, g.name)     # a vhost-user back end's state (and RAM writes) are its own
     if g.mem_fd is None and not msg.copy:
         raise HostError(f"guest {g.name}'s RAM is out of this supervisor's reach (it adopted the guest and could "
                         f"not open the worker's memfd): it cannot be handed over; `migrate --copy` can move it")
@@ -109,8 +111,9 @@ class Outgoing:
 
     def start(self):
         g = self.guest
-        if self.copy:
-            self._send(m.ReceiveGuest(g.config, self.was_paused))
+        if self.copy:                           # its disk images go over with their locks, as a hand-over's do
+            images = self.server.services.images.get(g.name, {})
+            self._send(m.ReceiveGuest(g.config, self.was_paused, images=list(images)), images.values())
             self._expect(m.ReceiveReady, self._ready, ANSWER_TIMEOUT)
             return
         try:
@@ -123,9 +126,9 @@ class Outgoing:
 
     # -- the connection to the target supervisor --------------------------------------------------------------------
     def _send(self, msg, fds=()):
-        data = codec.encode(msg, m.CONTROL)
+        data, fds = codec.encode(msg, m.CONTROL), list(fds)
         if fds:
-            socket.send_fds(self.conn, [data], list(fds))
+            socket.send_fds(self.conn, [data], fds)
         else:
             self.conn.send(data)
 
@@ -182,8 +185,10 @@ class Outgoing:
         if isinstance(reply, HvError):          # the worker let the guest go on as it was (or ended)
             return self._failed(str(reply), resume=False)
         self.held_at = time.monotonic() - reply.paused_for
+        images = self.server.services.images.get(self.guest.name, {})     # the locks go with the guest
         try:
-            self._send(m.Immigrate(os.path.join(self.incoming, "state"), self.was_paused), [self.guest.mem_fd])
+            self._send(m.Immigrate(os.path.join(self.incoming, "state"), self.was_paused, images=list(images)),
+                       [self.guest.mem_fd, *images.values()])
         except OSError as e:
             return self._failed(f"cannot hand it over: {e.strerror}")
         self._expect(m.Prepared, self._prepared, PREPARE_TIMEOUT)
@@ -314,6 +319,7 @@ class Incoming:
         self.server, self.config, self.paused = server, config, paused
         self.guest = None
         self.mem_fd = None
+        self.images = {}                # device name -> image fd handed over (locked by the source), ours
         self.on_discard = on_discard    # what else to tell or clean when the guest is discarded
         self.done = False
 
@@ -331,6 +337,8 @@ class Incoming:
         state = g.files.file("handover")
         shutil.move(state_dir, state)
         g.restore = (state, True)              # held: it runs on Commit
+        images, self.images = self.images, {}
+        server.services.open_images(g, images)  # the source's locks, not new ones (its services still run)
 
         def launched(reply):                   # its worker exists; it answers once it holds the guest
             if isinstance(reply, Error):
@@ -390,11 +398,12 @@ class Incoming:
             if g.proc is not None:
                 server._kill_now(g, f"discarded: {why}")
             spawn.release_memory(g)
+            server.services.release_images(g.name)      # our fds: the source's services keep its locks
             if server.registry.guests.get(g.name) is g:
                 server.registry.remove(g, keep_logs=False)
-        if self.mem_fd is not None:
-            os.close(self.mem_fd)
-            self.mem_fd = None
+        for fd in ([self.mem_fd] if self.mem_fd is not None else []) + list(self.images.values()):
+            os.close(fd)
+        self.mem_fd, self.images = None, {}
         if self.on_discard is not None:
             self.on_discard(why)
 
@@ -405,8 +414,8 @@ def immigrate(server, msg, conn):
     from pyhv.proto.snapshot import Snapshot
     if not isinstance(conn, socket.socket):
         raise ProtocolError("Immigrate comes on hvctl.sock")
-    if len(server._fds) != 1:
-        raise ProtocolError("Immigrate comes on hvctl.sock with one fd: the guest's RAM memfd")
+    if len(server._fds) != 1 + len(msg.images):
+        raise ProtocolError("Immigrate comes on hvctl.sock with the guest's RAM memfd and one fd per image it names")
     if os.path.dirname(os.path.dirname(os.path.realpath(msg.dir))) != os.path.realpath(server.dir):
         raise UserError(f"a hand-over is taken only from inside {server.dir}, not {msg.dir}")
     snap = Snapshot(msg.dir, handover=True)
@@ -415,6 +424,7 @@ def immigrate(server, msg, conn):
     if not memfd_fits(server._fds[0], config.mem_bytes):
         raise UserError(f"the RAM handed over is not the {config.mem_bytes >> 20} MiB guest {config.name} has")
     validate(config, boot_files=False)
+    images = _images(config, msg.images, server._fds[1:])
     loop = server.loop
     timer = []
 
@@ -452,7 +462,7 @@ def immigrate(server, msg, conn):
             return inc.discard("the source did not commit")
         inc.commit(lambda info: server._reply(conn, info))
 
-    inc.mem_fd = server._fds.pop()
+    inc.mem_fd, inc.images, server._fds = server._fds[0], images, []     # ours from here on
     try:
         inc.prepare(inc.mem_fd, snap.path, prepared)
     except BaseException:
@@ -472,11 +482,15 @@ def receive(server, msg, envelope):
     guest_msgs.check(config)
     _may_arrive(server, config.name)
     validate(config, boot_files=False)
+    if len(server._fds) != len(msg.images):
+        raise ProtocolError("ReceiveGuest comes on hvctl.sock with one fd per image it names")
+    images = _images(config, msg.images, server._fds)
     try:
         incoming = tempfile.mkdtemp(prefix=server.runtime.incoming_prefix(config.name), dir=server.dir)
     except OSError as e:
         raise HostError(f"cannot make a place for guest {config.name} in {server.dir}: {e.strerror}") from None
     inc = Incoming(server, config, msg.paused)
+    inc.images, server._fds = images, []        # ours from here on (closed if it is discarded)
     pieces = []
     try:
         path = os.path.join(incoming, STREAM_SOCK)
@@ -517,10 +531,18 @@ def receive(server, msg, envelope):
 def _clean(pieces, incoming, inc):
     for p in pieces:
         p.close()
-    if inc.mem_fd is not None:
-        os.close(inc.mem_fd)
-        inc.mem_fd = None
+    inc.discard("its receiver could not be started")
     shutil.rmtree(incoming, ignore_errors=True)
+
+
+def _images(config, names, fds):
+    """{device: fd} of the disk images handed over with a guest, each checked to be that device's image."""
+    devices = {name: (k, d.options) for name, k, d in kinds.named(config.devices)}
+    images = dict(zip(names, fds))
+    for name, fd in images.items():
+        if name not in devices or not devices[name][0].is_image(devices[name][1], fd):
+            raise UserError(f"the image handed over as {name!r} is not a disk of guest {config.name}")
+    return images
 
 
 class Receiving:

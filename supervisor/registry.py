@@ -12,12 +12,13 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
+from pyhv.devices.virtio import kinds
 from pyhv.proto import codec
 from pyhv.proto.control import GuestInfo
 from pyhv.proto.errors import BadState, EXIT_VM_FAILED, HostError, HvError, NoSuchGuest, UserError
 from pyhv.proto.guest import GuestConfig
 from pyhv.proto.messages import to_plain
-from pyhv.proto.runtime import UNIX_PATH_MAX
+from pyhv.proto.runtime import UNIX_PATH_MAX, check_switch_socket
 
 
 @dataclass
@@ -155,6 +156,8 @@ class Registry:
         files = self.runtime.guest(config.name)
         if len(files.longest_socket()) > UNIX_PATH_MAX:
             raise UserError(f"runtime dir path is too long for unix sockets: {self.runtime.path}")
+        for switch in kinds.switches(config.devices):
+            check_switch_socket(self.runtime.path, switch)
         shutil.rmtree(files.path, ignore_errors=True)
         g = Guest(config, files, on_change=self._changed)
         try:

@@ -47,6 +47,7 @@ WORKER_RECONNECT_MS = 5  # ZeroMQ's retry of a connect to a worker socket not bo
 SNAPSHOT_TIMEOUT = 600.0  # a snapshot writes the guest's RAM and disks: seconds per GiB on a slow disk
 STOP_GRACE = 3.0        # seconds a worker gets to exit after Stop before SIGKILL
 SWITCH_WATCH = 0.5      # seconds between checks of the net switch processes
+MAX_REQUEST_FDS = 16    # with a request on hvctl.sock: an Immigrate's memfd and its disk images
 
 
 WAIT_GRACE = 1.0        # a Wait with a timeout is forgotten this long after its client stopped listening
@@ -202,7 +203,7 @@ class Server:
     def _on_seq(self, conn):
         self.loop.remove(conn)
         try:
-            data, fds, _, _ = socket.recv_fds(conn, codec.MAX_MESSAGE_BYTES + 1, 1)
+            data, fds, _, _ = socket.recv_fds(conn, codec.MAX_MESSAGE_BYTES + 1, MAX_REQUEST_FDS)
         except OSError:
             data, fds = b"", []
         if not data:
@@ -482,8 +483,8 @@ class Server:
     def create(self, msg, envelope):
         validate(msg.config)
         g = self.registry.add(msg.config)
-        if msg.start:
-            return self.start(m.Start(g.name), envelope)      # the reply comes when the worker is there
+        if msg.start:                   # the reply comes when the worker is there; a refused start leaves nothing
+            return self._forget_on_failure(g, lambda: self.start(m.Start(g.name), envelope))
         return g.info()
 
     def start(self, msg, envelope):
@@ -495,23 +496,30 @@ class Server:
         return self._launch(g, envelope)
 
     def _launch(self, g, envelope):
-        """Start g's worker (switches first); the reply goes to `envelope` once it exists."""
+        """Start g's worker (its disk images locked and switches started first); the reply goes to `envelope` once
+        it exists."""
         def done(error):
             g.starting = False
             paused = g.restore is not None and g.restore[1]
             g.restore = None            # a later start boots afresh
             if error is not None:
                 spawn.release_memory(g)
+                self.services.release_images(g.name)
                 self._reply(envelope, Error.of(InternalError(f"cannot start guest {g.name}: {error}")))
                 return
             g.set_state("paused" if paused else "running")
             self._reply(envelope, g.info())
 
-        for name in kinds.switches(g.config.devices):
-            try:
-                self.switches.ensure(name)
-            except OSError as e:
-                raise InternalError(f"cannot start switch {name} for guest {g.name}: {e}") from None
+        self.services.open_images(g)    # UserError if another guest holds one: nothing has run
+        try:
+            for name in kinds.switches(g.config.devices):
+                try:
+                    self.switches.ensure(name)
+                except OSError as e:
+                    raise InternalError(f"cannot start switch {name} for guest {g.name}: {e}") from None
+        except BaseException:
+            self.services.release_images(g.name)
+            raise
         g.starting = True
         self.spawner.start_worker(g, done)      # done() now (direct spawn) or when the zygote answers
         self._sync_zygote()
@@ -522,6 +530,7 @@ class Server:
         from pyhv.proto.snapshot import check_target
         g = self.registry.get(msg.name)
         self._need_state(g, "running", "paused")
+        kinds.check_snapshottable(g.config.devices, g.name)
         if not os.path.isabs(msg.dir):
             raise UserError(f"snapshot directory {msg.dir!r} is not an absolute path")
         check_target(msg.dir)
@@ -583,6 +592,7 @@ class Server:
             return start()
         except BaseException:
             spawn.release_memory(g)
+            self.services.release_images(g.name)
             self.registry.remove(g, keep_logs=False)
             raise
 

@@ -14,6 +14,13 @@ also exit by themselves when their worker dies (the lifeline pipe), and
 whatever is left when a guest ends is killed.  They do not depend on the
 supervisor otherwise: they outlive it with their worker, which asks the
 next supervisor on this socket when one has to be restarted.
+
+A guest's disk images are opened and locked here when it starts (before its
+worker exists: an image another guest holds is refused with exit 2) and kept
+until its worker has gone; every incarnation of a disk's service inherits
+that same fd, so it shares the lock (devices/virtio/image_lock.py).  A guest
+this supervisor did not start (adopted after a restart) has its images
+opened on its first service request.
 """
 import os
 import signal
@@ -44,6 +51,7 @@ class ServiceLauncher:
         os.chmod(self.path, 0o600)
         self.sock.listen(64)
         self.procs = {}                 # guest name -> [Popen]
+        self.images = {}                # guest name -> {device name: image fd, locked}
         self.started = self.refused = 0
 
     def fileno(self):
@@ -85,6 +93,36 @@ class ServiceLauncher:
             for fd in fds:
                 os.close(fd)
 
+    # -- disk images ------------------------------------------------------------------
+    def open_images(self, g, given=None):
+        """Open and lock guest g's images that are not held yet (`given`: {device: fd} handed over with it, now
+        ours); UserError, with nothing held for it, if one is in use."""
+        held = self.images.setdefault(g.name, {})
+        held.update(given or {})
+        try:
+            for name, _, _ in kinds.named(g.config.devices):
+                self._image(g, name)
+        except BaseException:
+            self.release_images(g.name)
+            raise
+        return held
+
+    def _image(self, g, device):
+        """The image fd of `device` for its service (opened and locked now if we do not hold it yet)."""
+        held = self.images.setdefault(g.name, {})
+        for name, k, d in kinds.named(g.config.devices):
+            if name == device and name not in held:
+                fd = k.open_image(d.options)
+                if fd is not None:
+                    held[name] = fd
+        return held.get(device)
+
+    def release_images(self, name):
+        """Close guest `name`'s image fds (its locks go once its services have gone too)."""
+        for fd in self.images.pop(name, {}).values():
+            os.close(fd)
+
+    # -- services -------------------------------------------------------------------------
     def _spawn(self, conn, msg, fds):
         g = self._guest_of(conn, msg.guest)
         names = {name: (kind, spec) for name, kind, spec in kinds.named(g.config.devices)}
@@ -96,9 +134,10 @@ class ServiceLauncher:
             raise UserError(f"{len(fds)} fds in the wrong roles for {msg.device} ({nq} queues)")
         if not 1 <= msg.incarnation <= 1 << 20:
             raise UserError(f"bad incarnation {msg.incarnation}")
-        theirs = msg.fds.renumbered(fds)
+        image = self._image(g, msg.device)
+        theirs = msg.fds.renumbered(fds).replace(image=image)
         spec = kinds.service_spec(g.config.devices, msg.device, g.files, g.config.mem_bytes, msg.incarnation, theirs)
-        return self._popen(g, service_command(spec), fds)
+        return self._popen(g, service_command(spec), theirs.all())
 
     def _spawn_plugin(self, conn, msg, fds):
         g = self._guest_of(conn, msg.guest)
@@ -140,20 +179,23 @@ class ServiceLauncher:
                 del self.procs[name]
 
     def guest_ended(self, name):
-        """The guest's worker is gone: its services must go too (they normally already have)."""
+        """The guest's worker is gone: its services must go too (they normally already have), and its images."""
         for p in self.procs.get(name, []):
             if p.poll() is None:
                 p.kill()
         for p in self.procs.get(name, []):
             p.wait()
         self.watch()
+        self.release_images(name)
 
     def close(self, kill=True):
         """Stop serving; the services still running are killed, or (kill=False) left to their guests, which
-        run on for the next supervisor."""
+        run on for the next supervisor (holding their disk images' locks in their own fds)."""
         if kill:
-            for name in list(self.procs):
+            for name in list(self.procs) + list(self.images):
                 self.guest_ended(name)
+        for name in list(self.images):
+            self.release_images(name)
         self.sock.close()
         try:
             os.unlink(self.path)

@@ -83,13 +83,18 @@ class DeviceManager:
         from pyhv.devices.virtio.proxy import ServiceProxy
         from pyhv.devices.virtio.transport.pci import VirtioPciDevice
         for name, kind, spec in kinds.named(config.devices):
-            eventfds = Eventfds.create(kind.num_queues(spec.options))
-            self._eventfds.append(eventfds)
-            if in_process:
+            if in_process or kind.in_worker:       # vhost-user front ends always run here
                 backend = kind.build(kind.service_options(spec.options, host))
+                eventfds = Eventfds.create(backend.num_queues)
             else:
+                eventfds = Eventfds.create(kind.num_queues(spec.options))
                 backend = ServiceProxy(kind, name, mem, eventfds, launcher)
-            fn = VirtioPciDevice(backend, mem, router, eventfds)
+            self._eventfds.append(eventfds)
+            try:
+                fn = VirtioPciDevice(backend, mem, router, eventfds)
+            except BaseException:
+                backend.close()
+                raise
             self.pci.add(fn, name)
             self.virtio[name] = fn
 
@@ -136,7 +141,7 @@ class DeviceManager:
                 p.restore(saved_plugins[name])
         except ProtocolError as e:
             raise StateError(f"the snapshot's device state is malformed: {e}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise StateError(f"the snapshot's device state is malformed: {type(e).__name__}: {e}") from None
         self.serial.refresh_irq()        # a level the restored irqchip may not hold as a line of ours
 

@@ -64,7 +64,7 @@ def ensure_switch(runtime_dir, name, idle_exit=15.0):
     supervisor's (supervisor/switches.py).
     """
     from pyhv.devices.net.switch import is_served
-    os.makedirs(runtime_dir.path, exist_ok=True)
+    runtime_dir.make_private()          # 0700 whatever the umask (its sockets carry the guests' frames), or refused
     if is_served(runtime_dir.switch_file(name, "lock")):
         return
     log_path = runtime_dir.switch_file(name, "log")
@@ -136,16 +136,23 @@ class ServiceProcess:
 
 
 class LocalLauncher:
-    """Starts a guest's device services as children of this process (`hvctl run`)."""
+    """Starts a guest's device services as children of this process (`hvctl run`).
+
+    It holds the guest's disk images, opened and locked here before the guest
+    runs (ImageInUse, a UserError, if another guest has one), until `close()`
+    or this process ends; every service incarnation inherits the same fds.
+    """
 
     def __init__(self, config, host):
         self.config, self.host = config, host
+        self.images = kinds.open_images(config.devices)
 
     def endpoints(self, device, incarnation):
         return (self.host.service_endpoint(device, incarnation, "ctl"),
                 self.host.service_endpoint(device, incarnation, "evt"))
 
     def start(self, device, incarnation, fds):
+        fds = fds.replace(image=self.images.get(device))
         spec = kinds.service_spec(self.config.devices, device, self.host, self.config.mem_bytes, incarnation, fds)
         return self._popen(service_command(spec), fds.all(), "service")
 
@@ -158,6 +165,12 @@ class LocalLauncher:
         p = subprocess.Popen(argv, pass_fds=fds, start_new_session=True, cwd="/", env=runtime.child_env(),
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         return ServiceProcess(p.pid, os.pidfd_open(p.pid), p, what)
+
+    def close(self):
+        """Let go of the images (the services that still hold them keep them locked until they end)."""
+        images, self.images = self.images, {}
+        for fd in images.values():
+            os.close(fd)
 
 
 class SupervisorLauncher:

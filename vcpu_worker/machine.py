@@ -49,6 +49,7 @@ class Machine:
         self.debugger = None
         self._sampling, self._samples = set(), {}   # sample_positions(): vCPUs still to answer, answers
         self.threads = []
+        self.tracer = None
         try:
             self.kvm = Kvm()
             self.vm = self.kvm.create_vm()
@@ -78,6 +79,10 @@ class Machine:
             if config.gdb:
                 from pyhv.vcpu_worker.gdb.stub import GdbStub
                 self.debugger = GdbStub(self, config.gdb)     # listens now: a port in use fails before the guest runs
+            if config.trace:
+                from pyhv.vcpu_worker.trace import Tracer
+                self.tracer = Tracer(config.trace, self.vcpus, {"guest": config.name, "boot": config.boot,
+                                                               "tsc_khz": self.vm.tsc_khz()})
         except HvError:
             self.devices.close()
             raise
@@ -135,6 +140,8 @@ class Machine:
 
     def start(self):
         lib.hv_install_kick_handler(KICK_SIGNAL)
+        if self.tracer is not None:
+            self.tracer.start()
         if self.debugger is not None:
             self.debugger.start()        # holds every vCPU until a client has attached
         if self.paused or self._debug_held:   # each vCPU parks before its first instruction
@@ -171,6 +178,18 @@ class Machine:
         if self.debugger is not None:
             self.debugger.close()
         self.devices.close()
+        self.close_trace(0)
+
+    def close_trace(self, timeout=2.0):
+        """After the VM ended: the trace's last records and its end record (vCPU threads get `timeout` s to leave)."""
+        if self.tracer is None or self.tracer.closed:
+            return
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        self.tracer.close({t.vcpu.index for t in self.threads if not t.is_alive()} if self.threads
+                          else {v.index for v in self.vcpus}, self.outcome)
 
     def stop(self):
         self.finish(Outcome(EXIT_STOPPED, "stopped by request"))
@@ -291,4 +310,5 @@ class Machine:
             "fixups": dict(self.fixup_counts),
             "compat": self.profile.describe(),
             **({"gdb": self.debugger.status()} if self.debugger is not None else {}),
+            **({"trace": self.tracer.status()} if self.tracer is not None else {}),
         }

@@ -40,7 +40,7 @@ def write_snapshot(machine, config, path, handover=False):
             writer.memory(machine.mem_fd, config.mem_bytes)
             for device, image in writable_disks(config):
                 writer.disk(device, image)
-        writer.commit(config.replace(gdb=None), handover)    # a restored guest does not wait for a debugger
+        writer.commit(config.replace(gdb=None, trace=None), handover)   # restored: no debugger, no trace unless asked
     except BaseException:
         writer.abort()
         raise

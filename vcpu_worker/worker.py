@@ -138,7 +138,9 @@ class Worker:
 
         A migration's hand-over (state only) leaves the guest held: the supervisor stops it once the guest runs
         under its new supervisor, or resumes it if that failed."""
+        from pyhv.devices.virtio.kinds import check_snapshottable
         from pyhv.vcpu_worker.snapshot import write_snapshot
+        check_snapshottable(self.config.devices, self.config.name)      # before the guest is held
         if self.machine.debugger is not None and self.machine.debugger.client is not None:
             raise BadState(f"{self.config.name}: a GDB client is attached (its breakpoints are in guest memory); "
                            f"detach it first")
@@ -165,8 +167,13 @@ class Worker:
 
     def migrate_out(self, msg):
         """Stream the guest to a receiver (`migrate --copy`) from a thread; answered when the outcome is known."""
+        from pyhv.devices.virtio.kinds import check_snapshottable
         from pyhv.vcpu_worker.migration import Outgoing
         from pyhv.vcpu_worker.vcpu import Outcome
+        check_snapshottable(self.config.devices, self.config.name)      # a vhost-user back end writes RAM unlogged
+        if self.machine.debugger is not None and self.machine.debugger.client is not None:
+            raise BadState(f"{self.config.name}: a GDB client is attached (its breakpoints are in guest memory); "
+                           f"detach it first")
         answer = self.answer_later
 
         def gone():
@@ -309,6 +316,7 @@ def serve(config, mem_fd, guest, restore=None, paused=False):
         ctx.term()
         console.close()
     outcome = worker.outcome or machine.wait(0)
+    machine.close_trace()            # before result.json: once `hvctl wait` returns, the trace is complete
     return outcome.status, outcome.reason
 
 

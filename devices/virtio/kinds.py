@@ -30,6 +30,8 @@ class Kind:
     help = ""
     max_count = 1
     restartable = True        # a killed service is replaced and its queues resume from used.idx
+    in_worker = False         # its VirtioDevice runs in the worker (vhost-user: the back end is the user's process)
+    snapshottable = True      # its whole state can be saved (`hvctl snapshot`, `migrate`)
     model = ""                # "module:Class", imported only where the model runs
     options = ()              # the option names a DeviceSpec of this kind may carry
     service_options_needed = ()   # what build() needs from service_options()
@@ -63,6 +65,15 @@ class Kind:
         """The options its service gets: `options` with host-side resources resolved by `host`."""
         return dict(options)
 
+    def open_image(self, options):
+        """The host file its service works on (a disk image), opened and locked by whoever starts the service and
+        held while the guest runs (devices/virtio/image_lock.py); None for kinds without one.  UserError."""
+        return None
+
+    def is_image(self, options, fd):
+        """Whether `fd` (handed over by a peer) is what open_image() would have opened for `options`."""
+        return False
+
     def model_class(self):
         module, _, cls = self.model.partition(":")
         return getattr(importlib.import_module(module), cls)
@@ -72,15 +83,16 @@ class Kind:
         return self.model_class().num_queues
 
     def build(self, options):
-        """The model, in the process that runs it, from service_options()."""
+        """The model, in the process that runs it, from service_options(); a kind with an image also takes
+        `image`, the fd open_image() gave (None: it opens the file itself, unlocked, as in-process tests do)."""
         return self.model_class()()
 
-    def build_checked(self, options):
+    def build_checked(self, options, image=None):
         """build() after checking that `options` (from a ServiceSpec) has what it needs; UserError otherwise."""
         missing = [o for o in self.service_options_needed if not isinstance(options.get(o), str)]
         if missing:
             raise UserError(f"a {self.name} service needs option {missing[0]!r}")
-        return self.build(options)
+        return self.build(options) if image is None else self.build(options, image)
 
 
 class Rng(Kind):
@@ -128,8 +140,16 @@ class Blk(Kind):
     def describe(self, options):
         return options["path"] + (",ro" if "ro" in options else "")
 
-    def build(self, options):
-        return self.model_class()(options["path"], read_only="ro" in options)
+    def open_image(self, options):
+        from pyhv.devices.virtio.image_lock import open_image
+        return open_image(options["path"], "ro" in options)
+
+    def is_image(self, options, fd):
+        from pyhv.devices.virtio.image_lock import is_image
+        return is_image(fd, options["path"], "ro" in options)
+
+    def build(self, options, image=None):
+        return self.model_class()(options["path"], read_only="ro" in options, fd=image)
 
 
 class Console(Kind):
@@ -274,7 +294,76 @@ class Plugin(Kind):
         return model
 
 
-KINDS = {k.name: k for k in (Rng(), Blk(), Console(), Net(), Plugin())}   # also the PCI slot order of devices
+class VhostUser(Kind):
+    """A device whose queues a vhost-user back end serves (devices/virtio/vhost_user.py): its front end runs in
+    the worker, there is no device service, and the back end is the user's own process."""
+    name, flag, metavar, max_count = "vhost-user", "--vhost-user", "blk|fs,socket=PATH[,tag=TAG]", 8
+    model = "pyhv.devices.virtio.vhost_user:VhostUserDevice"
+    options = ("type", "socket", "tag")
+    service_options_needed = ("type", "socket")
+    in_worker, restartable, snapshottable = True, False, False
+    TYPES = ("blk", "fs")
+    DEFAULT_TAG = "fs"
+    help = ("add a virtio device served by a vhost-user back end listening on unix socket PATH (repeatable): "
+            "blk (e.g. qemu-storage-daemon's vhost-user-blk export) or fs (virtiofsd; the guest mounts TAG, "
+            "default fs); pyhv does not start it, and a guest with one cannot be snapshotted")
+
+    def device_name(self, n):
+        return f"vhost-user{n}"
+
+    def num_queues(self, options):
+        """Its back end's to say, at connect time in the worker (which makes the eventfds then): no service."""
+        raise UserError("a vhost-user device has no device service: its queues are its back end's")
+
+    def parse(self, value):
+        kind, *opts = value.split(",")
+        options = {"type": kind}
+        for opt in opts:
+            key, sep, v = opt.partition("=")
+            if not sep or key not in ("socket", "tag") or key in options:
+                raise UserError(f"--vhost-user: bad option {opt!r} in {value!r} (use blk|fs,socket=PATH[,tag=TAG])")
+            options[key] = os.path.abspath(v) if key == "socket" and v else v
+        if kind == "fs":
+            options.setdefault("tag", self.DEFAULT_TAG)
+        self.validate(options)
+        return options
+
+    def validate(self, options):
+        super().validate(options)
+        kind, path, tag = options.get("type"), options.get("socket"), options.get("tag")
+        if kind not in self.TYPES:
+            raise UserError(f"--vhost-user: device type {kind!r} is not one of {', '.join(self.TYPES)}")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise UserError(f"--vhost-user: give socket=PATH, the back end's unix socket (got {path!r})")
+        if len(path.encode()) > 107:
+            raise UserError(f"--vhost-user: socket path {path} is longer than a unix socket allows (107 bytes)")
+        if kind == "fs":
+            if not isinstance(tag, str) or not 1 <= len(tag.encode()) <= 36 or not tag.isprintable():
+                raise UserError(f"--vhost-user: tag {tag!r} is not 1 to 36 printable bytes")
+        elif tag is not None:
+            raise UserError("--vhost-user: tag= is for fs devices only")
+
+    def check_host(self, options):
+        import stat
+        path = options["socket"]
+        try:
+            is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+        except OSError:
+            raise UserError(f"--vhost-user: no back end listens on {path}: start it first (see the README's "
+                            f"vhost-user section)") from None
+        if not is_socket:
+            raise UserError(f"--vhost-user: {path} is not a unix socket")
+
+    def describe(self, options):
+        return f"{options['type']},socket={options['socket']}" + (f",tag={options['tag']}" if "tag" in options else "")
+
+    def build(self, options):
+        from pyhv.devices.virtio.vhost_user import connect
+        extra = {"tag": options["tag"]} if options["type"] == "fs" else {}
+        return connect(options["type"], options["socket"], **extra)
+
+
+KINDS = {k.name: k for k in (Rng(), Blk(), Console(), Net(), Plugin(), VhostUser())}   # also the PCI slot order
 
 
 def kind(name):
@@ -318,6 +407,22 @@ def named(devices):
     return out
 
 
+def open_images(devices):
+    """{device name: fd} of every image the devices' services work on, each opened and locked (open_image);
+    UserError (none left open) if one cannot be."""
+    images = {}
+    try:
+        for name, k, d in named(devices):
+            fd = k.open_image(d.options)
+            if fd is not None:
+                images[name] = fd
+    except BaseException:
+        for fd in images.values():
+            os.close(fd)
+        raise
+    return images
+
+
 def switches(devices):
     """Every net switch the devices need, in order, once each."""
     return list(dict.fromkeys(s for d in devices for s in kind(d.kind).switches(d.options)))
@@ -327,8 +432,18 @@ def service_spec(devices, device, host, mem_size, incarnation, fds):
     """The ServiceSpec of device `device` (a name from named()); UserError if the guest has no such device."""
     for name, k, d in named(devices):
         if name == device:
+            if k.in_worker:
+                raise UserError(f"{name} has no device service (its front end runs in the worker)")
             control = host.service_endpoint(name, incarnation, "ctl")
             events = host.service_endpoint(name, incarnation, "evt")
             return ServiceSpec(kind=k.name, name=name, mem_size=mem_size, control=control, events=events,
                                options=k.service_options(d.options, host), fds=fds)
     raise UserError(f"the guest has no device {device!r}")
+
+
+def check_snapshottable(devices, guest):
+    """UserError if a device's state cannot be saved (a vhost-user back end's): no snapshot, no migration."""
+    for name, k, d in named(devices):
+        if not k.snapshottable:
+            raise UserError(f"guest {guest} cannot be snapshotted or migrated: {name} ({k.name} "
+                            f"{k.describe(d.options)}) keeps its state in its back end process, which pyhv cannot save")

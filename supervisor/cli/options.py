@@ -15,6 +15,7 @@ def add_run_options(p):
     p.add_argument("--vcpus", metavar="N", help="number of vCPUs (default 1, at most 64)")
     p.add_argument("--timeout", metavar="SECONDS", help="end the guest with status 124 after this long")
     p.add_argument("--pin", metavar="CPUS", help="pin vCPU threads to host CPUs, e.g. 0,1 (vCPU i -> i-th CPU, cycling)")
+    p.add_argument("--trace", metavar="FILE", help="record every VM exit to FILE (`hvctl trace FILE` summarises it)")
     p.add_argument("--compat", choices=COMPAT_PROFILES,
                    help="compatibility profile for nested KVM hosts (default: nested; see hvctl info)")
     p.add_argument("--device", dest="plugins", action="append", default=[], metavar="MODULE:CLASS[,KEY=VALUE...]",
@@ -38,4 +39,4 @@ def config_from(args, name):
     devices = {k.name: getattr(args, f"device_{k.name}") for k in KINDS.values() if k.own_option}
     return build_config(name, args.kernel, boot=args.boot, load_addr=args.load_addr, initrd=args.initrd,
                         cmdline=args.cmdline, mem=args.mem, vcpus=args.vcpus, timeout=args.timeout, pin=args.pin,
-                        compat=args.compat, devices=devices, plugins=args.plugins, gdb=args.gdb)
+                        compat=args.compat, devices=devices, plugins=args.plugins, gdb=args.gdb, trace=args.trace)

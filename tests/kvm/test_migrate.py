@@ -284,6 +284,13 @@ def alive(pid):
         return False
 
 
+def state_of(sup, name):
+    """The guest's state under `sup`, or None while it has no such guest."""
+    import json
+    guests = json.loads(sup.hvctl("list", "--json", check=0).stdout)
+    return next((g["state"] for g in guests if g["name"] == name), None)
+
+
 def kill9(sup):
     sup.proc.send_signal(signal.SIGKILL)
     sup.proc.wait(10)
@@ -318,27 +325,32 @@ def test_a_guest_arriving_when_its_supervisor_died_is_discarded_not_adopted(buil
         shutil.rmtree(t.dir, ignore_errors=True)
 
 
-def test_a_source_supervisor_killed_mid_copy_leaves_the_guest_migrated(slow_counter):
+def test_a_source_supervisor_killed_mid_copy_leaves_the_guest_migrated(build_c_guest):
     """The source's worker streams on without its supervisor, commits, and ends itself ("migrated to DIR") when no
     Stop comes; the next supervisor there finds it so.  Every number once."""
     a, b = Supervisor(), Supervisor()
     a2 = None
     try:
-        start_counting(a, "c", slow_counter)
-        worker = a.info("c")["pids"]["worker"]
-        move = subprocess.Popen(HVCTL + ["migrate", "c", "--to", b.dir, "--copy"], text=True,
+        image = build_c_guest((GUESTS / "rewrite.c").read_text(), mode="user64", cflags=("-DMIB=192", "-DLAST=800"))
+        a.hvctl("create", "r", "--boot", "user64", "--kernel", image, "--mem", "256M", "--timeout", "180", "--start",
+                check=0)
+        wait_for(lambda: console(a, "r").count("\n") >= 1, timeout=60)
+        worker = a.info("r")["pids"]["worker"]
+        move = subprocess.Popen(HVCTL + ["migrate", "r", "--to", b.dir, "--copy"], text=True,
                                 env={**os.environ, "HV_RUNTIME_DIR": a.dir}, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         wait_for(lambda: receivers(b), timeout=30)
+        receiver = receivers(b)[0]
+        wait_for(lambda: receiver.memory_info().shared > (48 << 20), timeout=60)    # the worker streams: mid-copy
         kill9(a)
         move.communicate(timeout=60)
-        wait_for(lambda: b.info("c")["state"] in ("running", "stopped"), timeout=60)
+        wait_for(lambda: state_of(b, "r") in ("running", "stopped"), timeout=120)
         wait_for(lambda: not alive(worker), timeout=60)
         a2 = Supervisor(a.dir)
-        info = a2.info("c")
+        info = a2.info("r")
         assert (info["state"], info["reason"]) == ("stopped", f"migrated to {b.dir}")
-        assert b.hvctl("wait", "c", timeout=60).returncode == 0
-        assert console(a, "c") + console(b, "c") == FULL
+        assert b.hvctl("wait", "r", timeout=180).returncode == 0
+        assert console(a, "r") + console(b, "r") == "".join(f"{n}\n" for n in range(16, 801, 16))
     finally:
         for s in (a2, a, b):
             if s is not None and s.proc.poll() is None:

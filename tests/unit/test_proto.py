@@ -164,3 +164,16 @@ def test_fuzz_envelopes(type_, fields, version):
     except ProtocolError:
         return
     assert codec.decode(codec.encode(msg, CONTROL), CONTROL) == msg
+
+
+def test_text_that_cannot_travel_as_utf8_is_a_protocol_error():
+    """Found by tests/unit/fuzz/test_fuzz_proto.py: JSON (guest.json, a snapshot manifest) can hold a lone surrogate,
+    from_plain took it, and the config check's cmdline.encode() raised UnicodeEncodeError: a restore of such a
+    snapshot ended in a traceback instead of a one-line refusal."""
+    from pyhv.proto import guest
+    for text in ("\ud800", "a\udcffb"):
+        with pytest.raises(ProtocolError, match="cmdline: text that is not UTF-8"):
+            codec.from_plain(guest.GuestConfig, {"name": "g", "kernel": "/k", "cmdline": text})
+        with pytest.raises(ProtocolError, match="not UTF-8"):
+            codec.from_plain(guest.GuestConfig, {"name": "g", "kernel": "/k",
+                                                 "devices": [{"kind": "blk", "options": {"path": text}}]})
