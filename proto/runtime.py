@@ -78,6 +78,11 @@ class RuntimeDir:
         self.services_sock = self.file("services.sock")
         self.guests = self.file("guests")
 
+    INCOMING = "incoming-"        # + guest name + "-" + random: a migration's files until the guest is here
+
+    def incoming_prefix(self, name):
+        return f"{self.INCOMING}{name}-"
+
     def file(self, leaf):
         return os.path.join(self.path, leaf)
 

@@ -23,6 +23,8 @@ import select
 import signal
 import subprocess
 
+from pyhv.devices.guest_memory import memfd_fits
+
 EXITED = "exited"                     # an adopted process's returncode once it has gone: its status is unknown
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 GUEST_RAM_LINK = "/memfd:guest-ram-"  # readlink of a worker's guest RAM fd (spawn.py names the memfds so)
@@ -151,7 +153,7 @@ def guest_memory(proc, size):
     """A new fd on the guest RAM memfd that worker `proc` (an Adopted) holds, or None.
 
     Opened through /proc/PID/fd (the memfd's magic link reopens the same
-    memory, no copy), then checked to be the guest's size, and kept only if
+    memory, no copy), then checked to be the guest's (RAM and dirty map), and kept only if
     the worker is still the pidfd's process afterwards.  Needs ptrace read
     access to the worker (same uid, or root), which a supervisor has.
     """
@@ -167,7 +169,7 @@ def guest_memory(proc, size):
             fd = os.open(f"{base}/{entry}", os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             continue
-        if os.fstat(fd).st_size == size and proc.poll() is None:
+        if memfd_fits(fd, size) and proc.poll() is None:
             return fd
         os.close(fd)
     return None

@@ -32,6 +32,8 @@ class Guest:
     starting: bool = False            # a Start is waiting for the zygote's answer
     mem_fd: int | None = None
     migrated_to: str | None = None    # set once the guest runs under another supervisor: its worker ends here
+    moving: object = None             # a migration in flight, out or in (supervisor/migration.py)
+    arriving: bool = False            # migrated here, not yet committed: saved, so no successor adopts it
     restore: tuple | None = None      # (snapshot dir, paused) for the next worker only: its RAM is in mem_fd already
     stop_reason: str | None = None    # set by stop/shutdown: a worker exit then means "stopped", not "failed"
     kill_at: float | None = None      # monotonic time at which the worker gets SIGKILL
@@ -73,7 +75,8 @@ class Guest:
         """Write guest.json (atomically); HostError if the host refuses (ENOSPC...), the old record kept."""
         record = {"config": to_plain(self.config), "state": self.state,
                   "exit_status": self.exit_status, "reason": self.reason,
-                  "worker": self.proc.identity if self.proc is not None else None}
+                  "worker": self.proc.identity if self.proc is not None else None,
+                  **({"arriving": True} if self.arriving else {})}
         tmp = self.files.record + ".tmp"
         try:
             with open(tmp, "w") as f:
@@ -114,6 +117,7 @@ class Registry:
         self.adopt = adopt
         os.makedirs(runtime.guests, exist_ok=True)
         self.guests = {}
+        self.reserved = set()              # names of guests being migrated here, not yet added
         for name in sorted(os.listdir(runtime.guests)):
             self._load(name)
 
@@ -129,6 +133,7 @@ class Registry:
             return
         self.guests[g.name] = g
         g.on_change = self._changed
+        g.arriving = record.get("arriving") is True
         if g.live and self.adopt is not None:
             self.adopt(g, record.get("worker"))
         elif g.live:
@@ -146,6 +151,8 @@ class Registry:
     def add(self, config):
         if config.name in self.guests:
             raise BadState(f"guest {config.name} already exists (destroy it first)")
+        if config.name in self.reserved:
+            raise BadState(f"guest {config.name} is being migrated here")
         files = self.runtime.guest(config.name)
         if len(files.longest_socket()) > UNIX_PATH_MAX:
             raise UserError(f"runtime dir path is too long for unix sockets: {self.runtime.path}")

@@ -18,7 +18,6 @@ guest's worker with a timeout.
 """
 import fcntl
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -35,7 +34,7 @@ from pyhv.proto.errors import (EXIT_STOPPED, BadState, HostError, HvError, Inter
                                UserError, from_wire)
 from pyhv.proto.messages import Error, Ok
 from pyhv.proto.runtime import UNIX_PATH_MAX, RuntimeDir
-from pyhv.supervisor import procs, spawn
+from pyhv.supervisor import migration, procs, spawn
 from pyhv.supervisor.config import validate
 from pyhv.supervisor.registry import Registry
 from pyhv.supervisor.services import ServiceLauncher
@@ -44,7 +43,7 @@ from pyhv.supervisor.switches import Switches
 
 TICK = 0.05             # seconds between worker polls
 WORKER_TIMEOUT = 2.0    # a worker that does not answer a request within this is "not responding"
-MIGRATE_TIMEOUT = 60.0    # for the target to start the guest it was handed
+WORKER_RECONNECT_MS = 5  # ZeroMQ's retry of a connect to a worker socket not bound yet (its default: 100 ms)
 SNAPSHOT_TIMEOUT = 600.0  # a snapshot writes the guest's RAM and disks: seconds per GiB on a slow disk
 STOP_GRACE = 3.0        # seconds a worker gets to exit after Stop before SIGKILL
 SWITCH_WATCH = 0.5      # seconds between checks of the net switch processes
@@ -66,6 +65,7 @@ class Server:
             raise UserError(f"runtime dir path is too long for unix sockets: {self.dir}")
         self.runtime.make_private()
         self._lock = self._take_lock()
+        migration.sweep(self.runtime)
         self.subscribers = []               # hvctl.sock connections that asked for Events
         self._open_calls = set()            # DEALER sockets of worker requests still waiting for a reply
         self._leave_guests = False          # set by StopSupervisor(leave_guests): the shutdown detaches
@@ -75,12 +75,13 @@ class Server:
         self._next_switch_watch = 0.0
         self.loop = EventLoop("supervisor")
         self.registry = Registry(self.runtime, on_change=self._publish, adopt=self._adopt)
+        migration.forget_abandoned(self.registry)
         self._zygote_fd = None
         self._fds = []                      # fds that came with the request being handled
         self.handlers = {m.Ping: self.ping, m.Create: self.create, m.Start: self.start,
                          m.Stop: self.stop, m.Pause: self.pause, m.Resume: self.resume, m.CtrlAltDel: self.shutdown,
                          m.Events: self.events, m.SnapshotGuest: self.snapshot, m.RestoreGuest: self.restore,
-                         m.Migrate: self.migrate, m.Immigrate: self.immigrate,
+                         m.Migrate: self.migrate, m.Immigrate: self.immigrate, m.ReceiveGuest: self.receive,
                          m.Destroy: self.destroy, m.List: self.list, m.Info: self.info,
                          m.Wait: self.wait, m.Stats: self.stats, m.StopSupervisor: self.stop_supervisor}
 
@@ -100,7 +101,10 @@ class Server:
     def _adopt(self, g, recorded):
         """A guest whose record says it runs (called by the registry as it loads): its worker, started by an
         earlier supervisor, is adopted if it still runs (the very process `recorded` names: procs.Adopted.find),
-        with a new fd on its RAM; else the guest gets the outcome its worker left in result.json, or fails."""
+        with a new fd on its RAM; else the guest gets the outcome its worker left in result.json, or fails.
+        A guest that was migrating here is not adopted (supervisor/migration.py abandon)."""
+        if g.arriving:
+            return migration.abandon(g, recorded)
         proc = procs.Adopted.find(recorded, lambda pid: procs.is_worker(pid, g.name))
         if proc is None:
             g.set_state(*spawn.read_outcome(g, None))
@@ -234,7 +238,11 @@ class Server:
             self._reply(envelope, reply)
 
     def _reply(self, envelope, msg):
-        """To a ZeroMQ peer (envelope frames) or an hvctl connection (a socket, closed after the reply)."""
+        """To a ZeroMQ peer (envelope frames), an hvctl connection (a socket, closed after the reply), or a
+        function of ours (a migration's next step)."""
+        if callable(envelope):
+            envelope(msg)
+            return
         data = codec.encode(msg, m.CONTROL)
         if isinstance(envelope, socket.socket):
             try:
@@ -311,6 +319,7 @@ class Server:
         info = g.info()
         for waiter in list(g.waiters):
             self._answer(g, waiter, info)
+        migration.worker_ended(g)
 
     def _defer(self, g, envelope, reply=None, timeout=None):
         """Answer `envelope` once guest g has ended: with `reply`, or g's record then.  A client that goes away
@@ -389,16 +398,18 @@ class Server:
 
     # --- requests ------------------------------------------------------------
 
-    def _worker(self, g, msg, expect, envelope, then, timeout=WORKER_TIMEOUT):
+    def _worker(self, g, msg, expect, envelope, then, timeout=WORKER_TIMEOUT, on_open=None):
         """Forward `msg` to the guest's worker without blocking the loop (a hung worker must not hold up
         other clients).  When its reply of type `expect` arrives, `then(reply)` makes the answer to
         `envelope` (None: answered elsewhere); an HvError in its place (the worker's error, no answer
-        within WORKER_TIMEOUT, a bad reply) is passed to `then` instead."""
+        within WORKER_TIMEOUT, a bad reply) is passed to `then` instead.  `on_open(finish)`: finish(HvError)
+        ends the request early (its worker has gone)."""
         if g.proc is None or g.proc.poll() is not None:
             raise BadState(f"guest {g.name} is not running (state {g.state})")
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.RECONNECT_IVL, WORKER_RECONNECT_MS)     # a worker still starting binds any moment
         sock.connect(g.files.worker_endpoint)
         sock.send_multipart([b"", codec.encode(msg, m.CONTROL)])
         call = {}
@@ -440,11 +451,18 @@ class Server:
         call["timer"] = self.loop.call_at(time.monotonic() + timeout,
                                           lambda: finish(PeerFailed(f"guest {g.name}: worker not responding")))
         self.loop.add_socket(sock, on_reply)
+        if on_open is not None:
+            on_open(finish)
         return None
 
     def _need_state(self, g, *states):
+        self._not_moving(g)
         if g.state not in states:
             raise BadState(f"guest {g.name} is {g.state}, not {' or '.join(states)}")
+
+    def _not_moving(self, g):
+        if g.moving is not None:
+            raise BadState(f"guest {g.name} is being migrated: wait for that to finish")
 
     def ping(self, msg, envelope):
         return m.Pong(os.getpid(), self.dir)
@@ -580,86 +598,8 @@ class Server:
             raise
 
     def migrate(self, msg, envelope):
-        """Hand a running (or paused) guest to the supervisor of msg.to on this machine, RAM not copied.
-
-        The worker holds the guest and writes its state (not its RAM) into a dir inside the target's runtime dir;
-        the target gets that and the memfd itself (SCM_RIGHTS on its hvctl.sock) and starts the guest from it.
-        Only once the target's worker runs is ours stopped; if anything fails before, ours resumes (or stays
-        paused) as if nothing happened.
-        """
-        import tempfile
-        g = self.registry.get(msg.name)
-        self._need_state(g, "running", "paused")
-        kinds.check_snapshottable(g.config.devices, g.name)
-        if g.mem_fd is None:
-            raise HostError(f"guest {g.name}'s RAM is out of this supervisor's reach (it adopted the guest and "
-                            f"could not open the worker's memfd): it cannot be migrated")
-        if msg.copy:
-            raise UserError("migrate --copy (RAM streamed while the guest runs) is not implemented yet; without "
-                            "--copy the guest moves to a supervisor on this machine and its RAM is not copied")
-        target = RuntimeDir(os.path.abspath(msg.to))
-        if os.path.realpath(target.path) == os.path.realpath(self.dir):
-            raise UserError(f"--to: {msg.to} is this supervisor's own runtime dir")
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            conn.connect(target.hvctl_sock)
-            incoming = tempfile.mkdtemp(prefix=f"incoming-{g.name}-", dir=target.path)
-        except OSError as e:
-            conn.close()
-            raise PeerFailed(f"--to: no supervisor is serving {msg.to} ({e.strerror}); start one with "
-                            f"`hvctl --runtime-dir {msg.to} supervisor --detach`") from None
-        was_paused = g.state == "paused"
-        move = _Migration(g, target.path, conn, incoming, was_paused)
-
-        def held(reply):
-            if isinstance(reply, HvError):
-                move.close(self.loop)
-                raise reply
-            images = self.services.images.get(g.name, {})     # the locks go with the guest
-            try:
-                socket.send_fds(conn, [codec.encode(m.Immigrate(os.path.join(incoming, "state"), was_paused,
-                                                                images=list(images)), m.CONTROL)],
-                                [g.mem_fd, *images.values()])
-            except OSError as e:
-                return self._migration_failed(move, envelope, f"cannot hand it over: {e.strerror}")
-            move.timer = self.loop.call_at(time.monotonic() + MIGRATE_TIMEOUT,
-                                           lambda: self._migration_failed(move, envelope, "no answer in time"))
-            self.loop.add(conn, lambda: self._migration_answered(move, envelope))
-            move.watched = self.loop
-            return None
-        return self._worker(g, m.SnapshotGuest(g.name, os.path.join(incoming, "state"), handover=True),
-                            m.SnapshotReply, envelope, held, timeout=SNAPSHOT_TIMEOUT)
-
-    def _migration_answered(self, move, envelope):
-        try:
-            reply = codec.decode(move.conn.recv(codec.MAX_MESSAGE_BYTES + 1), m.CONTROL)
-        except (OSError, ProtocolError) as e:
-            return self._migration_failed(move, envelope, f"bad answer: {e}")
-        if not isinstance(reply, m.GuestInfo):
-            why = reply.message if isinstance(reply, Error) else f"unexpected {reply.TYPE}"
-            return self._migration_failed(move, envelope, why)
-        if not move.close(self.loop):
-            return
-        g = move.guest
-        g.migrated_to = move.to             # the guest runs there now: ours ends without its own outcome
-
-        def stopped(r):                     # answered once our worker has gone: the guest is `stopped` here then
-            if g.proc is None:
-                return reply
-            g.kill_at = time.monotonic() + (0.0 if isinstance(r, HvError) else STOP_GRACE)
-            return self._defer(g, envelope, reply)
-        self._worker_or(g, m.Stop(g.name), envelope, stopped)
-
-    def _migration_failed(self, move, envelope, why):
-        """The target did not take the guest: ours goes on as it was."""
-        if not move.close(self.loop):
-            return
-        g = move.guest
-        error = PeerFailed(f"migration of {g.name} to {move.to} failed: {why}; "
-                           f"it {'stays paused' if move.was_paused else 'runs on'} here")
-        if move.was_paused:
-            return self._reply(envelope, Error.of(error))
-        self._worker_or(g, m.Resume(g.name), envelope, lambda r: Error.of(error))
+        """Move a guest to the supervisor of another runtime dir (supervisor/migration.py)."""
+        return migration.migrate(self, msg, envelope)
 
     def _worker_or(self, g, msg, envelope, then):
         """`_worker` (expecting Ok) from a loop callback: a worker that has just gone is `then`'s HvError too."""
@@ -669,39 +609,16 @@ class Server:
             self._reply(envelope, then(e))
 
     def immigrate(self, msg, envelope):
-        """A guest handed over by another supervisor (`migrate`): its RAM is the fd that came with the request."""
-        from pyhv.proto.snapshot import Snapshot
-        if len(self._fds) != 1 + len(msg.images):
-            raise ProtocolError("Immigrate comes on hvctl.sock with the guest's RAM memfd and one fd per image it "
-                                "names")
-        if os.path.dirname(os.path.dirname(os.path.realpath(msg.dir))) != os.path.realpath(self.dir):
-            raise UserError(f"a hand-over is taken only from inside {self.dir}, not {msg.dir}")
-        snap = Snapshot(msg.dir, handover=True)
-        config = snap.config
-        if config.name in {g.name for g in self.registry}:
-            raise BadState(f"guest {config.name} already exists under {self.dir}")
-        if os.fstat(self._fds[0]).st_size != config.mem_bytes:
-            raise UserError(f"the RAM handed over is not the {config.mem_bytes >> 20} MiB guest {config.name} has")
-        validate(config, boot_files=False)
-        devices = {name: (k, d.options) for name, k, d in kinds.named(config.devices)}
-        images = dict(zip(msg.images, self._fds[1:]))
-        for name, fd in images.items():
-            if name not in devices or not devices[name][0].is_image(devices[name][1], fd):
-                raise UserError(f"the image handed over as {name!r} is not a disk of guest {config.name}")
-        g = self.registry.add(config)
-        g.mem_fd = self._fds.pop(0)
-        self._fds = []                              # the images: ours from here on, held with the guest
+        """A guest handed over by another supervisor, its RAM the fd that came with the request."""
+        return migration.immigrate(self, msg, envelope)
 
-        def start():
-            self.services.open_images(g, images)    # the source's locks, not new ones (its services still run)
-            state = g.files.file("handover")
-            shutil.move(snap.path, state)           # ours now, beside the guest's other files
-            g.restore = (state, msg.paused)
-            return self._launch(g, envelope)
-        return self._forget_on_failure(g, start)
+    def receive(self, msg, envelope):
+        """Get ready for a guest another supervisor streams here (`migrate --copy`)."""
+        return migration.receive(self, msg, envelope)
 
     def stop(self, msg, envelope):
         g = self.registry.get(msg.name)
+        self._not_moving(g)
         if g.state == "created":
             raise BadState(f"guest {g.name} has not been started")
         if g.proc is None:
@@ -738,6 +655,7 @@ class Server:
 
     def destroy(self, msg, envelope):
         g = self.registry.get(msg.name)
+        self._not_moving(g)
         if g.proc is not None:              # (starts in flight were finished before this request)
             if not msg.force:
                 raise BadState(f"guest {g.name} is {g.state}: stop it first, or destroy it with --force")
@@ -804,30 +722,6 @@ class _Waiter:
 
     def __init__(self, envelope, reply):
         self.envelope, self.reply, self.timer = envelope, reply, None
-
-
-class _Migration:
-    """One migration in flight from this supervisor: the guest, where it goes, the connection to its supervisor."""
-
-    def __init__(self, guest, to, conn, incoming, was_paused):
-        self.guest, self.to, self.conn, self.incoming, self.was_paused = guest, to, conn, incoming, was_paused
-        self.timer = None
-        self.watched = None             # the loop the connection is watched in, until the answer
-        self.done = False
-
-    def close(self, loop=None):
-        """Once: stop watching, close the connection, remove our dir (the target moved the state out if it took it).
-        False if it was closed already (the answer and the timeout race)."""
-        if self.done:
-            return False
-        self.done = True
-        if self.watched is not None:
-            self.watched.remove(self.conn)
-        if self.timer is not None and loop is not None:
-            loop.cancel(self.timer)
-        self.conn.close()
-        shutil.rmtree(self.incoming, ignore_errors=True)
-        return True
 
 
 def _moved_nics(config, ports):

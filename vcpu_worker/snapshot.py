@@ -33,7 +33,7 @@ def write_snapshot(machine, config, path, handover=False):
     """Write the paused `machine` (of `config`) into `path`; its size in bytes.  Nothing is left on failure.
 
     `handover` (a migration on this machine): the state only; RAM and disks change hands as they are."""
-    writer = Writer(path)
+    writer = Writer(path, durable=not handover)
     try:
         writer.state(machine.save_state())
         if not handover:

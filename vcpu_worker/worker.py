@@ -34,6 +34,7 @@ from pyhv.proto.errors import (EXIT_STOPPED, EXIT_TIMEOUT, EXIT_VM_FAILED, BadSt
 from pyhv.proto.messages import Error, Ok
 
 PAUSE_TIMEOUT = 1.0     # below the supervisor's worker timeout
+MIGRATED_GRACE = 10.0   # after a migration out, for the supervisor's Stop
 
 
 def write_result(path, status, reason):
@@ -93,16 +94,22 @@ class Worker:
         self.deadline = None if config.timeout is None else time.monotonic() + config.timeout
         self.paused_at = time.monotonic() if machine.paused else None
         self.outcome = None
+        self.loop = None                # the control loop, once serve() has one
+        self.answer_later = None        # set for each request: answer_later(reply) answers it from any thread
+        self.migration = None           # the migration out in progress (vcpu_worker/migration.py)
         self.handlers = {m.Ping: self.ping, m.Pause: self.pause, m.Resume: self.resume, m.Stats: self.stats,
                          m.DeviceStatus: self.device_status, m.Stop: self.stop, m.CtrlAltDel: self.shutdown,
-                         m.SnapshotGuest: self.snapshot}
+                         m.SnapshotGuest: self.snapshot, m.MigrateOut: self.migrate_out}
 
     def handle(self, data):
+        """The reply to one request, or None: answer_later() gives it."""
         try:
             msg = codec.decode(data, m.CONTROL)
             handler = self.handlers.get(type(msg))
             if handler is None:
                 raise ProtocolError(f"the worker does not handle {msg.TYPE}")
+            if self.migration is not None and type(msg) in (m.Pause, m.Resume, m.SnapshotGuest, m.MigrateOut):
+                raise BadState(f"guest {self.config.name} is being migrated")
             return handler(msg)
         except HvError as e:
             return Error.of(e)
@@ -158,6 +165,61 @@ class Worker:
             self.machine.resume()
         return m.SnapshotReply(msg.dir, size, time.monotonic() - held)
 
+    def migrate_out(self, msg):
+        """Stream the guest to a receiver (`migrate --copy`) from a thread; answered when the outcome is known."""
+        from pyhv.devices.virtio.kinds import check_snapshottable
+        from pyhv.vcpu_worker.migration import Outgoing
+        from pyhv.vcpu_worker.vcpu import Outcome
+        check_snapshottable(self.config.devices, self.config.name)      # a vhost-user back end writes RAM unlogged
+        if self.machine.debugger is not None and self.machine.debugger.client is not None:
+            raise BadState(f"{self.config.name}: a GDB client is attached (its breakpoints are in guest memory); "
+                           f"detach it first")
+        answer = self.answer_later
+
+        def gone():
+            self.machine.finish(Outcome(EXIT_STOPPED, f"migrated to {msg.to or msg.address}"))
+
+        def done(reply):
+            self.migration = None
+            answer(reply)
+            if reply.outcome == "done":         # the supervisor stops us; if it has gone, we end ourselves
+                self.loop.call_soon(lambda: self.loop.call_at(time.monotonic() + MIGRATED_GRACE, gone))
+        self.migration = Outgoing(self.machine, self.config, msg, self._in_loop, self._hold, self._let_go, done)
+        self.migration.start()
+        return None
+
+    def _hold(self):
+        """Hold the guest for a migration's last pass (its clock stops); True if it was running."""
+        if self.machine.paused:
+            return False
+        if not self.machine.pause(PAUSE_TIMEOUT):
+            self.machine.resume()
+            raise InternalError(f"vCPUs did not stop within {PAUSE_TIMEOUT:g} s")
+        self.paused_at = time.monotonic()
+        return True
+
+    def _let_go(self):
+        self.resume(None)
+
+    def _in_loop(self, fn):
+        """fn() on the control loop's thread (from another thread); its result, or what it raised."""
+        done, box = threading.Event(), []
+
+        def call():
+            try:
+                box.append((True, fn()))
+            except BaseException as e:
+                box.append((False, e))
+            done.set()
+        self.loop.call_soon(call)
+        while not done.wait(0.5):
+            if self.loop.stopped:
+                raise InternalError("the worker is ending")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
     def stats(self, msg):
         stats = self.machine.stats()
         if self.console_log is not None:
@@ -208,11 +270,11 @@ def serve(config, mem_fd, guest, restore=None, paused=False):
     feed.append(machine.feed_console)
 
     ctx = zmq.Context()
-    rep = ctx.socket(zmq.REP)
+    rep = ctx.socket(zmq.ROUTER)            # not REP: a request may be answered later (a migration's)
     rep.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
     rep.bind(guest.worker_endpoint)
     worker = Worker(machine, config, log)
-    loop = EventLoop("worker")
+    loop = worker.loop = EventLoop("worker")
     ended_r, ended_w = os.pipe2(os.O_CLOEXEC)
     threading.Thread(target=lambda: (machine.wait(), os.write(ended_w, b"x")), name="ended", daemon=True).start()
     timer = []
@@ -229,10 +291,17 @@ def serve(config, mem_fd, guest, restore=None, paused=False):
 
     def request():
         try:
-            data = rep.recv(zmq.NOBLOCK)
+            frames = rep.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        rep.send(codec.encode(worker.handle(data), m.CONTROL))
+        envelope = frames[:-1]              # the peer's identity, the empty delimiter
+        worker.answer_later = lambda reply: loop.call_soon(lambda: answer(envelope, reply))
+        reply = worker.handle(frames[-1])
+        if reply is not None:
+            answer(envelope, reply)
+
+    def answer(envelope, reply):
+        rep.send_multipart(envelope + [codec.encode(reply, m.CONTROL)])
         arm()
         if worker.outcome is not None:
             loop.stop()

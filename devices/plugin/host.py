@@ -154,7 +154,8 @@ def _start(proc):
         attach = getattr(instance, "attach", None)
         if callable(attach):
             try:
-                attach(PluginContext(GuestMemory(proc.fds.mem, proc.mem_size), proc.fds.irq))
+                memory = GuestMemory(proc.fds.mem, proc.mem_size, readonly_views=True)    # writes: logged ones
+                attach(PluginContext(memory, proc.fds.irq))
             except Exception as e:
                 raise PluginError(f"{what}: {hello.name}.attach() raised {exception_text(e)}") from None
     except PluginError as e:

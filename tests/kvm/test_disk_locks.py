@@ -115,11 +115,28 @@ def test_a_guest_with_the_same_image_twice_is_refused(sup, spin, image):
     start(sup, "a", spin, image + ",ro", "--disk", image + ",ro")       # read-only twice is sharing
 
 
-def test_a_migrated_guest_takes_its_images_lock_along(spin, image):
+@pytest.mark.parametrize("copy", [False, True], ids=["handover", "copy"])
+def test_a_refused_migration_leaves_the_lock_with_the_source(spin, image, copy):
     a, b = Supervisor(), Supervisor()
     try:
         start(a, "g", spin, image)
-        a.hvctl("migrate", "g", "--to", b.dir, check=0)
+        b.hvctl("create", "g", "--kernel", spin, "--boot", "raw64", check=0)     # the name is taken there
+        r = a.hvctl("migrate", "g", "--to", b.dir, *(["--copy"] if copy else []))
+        assert r.returncode == 1 and "runs on here" in r.stderr, r.stderr
+        assert a.info("g")["state"] == "running" and not free(image)
+        refused(start(a, "h", spin, image, check=None))        # still g's
+    finally:
+        for s in (a, b):
+            s.stop()
+            shutil.rmtree(s.dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["handover", "copy"])
+def test_a_migrated_guest_takes_its_images_lock_along(spin, image, copy):
+    a, b = Supervisor(), Supervisor()
+    try:
+        start(a, "g", spin, image)
+        a.hvctl("migrate", "g", "--to", b.dir, *(["--copy"] if copy else []), check=0)
         assert b.info("g")["state"] == "running" and b.info("g")["devices"]["virtio-blk0"]["state"] == "running"
         wait_for(lambda: a.info("g")["state"] == "stopped")
         refused(start(a, "h", spin, image, check=None))       # the lock went with g, not away

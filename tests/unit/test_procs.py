@@ -9,7 +9,8 @@ import pytest
 from pyhv.supervisor import procs
 
 HOLDS_MEMFD = ("import os, sys, time\n"
-               "fd = os.memfd_create('guest-ram-t'); os.ftruncate(fd, 1 << 20)\n"
+               "from pyhv.devices.guest_memory import create_memfd\n"
+               "fd = create_memfd(1 << 20, 'guest-ram-t')\n"          # RAM and its dirty map, as a worker's
                "os.pwrite(fd, b'ram!', 4096)\n"
                "print(fd, flush=True); time.sleep(60)\n")
 
