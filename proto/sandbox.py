@@ -69,6 +69,7 @@ shown by `hvctl info` (supervisor) and `hvctl stats` (worker).
 import ctypes
 import os
 import re
+import resource                         # imported here, not in apply(): a forked worker would pay ~1 ms
 import sys
 
 ENV = "HV_SECCOMP"
@@ -190,7 +191,9 @@ ACT_KILL_PROCESS = 0x80000000
 ACT_LOG = 0x7FFC0000
 ACT_ALLOW = 0x7FFF0000
 ACT_ERRNO = 0x00050000
-ATTR_CTL_TSYNC = 4
+SYS_SECCOMP = 317                       # x86-64
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_TSYNC = 1
 CMP_EQ = 4
 CMP_MASKED_EQ = 7
 ENOSYS = 38
@@ -215,7 +218,7 @@ def _seccomp():
         lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
         lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
                                                ctypes.POINTER(_ArgCmp)]
-        lib.seccomp_load.argtypes = [ctypes.c_void_p]
+        lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
         lib.seccomp_syscall_resolve_num_arch.argtypes = [ctypes.c_uint32, ctypes.c_int]
         lib.seccomp_syscall_resolve_num_arch.restype = ctypes.c_void_p      # a malloc'd char *
@@ -250,10 +253,8 @@ def _add(lib, ctx, action, name, *cmps):
         raise OSError(-rc, f"seccomp_rule_add({name}): {os.strerror(-rc)}")
 
 
-def load_filter(role, log=False):
-    """Build and load `role`'s filter on every thread of this process (TSYNC).  log: what the list lacks is
-    logged and allowed instead of killing the process."""
-    lib = _seccomp()
+def _build(lib, role, log):
+    """A libseccomp context holding `role`'s rules (the caller releases it)."""
     if role == "plugin":
         default, deny = ACT_ALLOW, (ACT_LOG if log else ACT_KILL_PROCESS)
     else:
@@ -262,9 +263,6 @@ def load_filter(role, log=False):
     if not ctx:
         raise OSError(ctypes.get_errno() or 22, "seccomp_init failed")
     try:
-        rc = lib.seccomp_attr_set(ctx, ATTR_CTL_TSYNC, 1)
-        if rc < 0:
-            raise OSError(-rc, f"seccomp TSYNC: {os.strerror(-rc)}")
         if deny is not None:
             for name in sorted(DENIED):
                 _add(lib, ctx, deny, name)
@@ -285,11 +283,57 @@ def load_filter(role, log=False):
             for t in sorted(ioctl_types(role)):
                 _add(lib, ctx, ACT_ALLOW, "ioctl", _ArgCmp(1, CMP_MASKED_EQ, 0xFF00, t << 8))
         _add(lib, ctx, ACT_ERRNO | ENOSYS, "clone3")
-        rc = lib.seccomp_load(ctx)
-        if rc < 0:
-            raise OSError(-rc, f"seccomp_load: {os.strerror(-rc)}")
-    finally:
+    except BaseException:
         lib.seccomp_release(ctx)
+        raise
+    return ctx
+
+
+_programs = {}          # (role, log) -> the filter as classic BPF: built once, loaded by every process forked after
+
+
+def program(role, log=False):
+    """`role`'s filter compiled to BPF (struct sock_filter array).  libseccomp builds it in ~2 ms; a zygote
+    calls this before it forks, so each worker only loads the bytes (see prepare())."""
+    key = (role, log)
+    if key not in _programs:
+        lib = _seccomp()
+        ctx = _build(lib, role, log)
+        try:
+            fd = os.memfd_create("seccomp-bpf", os.MFD_CLOEXEC)
+            try:
+                rc = lib.seccomp_export_bpf(ctx, fd)
+                if rc < 0:
+                    raise OSError(-rc, f"seccomp_export_bpf: {os.strerror(-rc)}")
+                _programs[key] = os.pread(fd, os.fstat(fd).st_size, 0)
+            finally:
+                os.close(fd)
+        finally:
+            lib.seccomp_release(ctx)
+    return _programs[key]
+
+
+def prepare(role):
+    """Compile `role`'s filter now, in HV_SECCOMP's mode, so that processes forked from this one load it
+    without building it (the zygote does this for its workers)."""
+    how = mode()
+    if how != "off":
+        program(role, log=(how == "log"))
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+
+def load_filter(role, log=False):
+    """Load `role`'s filter on every thread of this process (TSYNC).  log: what the list lacks is logged and
+    allowed instead of killing the process."""
+    code = program(role, log)
+    prog = _SockFprog(len(code) // 8, code)
+    rc = _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, ctypes.byref(prog))
+    if rc != 0:         # > 0: the id of a thread that could not be synchronised
+        err = ctypes.get_errno() if rc < 0 else 0
+        raise OSError(err, f"seccomp({role}): " + (os.strerror(err) if rc < 0 else f"thread {rc} not synchronised"))
 
 
 # --- no_new_privs, capabilities, Landlock ------------------------------------------------------------------------
@@ -423,7 +467,7 @@ def apply(role, writable=()):
     _status.update(role=role, mode=how)
     if role in NO_CAPS and drop_capabilities():
         _status["capabilities"] = "none"
-    import resource                     # a killed process dumps no core: a worker's or service's holds guest RAM
+    # a killed process dumps no core: a worker's or a service's would hold guest RAM
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     set_no_new_privs()
     _status["no_new_privs"] = True

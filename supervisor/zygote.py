@@ -234,6 +234,7 @@ def main(argv=None):
     gc.collect()
     gc.freeze()                              # forked workers never write to these objects' GC headers
     from pyhv.proto import sandbox
+    sandbox.prepare("worker")                # compiled once here, so each forked worker only loads it
     sandbox.apply("zygote")                  # its workers narrow it further (sandbox.apply("worker"))
     sock.send(json.dumps({"ready": os.getpid()}).encode())
 

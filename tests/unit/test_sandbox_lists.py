@@ -51,6 +51,27 @@ def test_every_role_shows_no_new_privs_and_a_filter_and_a_denied_call_kills_it_w
     assert r.returncode == -signal.SIGSYS and "survived" not in r.stdout, (r.returncode, r.stdout, r.stderr)
 
 
+def test_a_filter_compiled_before_fork_is_loaded_by_the_child_without_building_it():
+    """The zygote's way: prepare("worker") once, then each forked worker only loads the BPF."""
+    code = textwrap.dedent("""
+        import os, signal
+        from pyhv.proto import sandbox
+        sandbox.prepare("worker")
+        sandbox._build = None                   # a child that built its filter again would fail here
+        pid = os.fork()
+        if pid == 0:
+            sandbox.apply("worker")
+            print(sandbox.proc_status(os.getpid())["Seccomp"], flush=True)
+            os.execv("/bin/true", ["true"])     # no execve in a worker's list
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, sandbox.ENV: "enforce"})
+    assert r.stdout.split() == ["2", "True"], (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("role", [r for r in ROLES if r != "plugin"])
 def test_a_call_outside_the_list_is_logged_and_allowed_in_log_mode(role):
     r = run_as(role, """
