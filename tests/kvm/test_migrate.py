@@ -183,8 +183,9 @@ def test_a_failed_migration_leaves_the_source_running(pair, slow_counter, tmp_pa
     assert console(a, "c") == FULL                         # held and let go: no number lost or repeated
 
 
-def test_a_receiver_killed_mid_stream_leaves_the_source_running_and_nothing_there(pair, build_c_guest):
-    a, b = pair
+def start_moving_a_rewriter(a, b, build_c_guest):
+    """Guest "r" rewriting 192 MiB of its RAM, running on `a`, being moved to `b` with --copy (the receiver is
+    up): the `hvctl migrate` process."""
     image = build_c_guest((GUESTS / "rewrite.c").read_text(), mode="user64", cflags=("-DMIB=192", "-DLAST=800"))
     a.hvctl("create", "r", "--boot", "user64", "--kernel", image, "--mem", "256M", "--timeout", "180", "--start",
             check=0)
@@ -193,6 +194,12 @@ def test_a_receiver_killed_mid_stream_leaves_the_source_running_and_nothing_ther
     move = subprocess.Popen(HVCTL + ["migrate", "r", "--to", b.dir, "--copy"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: receivers(b), timeout=30)
+    return move
+
+
+def test_a_receiver_killed_mid_stream_leaves_the_source_running_and_nothing_there(pair, build_c_guest):
+    a, b = pair
+    move = start_moving_a_rewriter(a, b, build_c_guest)
     receiver = receivers(b)[0]
     wait_for(lambda: receiver.memory_info().shared > (48 << 20), timeout=60)    # guest RAM arriving: mid-stream
     receiver.send_signal(signal.SIGKILL)
@@ -207,14 +214,7 @@ def test_a_receiver_killed_mid_stream_leaves_the_source_running_and_nothing_ther
 def test_a_migrating_guest_refuses_what_would_disturb_it(pair, build_c_guest):
     """While it moves: no pause, stop, snapshot, second migration or destroy here, nor start or destroy there."""
     a, b = pair
-    image = build_c_guest((GUESTS / "rewrite.c").read_text(), mode="user64", cflags=("-DMIB=192", "-DLAST=800"))
-    a.hvctl("create", "r", "--boot", "user64", "--kernel", image, "--mem", "256M", "--timeout", "180", "--start",
-            check=0)
-    wait_for(lambda: console(a, "r").count("\n") >= 1, timeout=60)
-    env = {**os.environ, "HV_RUNTIME_DIR": a.dir}
-    move = subprocess.Popen(HVCTL + ["migrate", "r", "--to", b.dir, "--copy"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(lambda: receivers(b), timeout=30)
+    move = start_moving_a_rewriter(a, b, build_c_guest)
     for args in (["pause", "r"], ["stop", "r"], ["destroy", "r", "--force"], ["migrate", "r", "--to", b.dir],
                  ["snapshot", "r", "/tmp/never-written"]):
         moving = move.poll() is None
