@@ -27,7 +27,10 @@ class _Client:
 
 
 class ConsoleHost:
-    def __init__(self, sock_path, feed, log_path=None, max_clients=1, out_max=OUT_BUFFER_MAX, busy_message=BUSY):
+    def __init__(self, sock_path, feed, log_path=None, max_clients=1, out_max=OUT_BUFFER_MAX, busy_message=BUSY,
+                 start=True):
+        """Bound and listening on return; clients are served once start() runs its thread (at once by
+        default; a device service starts it only after sandboxing itself, which must precede every thread)."""
         self.sock_path = sock_path
         self.log_path = log_path
         self.feed = feed
@@ -54,6 +57,11 @@ class ConsoleHost:
             raise
         self._loop = EventLoop("console-host")
         self._loop.add(self._listen, self._accept)
+        self._thread = None
+        if start:
+            self.start()
+
+    def start(self):
         self._thread = self._loop.start()
 
     @property
@@ -156,7 +164,8 @@ class ConsoleHost:
 
     def close(self):
         self._loop.stop()
-        self._thread.join(2.0)
+        if self._thread is not None:
+            self._thread.join(2.0)
         for fd in list(self._clients):
             self._drop(fd)
         self._listen.close()

@@ -13,8 +13,13 @@ anything a guest or a peer controls:
     runner      `hvctl run` (vcpu_worker/runner.py), same   the worker's + spawning its services, plugins and
                 point; it is a worker that spawns           switch (so their lists too)
     service     devices/virtio/service.py, after the model  ZeroMQ, eventfds, the memfd, I/O on its given fds,
-                is built (image and TAP opened)             TAP ioctls; no files, no exec, no fork
-    switch      devices/net/switch.py, after bind + lock    ZeroMQ, its stats file
+                is built (image and TAP opened), before     TAP ioctls; no files, no exec, no fork
+                any thread starts (Landlock)
+    switch      devices/net/switch.py, after its lock,      ZeroMQ, its stats file
+                before ZeroMQ starts (Landlock)
+    receiver    supervisor/receiver.py, once told where     the stream's socket, the RAM memfd, files in the
+                the guest's state goes, before the source   dir of the guest's state (Landlock)
+                connects
     plugin      devices/plugin/host.py, before the user's   a deny-list (the user's code cannot be listed):
                 code is loaded (and for --describe)         see DENIED and docs/plugins.md
 
@@ -123,10 +128,11 @@ OWN = {
     "runner": PYTHON | FILES | KVM | SPAWN,
     "service": PYTHON,
     "switch": PYTHON | FILES,
+    "receiver": PYTHON | FILES,         # a migration's stream into RAM, the state written as a hand-over dir
     "plugin": PYTHON,                   # its base for the parents' lists; the plugin's own filter is DENIED
 }
 SPAWNS = {                              # the roles a role's processes start (or fork): its list includes theirs
-    "supervisor": ("zygote", "worker", "service", "switch", "plugin"),
+    "supervisor": ("zygote", "worker", "service", "switch", "receiver", "plugin"),
     "zygote": ("worker",),
     "runner": ("service", "switch", "plugin"),
 }
@@ -137,6 +143,7 @@ IOCTL_TYPES = {                         # ioctl request types (bits 8-15) each r
     "runner": {0x54, 0xAE, 0xFF},
     "service": {0x54},                  # 'T': terminals (isatty), FIONBIO/FIOCLEX, TUNSETIFF
     "switch": {0x54},
+    "receiver": {0x54},
     "plugin": {0x54},
 }
 DENIED = {      # what no role does: absent from every list; what a plugin's deny-list kills
@@ -155,8 +162,8 @@ PARTLY = {      # calls a role without them in its list may still make with thes
 }
 REFUSED = {"unlink", "unlinkat"}       # outside a list: EACCES, not a kill (a service's console socket is
                                         # removed on a best-effort basis at exit, as Landlock would refuse it)
-NO_CAPS = {"service", "switch", "plugin"}
-LANDLOCKED = {"service", "switch"}
+NO_CAPS = {"service", "switch", "receiver", "plugin"}
+LANDLOCKED = {"service", "switch", "receiver"}
 NS_FLAGS = 0x7E020000                   # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 ROLES = tuple(OWN)
 
@@ -390,7 +397,9 @@ LANDLOCK_RULE_PATH_BENEATH = 1
 FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1, 2, 4, 8
 FS_RIGHTS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1, 5: (1 << 16) - 1}
 FS_READ = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
-FS_REMOVE_FILE, FS_MAKE_REG, FS_MAKE_SOCK, FS_TRUNCATE = 1 << 5, 1 << 8, 1 << 9, 1 << 14
+FS_REMOVE_DIR, FS_REMOVE_FILE, FS_MAKE_DIR, FS_MAKE_REG, FS_MAKE_SOCK = 1 << 4, 1 << 5, 1 << 7, 1 << 8, 1 << 9
+FS_TRUNCATE = 1 << 14
+FS_WRITE = FS_WRITE_FILE | FS_REMOVE_DIR | FS_REMOVE_FILE | FS_MAKE_DIR | FS_MAKE_REG | FS_MAKE_SOCK | FS_TRUNCATE
 NET_BIND_TCP, NET_CONNECT_TCP = 1, 2
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2
 
@@ -421,8 +430,9 @@ def code_paths():
 
 
 def landlock(read=(), write=()):
-    """Confine this process (every thread): files may be read only below `read`, written (made, removed,
-    truncated; sockets made) only below `write`; no TCP (ABI 4+), no signals or abstract sockets outside
+    """Confine this thread and the threads it starts from now on (call it before any other thread exists):
+    files may be read only below `read`, written (files and dirs made, removed, truncated; sockets made) only
+    below `write`; no TCP (ABI 4+), no signals or abstract sockets outside
     the process (ABI 6+).  Returns the ABI used, 0 if the kernel has no Landlock."""
     abi = landlock_abi()
     if not abi:
@@ -435,8 +445,7 @@ def landlock(read=(), write=()):
                                ctypes.c_uint32(0)), "landlock_create_ruleset")
     try:
         rules = [(p, FS_READ) for p in read]
-        rules += [(p, (FS_READ | FS_WRITE_FILE | FS_REMOVE_FILE | FS_MAKE_REG | FS_MAKE_SOCK | FS_TRUNCATE) & handled)
-                  for p in write]
+        rules += [(p, (FS_READ | FS_WRITE) & handled) for p in write]
         for path, access in rules:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
@@ -477,6 +486,9 @@ def apply(role, writable=()):
         with open(os.environ[LOG_PIDS_ENV], "a") as f:
             f.write(f"{os.getpid()} {role}\n")
     if role in LANDLOCKED:
+        threads = len(os.listdir("/proc/self/task"))
+        if threads != 1:
+            raise RuntimeError(f"sandbox.apply({role!r}) with {threads} threads: Landlock would miss all but this one")
         _status["landlock"] = landlock(read=code_paths() + [f"/proc/{os.getpid()}"], write=writable)
     load_filter(role, log=(how == "log"))
     _status["seccomp"] = True
@@ -517,20 +529,35 @@ PIDFD_GET_INFO = 0xC040FF0B             # _IOWR(0xFF, 11, struct pidfd_info) (Li
 PIDFD_INFO_EXIT = 1 << 3
 
 
+_pidfd_info = True      # False once the kernel has said it has no PIDFD_GET_INFO (before 6.13)
+
+
 def pidfd_exit_status(pidfd):
     """The wait status of the process of `pidfd` once it has been reaped, by whoever its parent was (Linux
-    6.15's PIDFD_INFO_EXIT); None if not reaped yet or the kernel cannot tell."""
+    6.15's PIDFD_INFO_EXIT); None if not reaped yet or the kernel cannot tell (pidfd_tells_exit())."""
+    global _pidfd_info
+    import errno
     import fcntl
     import struct
+    if not _pidfd_info:
+        return None
     buf = bytearray(64)
     struct.pack_into("Q", buf, 0, PIDFD_INFO_EXIT)
     try:
         fcntl.ioctl(pidfd, PIDFD_GET_INFO, buf)
-    except OSError:
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EINVAL):
+            _pidfd_info = False
         return None
     if not struct.unpack_from("Q", buf, 0)[0] & PIDFD_INFO_EXIT:
         return None
     return struct.unpack_from("i", buf, 60)[0]
+
+
+def pidfd_tells_exit():
+    """False once this kernel has shown it cannot give a reaped process's status through its pidfd: waiting
+    for it would only wait."""
+    return _pidfd_info
 
 
 def describe_wait_status(status):

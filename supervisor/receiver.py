@@ -19,11 +19,12 @@ Any failure: Abort on both (as far as they still listen), exit 1.
 """
 import argparse
 import ctypes
+import os
 import signal
 import socket
 import sys
 
-from pyhv.proto import codec, migration as mig
+from pyhv.proto import codec, migration as mig, sandbox
 from pyhv.proto.errors import HvError, one_line
 from pyhv.proto.snapshot import Writer
 
@@ -59,6 +60,8 @@ class Control:
 def receive(control, listener, mem_fd):
     """The whole dialogue; returns once the target has the guest (Committed sent), or raises."""
     expect = control.recv(None, mig.Expect)
+    # what the source sends is outside input: from here on, only the state's dir is writable
+    sandbox.apply("receiver", writable=[os.path.dirname(os.path.abspath(expect.state_dir))])
     stream = None
     try:
         listener.settimeout(ACCEPT_TIMEOUT)
@@ -85,7 +88,7 @@ def receive(control, listener, mem_fd):
         stream.settimeout(COMMIT_TIMEOUT)
         stream.recv_msg(mig.Commit)
         control.send(mig.Commit())
-        control.recv(None, mig.Committed)      # the supervisor answers once the guest runs (or stays paused)
+        control.recv(COMMIT_TIMEOUT, mig.Committed)    # the supervisor answers once the guest runs (or stays paused)
         stream.send_msg(mig.Committed())
     except (HvError, OSError) as e:
         abort = mig.Abort(one_line(e))

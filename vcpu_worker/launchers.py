@@ -138,7 +138,7 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout
         while self._status is None and self.pidfd is not None:
             self._status = sandbox.pidfd_exit_status(self.pidfd)
-            if self._status is not None or time.monotonic() >= deadline:
+            if self._status is not None or time.monotonic() >= deadline or not sandbox.pidfd_tells_exit():
                 break
             time.sleep(0.01)
         return self._status

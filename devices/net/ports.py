@@ -50,6 +50,10 @@ class TapPort:
         self.sent = self.received = self.send_errors = 0
         self._loop = EventLoop(f"tap-{ifname}")
         self._loop.add(self.fd, self._readable)
+        self._thread = None
+
+    def start(self):
+        """Frames start flowing to `deliver` (a thread of its own, started only now: see open_port)."""
         self._thread = self._loop.start()
 
     def send(self, frame):
@@ -77,7 +81,8 @@ class TapPort:
 
     def close(self):
         self._loop.stop()
-        self._thread.join(2.0)
+        if self._thread is not None:
+            self._thread.join(2.0)
         self._loop.close()
         os.close(self.fd)
 
@@ -94,21 +99,26 @@ class SwitchPort:
         self.zmq = zmq
         self.endpoint = endpoint
         self.deliver = deliver
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, OUT_QUEUE)
-        self.sock.setsockopt(zmq.RCVHWM, OUT_QUEUE)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 4096)
-        self.sock.connect(endpoint)
+        self.ctx = self.sock = self._thread = None
         self._out = collections.deque()
         self._lock = threading.Lock()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.sent = self.received = self.dropped = self.malformed = 0
         self._loop = EventLoop("switch-port")
         self._loop.add(self._wake, self._flush)
-        self._loop.add_socket(self.sock, self._receive)
         self._loop.every(wire.HELLO_INTERVAL, lambda: self._send(wire.hello()))
+
+    def start(self):
+        """Connect and start forwarding (ZeroMQ's threads and ours start only now: see open_port)."""
+        zmq = self.zmq
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, OUT_QUEUE)
+        self.sock.setsockopt(zmq.RCVHWM, OUT_QUEUE)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 4096)
+        self.sock.connect(self.endpoint)
+        self._loop.add_socket(self.sock, self._receive)
         self._thread = self._loop.start()
 
     def send(self, frame):
@@ -160,15 +170,19 @@ class SwitchPort:
 
     def close(self):
         self._loop.stop()
-        self._thread.join(3.0)
+        if self._thread is not None:
+            self._thread.join(3.0)
         self._loop.close()
-        self.sock.close()
-        self.ctx.term()
+        if self.sock is not None:
+            self.sock.close()
+            self.ctx.term()
         os.close(self._wake)
 
 
 def open_port(spec, deliver):
-    """'tap:IFNAME' or 'switch:ENDPOINT' -> a port feeding `deliver`."""
+    """'tap:IFNAME' or 'switch:ENDPOINT' -> a port that will feed `deliver` once start()ed.  Opening takes the
+    host resource (a TAP needs CAP_NET_ADMIN); starting makes threads, so a device service sandboxes itself
+    in between (Landlock binds only the threads started after it)."""
     kind, _, arg = spec.partition(":")
     if kind == "tap" and arg:
         return TapPort(arg, deliver)

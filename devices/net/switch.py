@@ -190,9 +190,12 @@ def main(argv=None):
         print(f"switch: {a.name} is already served (lock {a.lock})", file=sys.stderr)
         return ALREADY_SERVED
     write_pid(lock)
+    import zmq  # noqa: F401 (loaded now: its shared libraries are outside what Landlock lets a switch read)
+    # before ZeroMQ's threads exist (Landlock holds only for threads started after it); its socket and its
+    # stats file are in the runtime dir
+    sandbox.apply("switch", writable=[os.path.dirname(os.path.abspath(a.stats))])
     sw = Switch(a.name, a.endpoint, a.stats, a.idle_exit)
     signal.signal(signal.SIGTERM, lambda *_: sw.loop.stop())
-    sandbox.apply("switch", writable=[os.path.dirname(os.path.abspath(a.stats))])   # its stats file
     print(f"switch: serving {a.name} on {a.endpoint} (pid {os.getpid()})", file=sys.stderr, flush=True)
     try:
         sw.serve()

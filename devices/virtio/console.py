@@ -166,8 +166,12 @@ class HostedConsole(VirtioConsole):
 
     def __init__(self, sock_path, log_path=None, **kw):
         super().__init__(**kw)
-        self.host = ConsoleHost(sock_path, self.feed, log_path, max_clients=1)
+        self.host = ConsoleHost(sock_path, self.feed, log_path, max_clients=1, start=False)
         self.sink = self.host.write
+
+    def attach(self, events, eventfds):
+        super().attach(events, eventfds)
+        self.host.start()                 # clients served once the device is wired (and its service sandboxed)
 
     def counters(self):
         c = super().counters()

@@ -146,6 +146,11 @@ class VirtioNet(ThreadedBackend):
             self._rx = collections.deque(bytes(f) for f in state.get("rx", [])[:self._rx_max]
                                          if ETH_HLEN <= len(f) <= MAX_FRAME)
 
+    def attach(self, events, eventfds):
+        super().attach(events, eventfds)
+        if self.port is not None:
+            self.port.start()             # frames from the host only once the device is wired
+
     def close(self):
         self.reset()                      # no more port.send from the backend thread
         if self.port is not None:

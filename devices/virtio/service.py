@@ -178,6 +178,9 @@ def main(argv=None):
         return EXIT_USAGE
     fds = spec.fds
     mem = GuestMemory(fds.mem, spec.mem_size)
+    # everything is open (image, TAP, memfd): from here on, only the service's calls.  Before any thread
+    # exists (ZeroMQ's, the model's), because Landlock holds only for the threads started after it.
+    sandbox.apply("service")
     ctx = zmq.Context()
     ctl = ctx.socket(zmq.PAIR)
     evt = ctx.socket(zmq.PUSH)
@@ -203,7 +206,6 @@ def main(argv=None):
             loop.stop()
     loop.add_socket(ctl, request, during_pause=True)
     loop.add(fds.lifeline, loop.stop, during_pause=True)       # EOF: the worker is gone
-    sandbox.apply("service")           # everything is open and connected: from here on, only the service's calls
     status = 0
     try:
         loop.run()

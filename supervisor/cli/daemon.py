@@ -2,7 +2,7 @@
 import subprocess
 import time
 
-from pyhv.proto import runtime
+from pyhv.proto import runtime, sandbox
 from pyhv.proto.errors import BadState, EXIT_OK, PeerFailed
 from pyhv.supervisor.cli.client import request, runtime_dir, supervisor_alive
 
@@ -15,6 +15,7 @@ def cmd_supervisor(args):
         raise UserError("--leave-guests goes with --stop")
     if args.stop:
         return _stop(args)
+    sandbox.mode()                      # a bad HV_SECCOMP: refused before the runtime dir is touched
     if args.detach:
         return _detach(args)
     from pyhv.supervisor.server import Server

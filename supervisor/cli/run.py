@@ -2,6 +2,7 @@
 import os
 import sys
 
+from pyhv.proto import sandbox
 from pyhv.proto.errors import EXIT_OK, EXIT_STOPPED, EXIT_VM_FAILED, UserError
 from pyhv.supervisor.cli.console import DETACH_KEY
 from pyhv.supervisor.cli.options import add_run_options, config_from
@@ -10,6 +11,7 @@ from pyhv.supervisor.output_files import check_writable
 
 def cmd_run(args):
     """On a terminal the guest gets it raw (its own echo, Ctrl-C, arrow keys) and Ctrl-] stops it."""
+    sandbox.mode()                      # a bad HV_SECCOMP: refused before anything starts
     if args.detach:
         return _detached(args)
     if args.name:

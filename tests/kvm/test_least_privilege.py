@@ -5,9 +5,11 @@ as an exploited bug would make it) kills that process alone with SIGSYS, and its
 """
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -122,7 +124,8 @@ def forbidden_call(pid):
     """Make process `pid` call ptrace(2), which no role's list holds, from its main thread (gdb's `call`)."""
     nr = sandbox.syscall_number("ptrace")
     r = subprocess.run(["gdb", "-p", str(pid), "-batch", "-nx", "-ex", f"call (long)syscall({nr}, 0, 0, 0, 0)"],
-                       capture_output=True, text=True, timeout=180)
+                       capture_output=True, text=True, timeout=180, cwd=tempfile.gettempdir(),
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
     return r.stdout + r.stderr
 
 
@@ -193,7 +196,7 @@ def test_a_forbidden_call_kills_only_that_process_and_its_death_is_reported(flee
         assert nxt.info("other")["state"] == "running" and nxt.info("other")["pids"]["worker"] == worker
         nxt.hvctl("stop", "other", check=0)
         ended = nxt.info("other")
-        assert ended["state"] == "stopped" and ended["exit_status"] == 0 or "stopped" in ended["reason"], ended
+        assert ended["state"] == "stopped" and (ended["exit_status"] == 0 or "stopped" in ended["reason"]), ended
     finally:
         nxt.stop()
     sup.log = open(os.devnull, "ab")       # the fixture's stop() closes it again

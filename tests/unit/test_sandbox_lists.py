@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from hv import REPO
 from pyhv.proto import sandbox
 
 ROLES = sandbox.ROLES
@@ -93,6 +94,17 @@ def test_off_keeps_no_new_privs_and_loads_no_filter():
 def test_a_bad_mode_is_one_line():
     r = run_as("worker", "", mode="on")
     assert r.returncode != 0 and "HV_SECCOMP='on': use one of enforce, log, off" in r.stderr
+
+
+def test_a_bad_mode_is_refused_before_a_supervisor_or_a_foreground_guest_touches_anything(tmp_path):
+    rd = tmp_path / "rd"
+    for args in (["supervisor", "--runtime-dir", str(rd)], ["supervisor", "--detach", "--runtime-dir", str(rd)],
+                 ["run", "--boot", "raw64", "--kernel", str(REPO / "README.md")]):
+        r = subprocess.run([sys.executable, str(REPO / "bin" / "hvctl"), *args], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, sandbox.ENV: "on"})
+        assert r.returncode == 2 and r.stderr == "hvctl: HV_SECCOMP='on': use one of enforce, log, off\n", \
+            (args, r.stderr)
+    assert not rd.exists()
 
 
 @pytest.mark.parametrize("role", ["service", "switch", "plugin"])
@@ -191,3 +203,17 @@ def test_a_killed_role_dumps_no_core(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == -signal.SIGSYS and r.stdout.strip() == "(0, 0)", (r.stdout, r.stderr)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_kernel_without_pidfd_info_is_asked_once_and_nobody_waits_for_it(monkeypatch):
+    import errno
+    import fcntl
+    calls = []
+
+    def no_such_ioctl(fd, request, buf):
+        calls.append(request)
+        raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
+    monkeypatch.setattr(fcntl, "ioctl", no_such_ioctl)
+    monkeypatch.setattr(sandbox, "_pidfd_info", True)
+    assert sandbox.pidfd_exit_status(0) is None and not sandbox.pidfd_tells_exit()
+    assert sandbox.pidfd_exit_status(0) is None and len(calls) == 1

@@ -31,6 +31,9 @@ class FakePort:
     def __init__(self):
         self.sent = []
 
+    def start(self):
+        pass
+
     def send(self, frame):
         self.sent.append(bytes(frame))
 

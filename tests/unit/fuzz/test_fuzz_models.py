@@ -144,6 +144,9 @@ class Port:
     def __init__(self):
         self.sent = []
 
+    def start(self):
+        pass
+
     def send(self, frame):
         self.sent.append(bytes(frame))
 
