@@ -31,7 +31,7 @@ import struct
 import zlib
 
 from pyhv.proto import codec
-from pyhv.proto.errors import PeerFailed, ProtocolError
+from pyhv.proto.errors import PeerFailed, ProtocolError, one_line
 from pyhv.proto.guest import GuestConfig
 from pyhv.proto.messages import Channel, Message
 from pyhv.proto.snapshot import MAX_STATE_BYTES, SNAPSHOT, MachineState
@@ -254,7 +254,7 @@ class Stream:
         try:
             self.sock.settimeout(0.5)
             msg = self.recv_msg(Abort)
-            return msg.reason if isinstance(msg, Abort) else ""
+            return one_line(msg.reason) if isinstance(msg, Abort) else ""
         except (MigrationError, OSError):
             return ""
 

@@ -106,6 +106,8 @@ class Outgoing:
         self.timer = None
         self.watching = False
         self.cancel = None              # ends the worker request in flight (its worker ended)
+        self.copy_deadline = None       # --copy: when the supervisor stops waiting for its streaming worker
+        self.receiver_address = None    # --copy: where the target's receiver waits for our worker
         self.done = False
         g.moving = self
 
@@ -208,6 +210,8 @@ class Outgoing:
         """The target's receiver waits: let our worker stream the guest to it."""
         self._close_conn()
         g = self.guest
+        self.copy_deadline = time.monotonic() + COPY_TIMEOUT
+        self.receiver_address = reply.address
         try:
             self.server._worker(g, m.MigrateOut(g.name, reply.address, reply.token, to=self.to), m.MigrateReply,
                                 self.envelope, self._copied, timeout=COPY_TIMEOUT, on_open=self._opened)
@@ -216,7 +220,10 @@ class Outgoing:
 
     def _copied(self, reply):
         self.cancel = None
-        if isinstance(reply, HvError):          # refused before it began, or the worker is gone
+        if isinstance(reply, HvError) and time.monotonic() >= self.copy_deadline:
+            return self._unknown(f"its worker here has not answered within {COPY_TIMEOUT:g} s")
+        if isinstance(reply, HvError):          # refused before it began
+            self._abort_receiver(str(reply))
             return self._failed(str(reply), resume=False)
         if reply.outcome == "done":
             return self._arrived(reply)
@@ -267,9 +274,37 @@ class Outgoing:
             f"migration of {g.name} to {self.to} is in doubt: {why}; {g.name} is held paused here: if it does not "
             f"run under {self.to}, `hvctl resume {g.name}` lets it go on here")))
 
+    def _abort_receiver(self, why):
+        """Our worker refused before it connected: tell the target's receiver at once (it would otherwise hold
+        the guest's name there until its accept timeout)."""
+        try:
+            stream = mig.connect(self.receiver_address, timeout=1.0)
+        except mig.MigrationError:
+            return                              # gone already, or busy with a stream: it ends by itself
+        try:
+            stream.send_preamble()
+            stream.send_msg(mig.Abort(why))
+        except (mig.MigrationError, OSError):
+            pass
+        finally:
+            stream.close()
+
+    def _unknown(self, why):
+        """Our worker went silent or away while it streamed the guest: whether it sent Commit is not known here,
+        so neither "failed" nor "in doubt, held here" would be true."""
+        if self.done:
+            return
+        self.end()
+        g = self.guest
+        self.server._reply(self.envelope, Error.of(PeerFailed(
+            f"migration of {g.name} to {self.to}: {why}; it may run there now (`hvctl info {g.name} "
+            f"--runtime-dir {self.to}` says)")))
+
     def worker_ended(self):
         """Our worker exited while the guest was moving (it ended itself, or was killed)."""
-        if self.cancel is not None:             # its request's callback reports it
+        if self.cancel is not None and self.copy:
+            self._unknown("its worker here ended while it streamed the guest")
+        if self.cancel is not None:             # its request's callback reports it (unless answered above)
             self.cancel(PeerFailed(f"guest {self.guest.name} ended during its migration"))
         elif not self.done:
             if self.committed:

@@ -20,6 +20,8 @@ from pyhv.proto.guest import GuestConfig
 from pyhv.proto.messages import to_plain
 from pyhv.proto.runtime import UNIX_PATH_MAX, check_switch_socket
 
+ARRIVING = "arriving"                   # in a guest dir: migrated here, not committed (see Guest.save)
+
 
 @dataclass
 class Guest:
@@ -72,13 +74,24 @@ class Guest:
             self.on_change(self, state)
 
     def save(self):
-        """Write guest.json (atomically); HostError if the host refuses (ENOSPC...), the old record kept."""
+        """Write guest.json (atomically); HostError if the host refuses (ENOSPC...), the old record kept.
+
+        "Arriving" (migrated here, not committed) is a file of its own beside it, made before and removed
+        before the record is written: removing needs no space, so a committed guest is never left marked for
+        the next supervisor to kill when the disk is full."""
+        marker = self.files.file(ARRIVING)
         record = {"config": to_plain(self.config), "state": self.state,
                   "exit_status": self.exit_status, "reason": self.reason,
-                  "worker": self.proc.identity if self.proc is not None else None,
-                  **({"arriving": True} if self.arriving else {})}
+                  "worker": self.proc.identity if self.proc is not None else None}
         tmp = self.files.record + ".tmp"
         try:
+            if self.arriving:
+                os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            else:
+                try:
+                    os.unlink(marker)
+                except FileNotFoundError:
+                    pass
             with open(tmp, "w") as f:
                 json.dump(record, f)
             os.replace(tmp, self.files.record)
@@ -133,7 +146,7 @@ class Registry:
             return
         self.guests[g.name] = g
         g.on_change = self._changed
-        g.arriving = record.get("arriving") is True
+        g.arriving = os.path.exists(files.file(ARRIVING)) or record.get("arriving") is True    # (older records)
         if g.live and self.adopt is not None:
             self.adopt(g, record.get("worker"))
         elif g.live:

@@ -9,16 +9,19 @@ device writes all the time (blk_reader.c) check after the move that no page
 is stale.  A failed migration leaves the source as it was and nothing on
 the target.
 """
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 
 import psutil
 import pytest
 
 from hv import GUESTS, HVCTL, Supervisor, wait_for
+from pyhv.proto import sandbox
 
 FULL = "".join(f"{n}\n" for n in range(401))
 COPIED = re.compile(r"^(\S+) now runs under (\S+) \(RAM copied in (\d+) rounds( \(the round limit\))?: "
@@ -185,7 +188,7 @@ def test_a_failed_migration_leaves_the_source_running(pair, slow_counter, tmp_pa
 
 def start_moving_a_rewriter(a, b, build_c_guest):
     """Guest "r" rewriting 192 MiB of its RAM, running on `a`, being moved to `b` with --copy (the receiver is
-    up): the `hvctl migrate` process."""
+    up): the `hvctl migrate` process and the guest's image."""
     image = build_c_guest((GUESTS / "rewrite.c").read_text(), mode="user64", cflags=("-DMIB=192", "-DLAST=800"))
     a.hvctl("create", "r", "--boot", "user64", "--kernel", image, "--mem", "256M", "--timeout", "180", "--start",
             check=0)
@@ -194,14 +197,16 @@ def start_moving_a_rewriter(a, b, build_c_guest):
     move = subprocess.Popen(HVCTL + ["migrate", "r", "--to", b.dir, "--copy"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: receivers(b), timeout=30)
-    return move
+    return move, image
 
 
 def test_a_receiver_killed_mid_stream_leaves_the_source_running_and_nothing_there(pair, build_c_guest):
     a, b = pair
-    move = start_moving_a_rewriter(a, b, build_c_guest)
+    move, _ = start_moving_a_rewriter(a, b, build_c_guest)
     receiver = receivers(b)[0]
     wait_for(lambda: receiver.memory_info().shared > (48 << 20), timeout=60)    # guest RAM arriving: mid-stream
+    confined = sandbox.proc_status(receiver.pid)          # the stream is outside input: the receiver is a role
+    assert confined["NoNewPrivs"] == "1" and confined["Seccomp"] == "2" and int(confined["CapEff"], 16) == 0
     receiver.send_signal(signal.SIGKILL)
     out, err = move.communicate(timeout=120)
     assert move.returncode == 1 and "runs on here" in err, (out, err)
@@ -211,16 +216,67 @@ def test_a_receiver_killed_mid_stream_leaves_the_source_running_and_nothing_ther
     assert console(a, "r") == "".join(f"{n}\n" for n in range(16, 801, 16))
 
 
+def test_a_source_worker_killed_mid_copy_is_reported_as_may_have_moved_and_the_target_keeps_nothing(
+        pair, build_c_guest):
+    """Whether a dead worker sent Commit is not known to its supervisor: it says so, rather than "failed"."""
+    a, b = pair
+    move, _ = start_moving_a_rewriter(a, b, build_c_guest)
+    worker = psutil.Process(a.info("r")["pids"]["worker"])
+    receiver = receivers(b)[0]
+    wait_for(lambda: receiver.memory_info().shared > (48 << 20), timeout=60)    # mid-stream: no Commit yet
+    worker.kill()
+    out, err = move.communicate(timeout=120)
+    assert move.returncode == 1 and "its worker here ended while it streamed the guest" in err, (out, err)
+    assert f"it may run there now (`hvctl info r --runtime-dir {b.dir}` says)" in err, err
+    wait_for(lambda: not receivers(b) and b.hvctl("list", "--json", check=0).stdout.strip() == "[]", timeout=60)
+    nothing_left(b)
+
+
+def test_a_copy_its_worker_refuses_frees_the_target_at_once(pair, counter):
+    """The worker refuses (a GDB client is attached): the target's receiver hears it and gives the name back, rather
+    than holding it until the source's connection would have timed out."""
+    a, b = pair
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a.hvctl("create", "g", "--boot", "user64", "--kernel", counter, "--timeout", "60",
+            "--gdb", f"tcp:127.0.0.1:{port}", "--start", check=0)
+    clients = []
+
+    def attached():
+        try:
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=20))
+        except ConnectionRefusedError:      # the stub is not listening yet
+            return False
+        return True
+    wait_for(attached, timeout=30)
+    client = clients[0]
+    try:
+        wait_for(lambda: json.loads(a.hvctl("stats", "g", "--json", check=0).stdout)["gdb"]["client"], timeout=30)
+        r = a.hvctl("migrate", "g", "--to", b.dir, "--copy")
+        assert r.returncode == 1 and "a GDB client is attached" in r.stderr, r.stderr
+        log = os.path.join(b.dir, "test-supervisor.log")
+        wait_for(lambda: "a GDB client is attached" in open(log).read(), timeout=60)   # told, not timed out
+        wait_for(lambda: not receivers(b), timeout=30)
+        nothing_left(b)
+        assert a.info("g")["state"] == "running"
+    finally:
+        client.close()
+
+
 def test_a_migrating_guest_refuses_what_would_disturb_it(pair, build_c_guest):
     """While it moves: no pause, stop, snapshot, second migration or destroy here, nor start or destroy there."""
     a, b = pair
-    move = start_moving_a_rewriter(a, b, build_c_guest)
+    move, image = start_moving_a_rewriter(a, b, build_c_guest)
+    checked = 0
     for args in (["pause", "r"], ["stop", "r"], ["destroy", "r", "--force"], ["migrate", "r", "--to", b.dir],
                  ["snapshot", "r", "/tmp/never-written"]):
         moving = move.poll() is None
         r = a.hvctl(*args)
         if moving and move.poll() is None:    # (unless the move finished meanwhile on a fast machine)
             assert r.returncode == 1 and "being migrated" in r.stderr, (args, r.stderr)
+            checked += 1
+    assert checked, "the move ended before any request was tried: the guest must rewrite more RAM"
     moving = move.poll() is None
     r = b.hvctl("create", "r", "--boot", "user64", "--kernel", image)
     assert r.returncode == 1 or not moving, r.stderr
