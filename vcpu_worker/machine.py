@@ -13,11 +13,12 @@ import time
 
 from pyhv.devices.guest_memory import GuestMemory, ram_regions
 from pyhv.proto.errors import EXIT_OK, EXIT_STOPPED, HvError, StateError, VmFailure
-from pyhv.vcpu_worker import boot, compat, cpuid
+from pyhv.vcpu_worker import boot, compat, cpuid, syscall_hook
 from pyhv.vcpu_worker._kvm import ffi, lib
 from pyhv.vcpu_worker.boot import layout
 from pyhv.vcpu_worker.bus import MmioBus, PioBus
 from pyhv.vcpu_worker.device_manager import DeviceManager
+from pyhv.vcpu_worker.guest_debug import GuestDebug
 from pyhv.vcpu_worker.irq_router import KvmIrqRouter
 from pyhv.vcpu_worker.kvm import Kvm, KvmError, KvmUnavailable
 from pyhv.vcpu_worker.vcpu import EXIT_NAMES, ExitContext, Outcome, VcpuThread
@@ -55,6 +56,11 @@ class Machine:
             self.vm.create_irqchip()
             self.vm.create_pit()
             self.router = KvmIrqRouter(self.vm)
+            self.host_facts = syscall_hook.host_facts(self.kvm) if self.profile.syscall_hook else None
+            self.hooked = (self.host_facts is not None and syscall_hook.needed(self.host_facts)
+                           and os.environ.get("HV_SYSCALL_HOOK") != "off")   # off: for a kernel with its own fix
+            if self.hooked:
+                syscall_hook.watch_syscall_msrs(self.vm)
         except (KvmError, KvmUnavailable, OSError) as e:
             raise VmFailure(f"cannot create the VM: {e}") from None
         self.pio = PioBus()
@@ -79,12 +85,14 @@ class Machine:
         host = int(ffi.cast("uintptr_t", self._host_buf))
         for gpa, size, offset in ram_regions(self.config.mem_bytes):
             self.vm.add_memory(gpa, host + offset, size)
+        self._ram = syscall_hook.guest_ram(self.mem, host)        # the C loop's view of the same mapping
 
     def _create_vcpus(self, entry):
         n = self.config.vcpus
         try:
             supported = self.kvm.supported_cpuid()
-            self.vcpus = []
+            self.vcpus, self.debug, self.hooks = [], [], []
+            group = syscall_hook.HookGroup(self._kick_one)
             for i in range(n):
                 vcpu = self.vm.create_vcpu(i)
                 vcpu.state.port_action = self.pio.action_ptr
@@ -92,6 +100,10 @@ class Machine:
                 if entry is not None:
                     boot.setup_vcpu(vcpu, i, n, self.config.boot, entry)
                 self.vcpus.append(vcpu)
+                self.debug.append(GuestDebug(vcpu))
+                # Armed by the vCPU's own LSTAR write (an MSR exit), or from restored state in _load_state.
+                self.hooks.append(syscall_hook.SyscallHook(vcpu, self.debug[i], self.mem, self._ram, group)
+                                  if self.hooked else None)
         except KvmError as e:
             raise VmFailure(f"cannot create the vCPUs: {e}") from None
 
@@ -115,6 +127,9 @@ class Machine:
             self.vm.load_state(state.vm)
             for vcpu, saved in zip(self.vcpus, state.vcpus, strict=True):
                 vcpu.load_state(saved)
+            for hook in self.hooks:          # KVM keeps no guest-debug state in a snapshot: arm from the guest's
+                if hook is not None:
+                    hook.arm()
         except KvmError as e:
             raise VmFailure(f"cannot restore the guest's state: {e}") from None
         except (KeyError, TypeError, ValueError, OverflowError) as e:
@@ -129,9 +144,10 @@ class Machine:
             for v in self.vcpus:
                 v.kick_prepare()
         self.threads = [VcpuThread(v, ExitContext(v, self.pio.lookup, self.mmio.lookup, self.mem,
-                                                  self.profile.fixups, self.fixup_counts, self.on_kick),
+                                                  self.profile.fixups, self.fixup_counts, self.on_kick,
+                                                  self.debug[i], self.hooks[i]),
                                    self.config.pin, self.finish)
-                        for v in self.vcpus]
+                        for i, v in enumerate(self.vcpus)]
         for t in self.threads:
             t.start()
 
@@ -222,9 +238,17 @@ class Machine:
 
     def _kick_all(self):
         for t in self.threads:
-            t.vcpu.kick_prepare()
-            if t.ident and t.is_alive():
-                lib.hv_kick_thread(t.ident, KICK_SIGNAL)  # ESRCH if it just ended: harmless
+            self._kick_thread(t)
+
+    def _kick_one(self, index):
+        if index < len(self.threads):
+            self._kick_thread(self.threads[index])
+
+    @staticmethod
+    def _kick_thread(t):
+        t.vcpu.kick_prepare()
+        if t.ident and t.is_alive():
+            lib.hv_kick_thread(t.ident, KICK_SIGNAL)  # ESRCH if it just ended: harmless
 
     def feed_console(self, data):
         self.devices.feed_console(data)
@@ -257,4 +281,12 @@ class Machine:
             "mmio_unclaimed": sum(v["mmio_unclaimed"] for v in vcpus),
             "fixups": dict(self.fixup_counts),
             "compat": self.profile.describe(),
+            "syscall_hook": self.hook_stats(),
         }
+
+    def hook_stats(self):
+        """The SYSCALL hook on this guest: per vCPU, and the sums (None if it is off)."""
+        if not self.hooked:
+            return None
+        per = [h.counters() for h in self.hooks]
+        return {"vcpus": per, **{k: sum(p[k] for p in per) for k in ("syscalls", "faults", "rearms", "steps")}}

@@ -11,7 +11,7 @@ import os
 import threading
 
 from pyhv.proto.errors import EXIT_OK, EXIT_VM_FAILED
-from pyhv.vcpu_worker import fixups
+from pyhv.vcpu_worker import fixups, syscall_hook
 from pyhv.vcpu_worker._kvm import ffi, lib
 
 EXIT_NAMES = {getattr(lib, n): n[len("KVM_EXIT_"):] for n in dir(lib)
@@ -38,10 +38,15 @@ class Outcome:
 
 
 class ExitContext:
-    """What handling one vCPU's exits needs; `on_kick(ctx)` answers a kick (park, sample) and may end the loop."""
-    __slots__ = ("vcpu", "pio_lookup", "mmio_lookup", "mem", "fixups", "fixup_counts", "on_kick", "mmio_unclaimed")
+    """What handling one vCPU's exits needs; `on_kick(ctx)` answers a kick (park, sample) and may end the loop.
 
-    def __init__(self, vcpu, pio_lookup, mmio_lookup, mem, fixups=(), fixup_counts=None, on_kick=None):
+    `debug` is the vCPU's GuestDebug (vcpu_worker/guest_debug.py), `hook` its SyscallHook or None.
+    """
+    __slots__ = ("vcpu", "pio_lookup", "mmio_lookup", "mem", "fixups", "fixup_counts", "on_kick", "mmio_unclaimed",
+                 "debug", "hook")
+
+    def __init__(self, vcpu, pio_lookup, mmio_lookup, mem, fixups=(), fixup_counts=None, on_kick=None, debug=None,
+                 hook=None):
         self.vcpu = vcpu
         self.pio_lookup = pio_lookup
         self.mmio_lookup = mmio_lookup
@@ -50,6 +55,8 @@ class ExitContext:
         self.fixup_counts = {} if fixup_counts is None else fixup_counts
         self.on_kick = on_kick
         self.mmio_unclaimed = 0
+        self.debug = debug
+        self.hook = hook
 
 
 def _io(e, ctx):
@@ -95,6 +102,8 @@ def _guest_exit(e, ctx):
 def _interrupted(e, ctx):
     # Clear the kick first: a stop that lands after this still finds immediate_exit set on the next KVM_RUN.
     ctx.vcpu.kick_clear()
+    if ctx.hook is not None:
+        ctx.hook.on_kick()
     return ctx.on_kick(ctx) if ctx.on_kick is not None else None
 
 
@@ -132,6 +141,34 @@ def _run_failed(e, ctx):
     return Outcome(EXIT_VM_FAILED, f"vCPU {ctx.vcpu.index}: KVM_RUN failed: {os.strerror(e.err)}")
 
 
+def _debug(e, ctx):
+    """KVM_EXIT_DEBUG the C loop did not take: for the slot or single-step that caused it, else the guest's own #DB."""
+    dr6 = e.data[2]
+    owners = ctx.debug.owners(dr6) if ctx.debug is not None else []
+    if ctx.hook is not None and syscall_hook.OWNER in owners:
+        ctx.hook.on_debug(dr6)
+    elif not owners and ctx.debug is not None:
+        ctx.debug.deliver_to_guest(dr6)
+    return None
+
+
+def _wrmsr(e, ctx):
+    """The guest wrote an MSR the SYSCALL hook watches (STAR, LSTAR, FMASK): the hook writes it and re-arms."""
+    ok = ctx.hook is not None and e.suberror == lib.KVM_MSR_EXIT_REASON_FILTER and ctx.hook.on_wrmsr(e.data[0], e.data[1])
+    lib.hv_set_msr_error(ctx.vcpu.run, 0 if ok else 1)       # refused: the guest gets the #GP the CPU would give
+    return None
+
+
+def _hook(e, ctx):
+    """HV_EXIT_HOOK: the SYSCALL hook needs Python (re-arm, a single-step, a frame it cannot read)."""
+    why = ctx.hook.on_hook_exit(e.suberror, e.data[0])
+    if why is not None:
+        return _failed(ctx, why)
+    if e.suberror == lib.HV_HOOK_REARM:       # the exit that showed the change, as the loop would have gone on
+        return handle_exit(lib.hv_finish_exit(ctx.vcpu.state, e), e, ctx)
+    return None
+
+
 def _unknown(e, ctx):
     return _failed(ctx, f"unhandled exit {EXIT_NAMES.get(e.reason, str(e.reason))}")
 
@@ -148,6 +185,10 @@ HANDLERS = {
     lib.KVM_EXIT_INTERNAL_ERROR: _internal_error,
     lib.KVM_EXIT_FAIL_ENTRY: _fail_entry,
     lib.HV_EXIT_ERRNO: _run_failed,
+    lib.HV_EXIT_ABSORBED: _ignore,
+    lib.KVM_EXIT_DEBUG: _debug,
+    lib.KVM_EXIT_X86_WRMSR: _wrmsr,
+    lib.HV_EXIT_HOOK: _hook,
 }
 
 

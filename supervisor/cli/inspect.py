@@ -40,6 +40,7 @@ def cmd_info(args):
             *((device_kind(d.kind).flag.lstrip("-"), device_kind(d.kind).describe(d.options)) for d in c.devices),
             ("compat", compat["name"]),
             *((f"  {kind}", item) for kind in ("cpuid_masks", "kernel_args", "fixups") for item in compat[kind]),
+            ("  syscall_hook", compat["syscall_hook"]),
             *(("device", _device_line(name, d)) for name, d in g.devices.items())]
     for k, v in rows:
         print(f"{k + ':':13} {v}")
