@@ -26,7 +26,11 @@ used ring polled: no interrupt).
     makes one ZeroMQ REQ/REP round trip to an echo process this benchmark runs
     there, per request, before doing it (the benchmark mode of
     devices/virtio/service.py): what the eventfd data path saves over a
-    per-request message.
+    per-request message;
+  - the same guest with `--vhost-user blk` on qemu-storage-daemon exporting
+    the same image (raw, through the page cache) as vhost-user-blk, when it
+    is installed: the same transport and eventfds with QEMU's C back end in
+    place of pyhv's Python service.  One daemon per sample.
 The "vs C" column is the ratio to the host figure of the same kind.  Image
 created at benchmark time in a temp dir (TMPDIR), filled with non-zero data.
 Cases are interleaved, repetition by repetition.
@@ -35,6 +39,7 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -124,20 +129,23 @@ def host_rand(path, seconds=RAND_MS / 1000):
         os.close(fd)
 
 
-def guest(args, kernel, image, zmq_roundtrip):
+def guest(args, kernel, image, mode):
     """One hvctl run: {"seq_mbs": .., "rand_iops": .. (if the guest ran that part), "tsc_khz": ..}."""
-    cmd = common.hvctl_cmd(args) + ["run", "--boot", "raw64", "--kernel", str(kernel), "--disk", str(image),
-                                    "--mem", GUEST_MEM, "--timeout", "120"]
     env = dict(common.CHILD_ENV)
     env.pop(ZMQ_ENV, None)
-    echo = Echo() if zmq_roundtrip else None
+    echo = Echo() if mode == "zmq" else None
+    qsd = QsdExport(image) if mode == "vhost-user" else None
     if echo is not None:
         env[ZMQ_ENV] = echo.endpoint
+    disk = ["--vhost-user", f"blk,socket={qsd.sock}"] if qsd else ["--disk", str(image)]
+    cmd = common.hvctl_cmd(args) + ["run", "--boot", "raw64", "--kernel", str(kernel), *disk,
+                                    "--mem", GUEST_MEM, "--timeout", "120"]
     try:
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=180)
     finally:
-        if echo is not None:
-            echo.close()
+        for helper in (echo, qsd):
+            if helper is not None:
+                helper.close()
     out = r.stdout.decode(errors="replace")
     if r.returncode != 0 or "done" not in out:
         sys.exit(f"bench: {' '.join(cmd)} exited {r.returncode}; stdout {out[-300:]!r}; "
@@ -183,11 +191,43 @@ class Echo:
         self.proc.wait(10)
 
 
+class QsdExport:
+    """qemu-storage-daemon exporting `image` (raw) as vhost-user-blk on a socket of its own, until close()."""
+
+    def __init__(self, image):
+        self.dir = tempfile.mkdtemp(prefix="pyhv-qsd-")
+        self.sock = os.path.join(self.dir, "blk.sock")
+        self.proc = subprocess.Popen(
+            [QSD, "--blockdev", f"driver=file,node-name=disk,filename={image},read-only=on",
+             "--export", f"type=vhost-user-blk,id=vub,node-name=disk,addr.type=unix,addr.path={self.sock}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                sys.exit(f"bench: qemu-storage-daemon did not start: {self.proc.stderr.read().decode()[-500:]}")
+            time.sleep(0.01)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(10)
+        self.proc.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+QSD = shutil.which("qemu-storage-daemon")
+
+
 def run(args):
     reps = args.reps or REPS
     full = build_guest(RAND_MS)       # sequential, then random
     seq_only = build_guest(0)         # for the cold runs: the random part would be warm anyway
-    modes = [("eventfd", False), ("zmq round trip", True)]
+    modes = [("eventfd", "eventfd"), ("zmq round trip", "zmq")]
+    if QSD:
+        modes.append(("vhost-user qemu-storage-daemon", "vhost-user"))
+    else:
+        print("blk_throughput: no qemu-storage-daemon (qemu-system-common): vhost-user rows skipped", file=sys.stderr)
     cold_ok = drop_caches()
     if not cold_ok:
         print("blk_throughput: cannot write /proc/sys/vm/drop_caches (not root): cold rows skipped", file=sys.stderr)
@@ -207,16 +247,16 @@ def run(args):
             if cold_ok:
                 drop_caches()
                 add("host cold", host_seq(image))
-                for name, zmq in modes:
+                for name, mode in modes:
                     drop_caches()
-                    r = guest(args, seq_only, image, zmq)
+                    r = guest(args, seq_only, image, mode)
                     add(f"guest cold {name}", r["seq_mbs"])
                     tsc.add(r["tsc_khz"])
             host_seq(image)                     # make sure the whole file is cached
             add("host warm", host_seq(image))
             add("host rand", host_rand(image))
-            for name, zmq in modes:
-                r = guest(args, full, image, zmq)
+            for name, mode in modes:
+                r = guest(args, full, image, mode)
                 add(f"guest warm {name}", r["seq_mbs"])
                 add(f"guest rand {name}", r["rand_iops"])
                 tsc.add(r["tsc_khz"])

@@ -60,6 +60,9 @@ class EventLoop:
         self._sockets[fd] = (sock, callback, during_pause)
         if during_pause or not self._parked:
             self._poll.register(fd, select.POLLIN)
+        # A new socket's first message may never make its fd readable (ZeroMQ signals the fd when a pipe turns
+        # readable, and a new pipe starts out so): the next turn must drain it before the loop sleeps in poll.
+        self._kick()
 
     def remove(self, fd_or_socket):
         """Stop watching an fd or socket (before closing it)."""
@@ -207,12 +210,14 @@ class EventLoop:
             if paused and not during_pause:
                 continue
             for _ in range(_SOCKET_BURST):
-                if self._stop or fd not in self._sockets:
+                if self._stop:
                     return False
+                if self._sockets.get(fd, (None,))[0] is not sock:
+                    break           # removed by a callback, maybe closed, and the fd number maybe another socket's
                 try:
                     if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
-                except zmq.ZMQError:            # closed under us by a callback
+                except zmq.ZMQError:            # closed under us by a callback that did not remove it
                     self.remove(fd)
                     break
                 self._call(callback)

@@ -105,7 +105,19 @@ def _check(value, tp, where):
         return float(value)
     if type(value) is not tp:    # exact: a bool is not an int here
         raise _wrong(where, tp.__name__, value)
+    if tp is str and not _utf8(value):
+        raise ProtocolError(f"{where}: text that is not UTF-8 (a lone surrogate)")
     return value
+
+
+def _utf8(text):
+    """Whether `text` can be sent as UTF-8: JSON (a guest.json, a snapshot's manifest) can carry lone surrogates
+    ("\\ud800") that msgpack cannot, and str.encode() then fails wherever the text is used."""
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _is_plain(value):

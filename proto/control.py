@@ -90,7 +90,8 @@ class SnapshotGuest(Message):
 
 @CONTROL
 class Migrate(Message):
-    """Move the guest to the supervisor of runtime dir `to` on this machine, its RAM handed over, not copied."""
+    """Move the guest to the supervisor of runtime dir `to` on this machine (reply: MigrateReply): its RAM handed
+    over, not copied; with copy, streamed while the guest runs (docs/migration.md)."""
     name: str
     to: str
     copy: bool = False
@@ -98,10 +99,73 @@ class Migrate(Message):
 
 @CONTROL
 class Immigrate(Message):
-    """Supervisor -> supervisor, on hvctl.sock with the guest's RAM memfd attached: continue the guest whose
-    hand-over state is in `dir` (inside the receiver's runtime dir); reply GuestInfo once its worker runs."""
+    """Supervisor -> supervisor, on hvctl.sock with the guest's RAM memfd attached: take the guest whose hand-over
+    state is in `dir` (inside the receiver's runtime dir).  Two-phase: the reply is Prepared once its worker holds
+    it; then Commit on the same connection runs it (paused: keeps it paused) and is answered with GuestInfo.  A
+    connection closed before Commit (or an Error reply) leaves nothing there and the guest never ran there.
+    After the memfd come the fds of its disk images (locked), one per device named in `images`."""
     dir: str
     paused: bool = False
+    images: list[str] = list
+
+
+@CONTROL
+class Prepared(Message):
+    """Supervisor -> supervisor: the guest handed over exists here, held; it runs only on Commit."""
+    name: str
+
+
+@CONTROL
+class Commit(Message):
+    """Supervisor -> supervisor, after Prepared: the source has let the guest go for good; run it."""
+    name: str
+
+
+@CONTROL
+class ReceiveGuest(Message):
+    """Supervisor -> supervisor (`migrate --copy`), on hvctl.sock: make ready to receive guest `config` over a
+    migration stream (proto/migration.py) and answer ReceiveReady; paused: it arrives paused.  With it come the
+    fds of its disk images (locked), one per device named in `images`: on this machine the locks go over with
+    the guest, as a hand-over's do."""
+    config: GuestConfig
+    paused: bool = False
+    images: list[str] = list
+
+
+@CONTROL
+class ReceiveReady(Message):
+    """Where the source's worker connects ("unix:PATH") and the token its Hello must carry."""
+    address: str
+    token: str
+
+
+@CONTROL
+class MigrateOut(Message):
+    """Supervisor -> worker (`migrate --copy`): stream the guest to the receiver at `address`, presenting `token`;
+    the reply (MigrateReply) comes once the outcome is known.  After "done" the guest stays held here until Stop
+    (or, if none comes, ends itself: "migrated to `to`")."""
+    name: str
+    address: str
+    token: str
+    to: str = ""
+
+
+@CONTROL
+class MigrateReply(Message):
+    """How a migration went.  outcome: "done", "failed" (the guest goes on here as it was: reason says why) or
+    "in-doubt" (the target may run it: held here, reason says why).  With copy: passes over RAM while the guest
+    ran, bytes of RAM sent (held_bytes of them while it was held), whether the last pass got small before the
+    round limit; downtime and seconds: how long the guest was held, and the whole migration took."""
+    outcome: str
+    copy: bool = False
+    to: str = ""
+    reason: str = ""
+    rounds: int = 0
+    bytes: int = 0
+    held_bytes: int = 0
+    converged: bool = True
+    downtime: float = 0.0
+    seconds: float = 0.0
 
 
 @CONTROL
@@ -153,8 +217,18 @@ class Info(Message):
 
 @CONTROL
 class Wait(Message):
-    """Reply (GuestInfo) deferred until the guest is stopped or failed."""
+    """Reply (GuestInfo) deferred until the guest is stopped or failed.  With `timeout` (seconds) the client
+    stops listening after that long, and the supervisor forgets the request then too."""
     name: str
+    timeout: float | None = None
+
+
+@CONTROL
+class StopSupervisor(Message):
+    """End the supervisor (reply: SupervisorStopping).  Refused while guests run unless `force` (they are
+    stopped) or `leave_guests` (they run on, for the next supervisor of the runtime dir to adopt)."""
+    force: bool = False
+    leave_guests: bool = False
 
 
 @CONTROL
@@ -174,6 +248,14 @@ class DeviceStatus(Message):
 class Pong(Message):
     pid: int
     runtime_dir: str
+
+
+@CONTROL
+class SupervisorStopping(Message):
+    """The supervisor ends once this is sent; `guests` were running (stopped by force, or left running)."""
+    pid: int
+    guests: list[str]
+    left_running: bool
 
 
 @CONTROL

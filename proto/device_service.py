@@ -167,14 +167,15 @@ class ServiceFds(Message):
     lifeline: int                    # read end of a pipe: EOF means the worker is gone
     notify: list[int]                # one per queue: the KVM ioeventfds
     irq: list[int]                   # one per MSI-X vector: the KVM irqfds
+    image: int | None = None         # a disk's image, opened and locked by whoever starts the service
 
     def all(self):
-        return [self.mem, self.lifeline, *self.notify, *self.irq]
+        return [self.mem, self.lifeline, *self.notify, *self.irq] + ([] if self.image is None else [self.image])
 
     def renumbered(self, fds):
         """The same roles over `fds`, where this message holds positions into that list."""
         return ServiceFds(fds[self.mem], fds[self.lifeline], [fds[i] for i in self.notify],
-                          [fds[i] for i in self.irq])
+                          [fds[i] for i in self.irq], None if self.image is None else fds[self.image])
 
     @classmethod
     def positions(cls, notify, irq):

@@ -77,6 +77,13 @@ class StateError(UserError):
     """Saved state (a snapshot, or what a restarted service is given) that does not fit the device it is for."""
 
 
+def state_bytes(value, what):
+    """`value` if saved state holds bytes there, else StateError (bytes(n) of an int would allocate n bytes)."""
+    if not isinstance(value, (bytes, bytearray)):
+        raise StateError(f"saved {what} is {type(value).__name__}, not bytes")
+    return bytes(value)
+
+
 class VmFailure(HvError):
     """The VM cannot be built or has failed: exit 70 with the reason."""
     kind = INTERNAL

@@ -6,6 +6,7 @@ Checks here need nothing but the config itself; the files it names and the
 device kinds' own options are checked by their owners (supervisor/config.py,
 devices/virtio/kinds.py).
 """
+import os
 import re
 
 from pyhv.proto.errors import UserError
@@ -35,6 +36,55 @@ class DeviceSpec(Message):
     options: dict[str, str] = dict
 
 
+@message
+class PluginRange(Message):
+    """A range a device plugin serves: I/O ports or guest-physical addresses [base, base + length)."""
+    base: int
+    length: int
+
+
+@message
+class PluginSpec(Message):
+    """A port/MMIO device plugin (`--device MODULE:CLASS[,KEY=VALUE...]`, docs/plugins.md) and what it declared.
+
+    The ranges and line are what the plugin's class declared when the config was made (it is loaded once,
+    in a process of its own, by supervisor/config.py): so a config's plugins are checked against the
+    platform and each other without running user code, and the worker refuses a plugin that declares
+    anything else when it starts.
+    """
+    module: str                      # a dotted module name, or the absolute path of a .py file
+    cls: str
+    options: dict[str, str] = dict   # CLASS(**options)
+    path: str | None = None          # put first on the plugin's sys.path: the cwd `hvctl` ran in, for a module name
+    pio: list[PluginRange] = list
+    mmio: list[PluginRange] = list
+    irq: int | None = None           # an IOAPIC line (GSI 0-23) the plugin pulses through an irqfd
+
+    @property
+    def what(self):
+        return f"--device {self.module}:{self.cls}"
+
+    def describe(self):
+        """'MODULE:CLASS pio 0x300+32 irq 5', as `hvctl info` shows it."""
+        return f"{self.module}:{self.cls} {declaration_text(self)}"
+
+
+def declaration_text(d):
+    """What a plugin declared (a PluginSpec or PluginHello): 'pio 0x300+32 mmio 0xd0000000+4096 irq 5'."""
+    parts = [f"{space} " + ",".join(f"0x{r.base:x}+{r.length}" for r in getattr(d, space))
+             for space in ("pio", "mmio") if getattr(d, space)]
+    return " ".join(parts + ([f"irq {d.irq}"] if d.irq is not None else []))
+
+
+MAX_PLUGINS = 16
+MAX_PLUGIN_RANGES = 16               # per space, per plugin
+MAX_PIO_END = 0x10000
+MAX_MMIO_END = 1 << 52               # the widest guest-physical address x86-64 has
+PLUGIN_IRQS = 24                     # IOAPIC pins
+_DOTTED_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
 GUEST = Channel("guest-config")     # a GuestConfig on its own: the worker's --config, guest.json
 
 
@@ -53,6 +103,9 @@ class GuestConfig(Message):
     pin: list[int] = list            # host CPUs; vCPU i runs on pin[i % len(pin)]; empty: unpinned
     compat: str = "nested"           # compatibility profile: "nested" (default) or "none"
     devices: list[DeviceSpec] = list  # virtio devices, in PCI slot order
+    plugins: list[PluginSpec] = list  # device plugins, each in a process of its own (devices/plugin/)
+    gdb: str | None = None           # "tcp:HOST:PORT": a GDB stub listens there; vCPUs wait for its client
+    trace: str | None = None         # --trace: absolute path of the exit trace the worker writes (proto/trace.py)
 
     def devices_of(self, kind):
         return [d for d in self.devices if d.kind == kind]
@@ -98,6 +151,18 @@ def parse_cpu_list(text):
     return cpus
 
 
+def parse_gdb(text):
+    """'tcp:127.0.0.1:1234' or 'tcp:[::1]:1234' -> (host, port), for --gdb."""
+    kind, _, rest = text.partition(":") if isinstance(text, str) else ("", "", "")
+    host, _, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if kind != "tcp" or not host or not port.isdigit() or not 1 <= int(port) <= 65535 \
+            or any(c in host for c in "[]/ ") or len(host) > 253:
+        raise UserError(f"--gdb: {text!r} is not tcp:HOST:PORT (e.g. tcp:127.0.0.1:1234, a port 1-65535)")
+    return host, int(port)
+
+
 def parse_mac(text):
     """'52:54:00:12:34:56' -> 6 bytes; UserError unless it is a unicast MAC address."""
     if not isinstance(text, str) or not MAC_RE.match(text):
@@ -106,6 +171,28 @@ def parse_mac(text):
     if mac[0] & 1:
         raise UserError(f"MAC address {text} is a multicast address (the first byte must be even)")
     return mac
+
+
+def parse_plugin(text, cwd):
+    """'MODULE:CLASS[,KEY=VALUE...]' (MODULE a dotted name or a .py path, relative to `cwd`) -> a PluginSpec."""
+    head, _, rest = text.partition(",")
+    module, colon, cls = head.rpartition(":")
+    if not colon or not module or not _IDENT_RE.match(cls):
+        raise UserError(f"--device: {text!r} is not MODULE:CLASS[,KEY=VALUE...] (e.g. mydev.py:Counter,base=0x300)")
+    options = {}
+    for item in rest.split(",") if rest else ():
+        key, eq, value = item.partition("=")
+        if not eq or not _IDENT_RE.match(key):
+            raise UserError(f"--device: option {item!r} is not KEY=VALUE with KEY a Python name")
+        if key in options:
+            raise UserError(f"--device: option {key!r} given twice")
+        options[key] = value
+    if module.endswith(".py") or "/" in module:
+        spec = PluginSpec(os.path.normpath(os.path.join(cwd, module)), cls, options)
+    else:
+        spec = PluginSpec(module, cls, options, path=cwd)
+    check_plugin_source(spec.module, spec.cls, spec.options, spec.path)
+    return spec
 
 
 def format_mac(mac):
@@ -132,5 +219,38 @@ def check(config):
         raise UserError(f"--timeout: {c.timeout:g} is not a number of seconds > 0 and <= {MAX_TIMEOUT} (24 days)")
     if len(c.cmdline.encode()) > MAX_CMDLINE:
         raise UserError(f"--cmdline: {len(c.cmdline.encode())} bytes is longer than Linux reads ({MAX_CMDLINE})")
+    if c.trace is not None and not c.trace.startswith("/"):
+        raise UserError(f"--trace: {c.trace!r} is not an absolute path")
     if c.compat not in COMPAT_PROFILES:
         raise UserError(f"--compat: {c.compat!r} is not one of {', '.join(COMPAT_PROFILES)}")
+    if len(c.plugins) > MAX_PLUGINS:
+        raise UserError(f"--device: {len(c.plugins)} plugins is more than {MAX_PLUGINS}")
+    for p in c.plugins:
+        check_plugin_source(p.module, p.cls, p.options, p.path)
+        check_plugin_ranges(p.what, p.pio, p.mmio, p.irq)
+    if c.gdb is not None:
+        parse_gdb(c.gdb)
+
+
+def check_plugin_source(module, cls, options, path):
+    """UserError unless a plugin's module, class, option names and search path have a usable shape."""
+    if not (os.path.isabs(module) if module.endswith(".py") else _DOTTED_RE.match(module)):
+        raise UserError(f"--device: {module!r} is neither a module name nor an absolute path to a .py file")
+    if not _IDENT_RE.match(cls) or not all(_IDENT_RE.match(k) for k in options):
+        raise UserError(f"--device {module}:{cls}: the class or one of its option names is not a Python name")
+    if path is not None and not os.path.isabs(path):
+        raise UserError(f"--device {module}:{cls}: plugin search path {path!r} is not absolute")
+
+
+def check_plugin_ranges(what, pio, mmio, irq):
+    """UserError unless a plugin's declared ranges and line are in bounds (overlaps are the platform's to check)."""
+    if not pio and not mmio:
+        raise UserError(f"{what}: declares no pio or mmio range, so the guest could never reach it")
+    for space, ranges, end in (("pio", pio, MAX_PIO_END), ("mmio", mmio, MAX_MMIO_END)):
+        if len(ranges) > MAX_PLUGIN_RANGES:
+            raise UserError(f"{what}: more than {MAX_PLUGIN_RANGES} {space} ranges")
+        for r in ranges:
+            if not (0 <= r.base and 0 < r.length and r.base + r.length <= end):
+                raise UserError(f"{what}: {space} range (0x{r.base:x}, {r.length}) is empty or beyond 0x{end:x}")
+    if irq is not None and not 0 <= irq < PLUGIN_IRQS:
+        raise UserError(f"{what}: irq {irq!r} is not a line 0-{PLUGIN_IRQS - 1}")

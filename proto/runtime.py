@@ -90,6 +90,11 @@ class RuntimeDir:
         self.services_sock = self.file("services.sock")
         self.guests = self.file("guests")
 
+    INCOMING = "incoming-"        # + guest name + "-" + random: a migration's files until the guest is here
+
+    def incoming_prefix(self, name):
+        return f"{self.INCOMING}{name}-"
+
     def file(self, leaf):
         return os.path.join(self.path, leaf)
 
@@ -129,7 +134,7 @@ class RuntimeDir:
         return self.file(f"switch-{name}.{ext}")
 
 
-def _alive(pid):
+def pid_alive(pid):
     """Is `pid` a live process (a zombie, killed but not yet reaped, is not)?"""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -141,6 +146,15 @@ def _alive(pid):
 def switch_endpoint(runtime_dir, name):
     """The ZeroMQ endpoint of switch NAME in `runtime_dir`."""
     return f"ipc://{os.path.join(os.path.abspath(runtime_dir), f'switch-{name}.sock')}"
+
+
+def check_switch_socket(runtime_dir, name):
+    """UserError unless switch NAME's socket in `runtime_dir` fits in a unix socket address (else nothing can
+    bind it: the NIC would never reach its switch)."""
+    path = switch_endpoint(runtime_dir, name)[len("ipc://"):]
+    if len(path) > UNIX_PATH_MAX:
+        raise UserError(f"--net: switch:{name}: its socket {path} is {len(path)} characters, more than a unix "
+                        f"socket allows ({UNIX_PATH_MAX}): use a shorter switch name or runtime dir")
 
 
 class GuestDir(_Dir):
@@ -191,7 +205,7 @@ class PrivateDir(_Dir):
                     continue
                 with open(os.path.join(path, "owner.pid")) as f:
                     pid = int(f.read())
-                if not _alive(pid):
+                if not pid_alive(pid):
                     shutil.rmtree(path, ignore_errors=True)
             except (OSError, ValueError):
                 continue               # not ours to judge: no pid file (an older run), or unreadable

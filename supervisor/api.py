@@ -33,8 +33,15 @@ from pyhv.proto.runtime import RuntimeDir, child_env, default_dir, python_module
 from pyhv.supervisor.config import build_config
 
 # keyword -> the kind whose option it is (disks=[...] for --disk, nets=[...] for --net, rng=True, ...)
-DEVICE_KEYWORDS = {"disks": "blk", "nets": "net", "rng": "rng", "vconsole": "console"}
+DEVICE_KEYWORDS = {"disks": "blk", "nets": "net", "rng": "rng", "vconsole": "console", "vhost_user": "vhost-user"}
 START_TIMEOUT = 15.0
+
+
+def _absolute_paths(config):
+    """`config` with its kernel and initrd paths made absolute from this process's directory."""
+    def absolute(path):
+        return os.path.abspath(path) if isinstance(path, str) else path     # (anything else: the supervisor says)
+    return config.replace(kernel=absolute(config.kernel), initrd=absolute(config.initrd))
 
 
 class Guest:
@@ -79,7 +86,7 @@ class Guest:
 
     def wait(self, timeout=None):
         """The guest's exit status once it has ended; NotResponding if it is still running after `timeout` s."""
-        return self.client.request(m.Wait(self.name), timeout=timeout).exit_status
+        return self.client.request(m.Wait(self.name, timeout=timeout), timeout=timeout).exit_status
 
     def logs(self):
         """Its console output so far (bytes)."""
@@ -170,7 +177,7 @@ class Client:
         for key, kind in DEVICE_KEYWORDS.items():
             if key in options:
                 devices[kind] = options.pop(key)
-        for kind in KINDS:
+        for kind in (k.name for k in KINDS.values() if k.own_option):
             if kind in options:
                 devices[kind] = options.pop(kind)
         for key in ("mem", "vcpus", "timeout", "load_addr"):
@@ -188,8 +195,12 @@ class Client:
         return self.create_many([self.config(name, kernel, **options)], start=start)[0]
 
     def create_many(self, configs, start=False, timeout=120.0):
-        """Create (and start) every GuestConfig, all requests in flight at once; their Guests, in order."""
+        """Create (and start) every GuestConfig, all requests in flight at once; their Guests, in order.
+
+        A relative kernel or initrd path is taken from this process's directory, as hvctl does: the supervisor
+        (and the guest's worker, in the guest's own dir) would not know what it was relative to."""
         deadline = time.monotonic() + timeout
+        configs = [_absolute_paths(c) for c in configs]
         ids = [self.send(m.Create(c)) for c in configs]
         for i in ids:
             self.receive(i, max(0.0, deadline - time.monotonic()))
@@ -215,7 +226,7 @@ class Client:
         if guests is None:
             guests = [Guest(self, g.name) for g in self.list() if g.state in ("running", "paused")]
         deadline = None if timeout is None else time.monotonic() + timeout
-        ids = {g.name: self.send(m.Wait(g.name)) for g in guests}
+        ids = {g.name: self.send(m.Wait(g.name, timeout=timeout)) for g in guests}
         out = {}
         for name, i in ids.items():
             try:

@@ -11,6 +11,7 @@
     count = 100
     vcpus = 2
     nets = ["switch:lab"]
+    trace = "traces/{name}.trace"   # optional: one exit trace per guest
 
 The options are hvctl run's, as the Python API takes them (supervisor/api.py:
 disks=[...], nets=[...], rng=true, vconsole=true).  Every guest is checked
@@ -21,7 +22,7 @@ import os
 
 from pyhv.proto.errors import UserError
 
-PATH_OPTIONS = ("kernel", "initrd")
+PATH_OPTIONS = ("kernel", "initrd", "trace")
 MAX_COUNT = 10000
 
 
@@ -60,7 +61,12 @@ def read(path):
         if "disks" in options and isinstance(options["disks"], list):
             options["disks"] = [os.path.join(base, d) if isinstance(d, str) else d for d in options["disks"]]
         names = [name] if count is None else [f"{name}-{k}" for k in range(count)]
-        out += [(n, dict(options)) for n in names]
+        trace = options.get("trace")
+        if isinstance(trace, str) and len(names) > 1 and "{name}" not in trace:
+            raise UserError(f"{path}: guest {name}: {count} guests cannot share one trace file: put {{name}} in "
+                            f"its name (trace = \"traces/{{name}}.trace\")")
+        out += [(n, {**options, "trace": trace.replace("{name}", n)} if isinstance(trace, str) else dict(options))
+                for n in names]
     return out
 
 

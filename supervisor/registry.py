@@ -2,8 +2,9 @@
 
 States: created -> running <-> paused -> stopped | failed (and back to running
 on start).  Each guest's record is saved to its guest.json on every change,
-so a restarted supervisor still lists the guests it had; a guest that was
-running then is marked failed (its worker died with the supervisor).
+with the identity of its worker while one runs (supervisor/procs.py), so a
+restarted supervisor still lists the guests it had and finds the workers of
+those still running: the registry hands each live record to `adopt`.
 """
 import json
 import os
@@ -11,12 +12,13 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
+from pyhv.devices.virtio import kinds
 from pyhv.proto import codec
 from pyhv.proto.control import GuestInfo
 from pyhv.proto.errors import BadState, EXIT_VM_FAILED, HostError, HvError, NoSuchGuest, UserError
 from pyhv.proto.guest import GuestConfig
 from pyhv.proto.messages import to_plain
-from pyhv.proto.runtime import UNIX_PATH_MAX
+from pyhv.proto.runtime import UNIX_PATH_MAX, check_switch_socket
 
 
 @dataclass
@@ -26,14 +28,16 @@ class Guest:
     state: str = "created"
     exit_status: int | None = None
     reason: str = ""
-    proc: object = None               # spawn.WorkerProcess while a worker runs (pid, poll, kill, wait)
+    proc: object = None               # spawn.WorkerProcess or procs.Adopted while a worker runs (pid, poll, kill...)
     starting: bool = False            # a Start is waiting for the zygote's answer
     mem_fd: int | None = None
     migrated_to: str | None = None    # set once the guest runs under another supervisor: its worker ends here
+    moving: object = None             # a migration in flight, out or in (supervisor/migration.py)
+    arriving: bool = False            # migrated here, not yet committed: saved, so no successor adopts it
     restore: tuple | None = None      # (snapshot dir, paused) for the next worker only: its RAM is in mem_fd already
     stop_reason: str | None = None    # set by stop/shutdown: a worker exit then means "stopped", not "failed"
     kill_at: float | None = None      # monotonic time at which the worker gets SIGKILL
-    waiters: list = field(default_factory=list)   # replies deferred until the guest ends: envelopes, or (envelope, reply)
+    waiters: list = field(default_factory=list)   # requests answered when the guest ends (server._Waiter)
     on_change: object = None          # on_change(guest, kind): the registry's listener (events)
 
     @property
@@ -70,7 +74,9 @@ class Guest:
     def save(self):
         """Write guest.json (atomically); HostError if the host refuses (ENOSPC...), the old record kept."""
         record = {"config": to_plain(self.config), "state": self.state,
-                  "exit_status": self.exit_status, "reason": self.reason}
+                  "exit_status": self.exit_status, "reason": self.reason,
+                  "worker": self.proc.identity if self.proc is not None else None,
+                  **({"arriving": True} if self.arriving else {})}
         tmp = self.files.record + ".tmp"
         try:
             with open(tmp, "w") as f:
@@ -103,12 +109,15 @@ def _config_from_record(plain):
 
 
 class Registry:
-    def __init__(self, runtime, on_change=None):
-        """`on_change(guest, kind)` hears of every guest created, changing state or destroyed."""
+    def __init__(self, runtime, on_change=None, adopt=None):
+        """`on_change(guest, kind)` hears of every guest created, changing state or destroyed; `adopt(guest,
+        worker)` gets each guest whose record says it runs, with its worker's recorded identity (or None)."""
         self.runtime = runtime             # proto.runtime.RuntimeDir
         self.on_change = on_change
+        self.adopt = adopt
         os.makedirs(runtime.guests, exist_ok=True)
         self.guests = {}
+        self.reserved = set()              # names of guests being migrated here, not yet added
         for name in sorted(os.listdir(runtime.guests)):
             self._load(name)
 
@@ -124,7 +133,10 @@ class Registry:
             return
         self.guests[g.name] = g
         g.on_change = self._changed
-        if g.live:
+        g.arriving = record.get("arriving") is True
+        if g.live and self.adopt is not None:
+            self.adopt(g, record.get("worker"))
+        elif g.live:
             g.set_state("failed", EXIT_VM_FAILED, "the supervisor exited while the guest was running")
 
     def __iter__(self):
@@ -139,9 +151,13 @@ class Registry:
     def add(self, config):
         if config.name in self.guests:
             raise BadState(f"guest {config.name} already exists (destroy it first)")
+        if config.name in self.reserved:
+            raise BadState(f"guest {config.name} is being migrated here")
         files = self.runtime.guest(config.name)
         if len(files.longest_socket()) > UNIX_PATH_MAX:
             raise UserError(f"runtime dir path is too long for unix sockets: {self.runtime.path}")
+        for switch in kinds.switches(config.devices):
+            check_switch_socket(self.runtime.path, switch)
         shutil.rmtree(files.path, ignore_errors=True)
         g = Guest(config, files, on_change=self._changed)
         try:

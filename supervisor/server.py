@@ -3,17 +3,21 @@
 One thread, one EventLoop: requests from hvctl, the zygote's answers (a
 Start is answered once its worker exists, so a burst of Starts is served
 while the zygote forks), workers' device-service requests, and a TICK timer
-that polls the workers (waitpid by pid: they are our children, forked by the
-zygote or spawned directly, see spawn.py) so a worker's exit is noticed
-within TICK seconds.  Requests are validated on receipt; bad input gets an
-Error reply and never stops the loop.  `wait` and `stop` replies are
-deferred until the guest ends; any request other than Create, Start and Ping
-first waits for the starts in flight, so it sees every earlier Start done.
-Pause/resume/stop/stats are forwarded to the guest's worker with a timeout.
+that polls the workers (waitpid by pid for our children, forked by the
+zygote or spawned directly, see spawn.py; a pidfd for the workers adopted
+from an earlier supervisor, see procs.py) so a worker's exit is noticed
+within TICK seconds.  Guests outlive the supervisor: a new one on the same
+runtime dir adopts the workers and switches it finds running; SIGTERM and
+StopSupervisor(force) stop the guests with it, StopSupervisor(leave_guests)
+or a crash leave them running for the next one.  Requests are validated on
+receipt; bad input gets an Error reply and never stops the loop.  `wait` and
+`stop` replies are deferred until the guest ends; any request other than
+Create, Start and Ping first waits for the starts in flight, so it sees
+every earlier Start done.  Pause/resume/stop/stats are forwarded to the
+guest's worker with a timeout.
 """
 import fcntl
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -25,12 +29,12 @@ import zmq
 
 from pyhv.devices.loop import EventLoop
 from pyhv.devices.virtio import kinds
-from pyhv.proto import codec, control as m
+from pyhv.proto import codec, control as m, sandbox
 from pyhv.proto.errors import (EXIT_STOPPED, BadState, HostError, HvError, InternalError, PeerFailed, ProtocolError,
                                UserError, from_wire)
 from pyhv.proto.messages import Error, Ok
 from pyhv.proto.runtime import UNIX_PATH_MAX, RuntimeDir
-from pyhv.supervisor import spawn
+from pyhv.supervisor import migration, procs, spawn
 from pyhv.supervisor.config import validate
 from pyhv.supervisor.registry import Registry
 from pyhv.supervisor.services import ServiceLauncher
@@ -39,10 +43,14 @@ from pyhv.supervisor.switches import Switches
 
 TICK = 0.05             # seconds between worker polls
 WORKER_TIMEOUT = 2.0    # a worker that does not answer a request within this is "not responding"
-MIGRATE_TIMEOUT = 60.0    # for the target to start the guest it was handed
+WORKER_RECONNECT_MS = 5  # ZeroMQ's retry of a connect to a worker socket not bound yet (its default: 100 ms)
 SNAPSHOT_TIMEOUT = 600.0  # a snapshot writes the guest's RAM and disks: seconds per GiB on a slow disk
 STOP_GRACE = 3.0        # seconds a worker gets to exit after Stop before SIGKILL
 SWITCH_WATCH = 0.5      # seconds between checks of the net switch processes
+MAX_REQUEST_FDS = 16    # with a request on hvctl.sock: an Immigrate's memfd and its disk images
+
+
+WAIT_GRACE = 1.0        # a Wait with a timeout is forgotten this long after its client stopped listening
 
 
 class AlreadyRunning(HvError):
@@ -57,22 +65,25 @@ class Server:
             raise UserError(f"runtime dir path is too long for unix sockets: {self.dir}")
         self.runtime.make_private()
         self._lock = self._take_lock()
-        self.registry = Registry(self.runtime, on_change=self._publish)
+        migration.sweep(self.runtime)
         self.subscribers = []               # hvctl.sock connections that asked for Events
         self._open_calls = set()            # DEALER sockets of worker requests still waiting for a reply
+        self._leave_guests = False          # set by StopSupervisor(leave_guests): the shutdown detaches
         self.ctx = zmq.Context()
         self.spawner = spawn.Spawner()
         self.switches = Switches(self.runtime)
         self._next_switch_watch = 0.0
         self.loop = EventLoop("supervisor")
+        self.registry = Registry(self.runtime, on_change=self._publish, adopt=self._adopt)
+        migration.forget_abandoned(self.registry)
         self._zygote_fd = None
         self._fds = []                      # fds that came with the request being handled
         self.handlers = {m.Ping: self.ping, m.Create: self.create, m.Start: self.start,
                          m.Stop: self.stop, m.Pause: self.pause, m.Resume: self.resume, m.CtrlAltDel: self.shutdown,
                          m.Events: self.events, m.SnapshotGuest: self.snapshot, m.RestoreGuest: self.restore,
-                         m.Migrate: self.migrate, m.Immigrate: self.immigrate,
+                         m.Migrate: self.migrate, m.Immigrate: self.immigrate, m.ReceiveGuest: self.receive,
                          m.Destroy: self.destroy, m.List: self.list, m.Info: self.info,
-                         m.Wait: self.wait, m.Stats: self.stats}
+                         m.Wait: self.wait, m.Stats: self.stats, m.StopSupervisor: self.stop_supervisor}
 
     def _take_lock(self):
         """One supervisor per runtime dir: an flock held for our lifetime (pid inside)."""
@@ -86,6 +97,24 @@ class Server:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd
+
+    def _adopt(self, g, recorded):
+        """A guest whose record says it runs (called by the registry as it loads): its worker, started by an
+        earlier supervisor, is adopted if it still runs (the very process `recorded` names: procs.Adopted.find),
+        with a new fd on its RAM; else the guest gets the outcome its worker left in result.json, or fails.
+        A guest that was migrating here is not adopted (supervisor/migration.py abandon)."""
+        if g.arriving:
+            return migration.abandon(g, recorded)
+        proc = procs.Adopted.find(recorded, lambda pid: procs.is_worker(pid, g.name))
+        if proc is None:
+            g.set_state(*spawn.read_outcome(g, None))
+            print(f"supervisor: guest {g.name} ended while no supervisor was running: {g.state} "
+                  f"({g.exit_status}, {g.reason})", file=sys.stderr, flush=True)
+            return
+        g.proc = proc
+        g.mem_fd = procs.guest_memory(proc, g.config.mem_bytes)
+        print(f"supervisor: adopted guest {g.name} ({g.state}, worker pid {proc.pid})"
+              + ("" if g.mem_fd is not None else "; its RAM memfd could not be opened"), file=sys.stderr, flush=True)
 
     # --- the loop ----------------------------------------------------------
 
@@ -116,9 +145,13 @@ class Server:
         self.loop.add(self.services.fileno(), self.services.serve)
         self.loop.every(TICK, self._watch)
         self._sync_zygote()
+        sandbox.apply("supervisor")     # the union of every role's calls: they are all its descendants
         print(f"supervisor: pid {os.getpid()} serving {self.runtime.control_endpoint}", file=sys.stderr, flush=True)
         try:
             self.loop.run()
+        except BaseException:
+            self._leave_guests = True       # a crash is no decision to end the guests: the next supervisor adopts them
+            raise
         finally:
             self._shutdown()
 
@@ -171,7 +204,7 @@ class Server:
     def _on_seq(self, conn):
         self.loop.remove(conn)
         try:
-            data, fds, _, _ = socket.recv_fds(conn, codec.MAX_MESSAGE_BYTES + 1, 1)
+            data, fds, _, _ = socket.recv_fds(conn, codec.MAX_MESSAGE_BYTES + 1, MAX_REQUEST_FDS)
         except OSError:
             data, fds = b"", []
         if not data:
@@ -205,7 +238,11 @@ class Server:
             self._reply(envelope, reply)
 
     def _reply(self, envelope, msg):
-        """To a ZeroMQ peer (envelope frames) or an hvctl connection (a socket, closed after the reply)."""
+        """To a ZeroMQ peer (envelope frames), an hvctl connection (a socket, closed after the reply), or a
+        function of ours (a migration's next step)."""
+        if callable(envelope):
+            envelope(msg)
+            return
         data = codec.encode(msg, m.CONTROL)
         if isinstance(envelope, socket.socket):
             try:
@@ -270,18 +307,58 @@ class Server:
 
     def _finished(self, g, returncode):
         if g.migrated_to is not None:       # its worker was stopped once the guest ran on elsewhere
-            g.set_state("stopped", EXIT_STOPPED, f"migrated to {g.migrated_to}")
+            outcome = ("stopped", EXIT_STOPPED, f"migrated to {g.migrated_to}")
             g.migrated_to = None
         else:
-            g.set_state(*spawn.read_outcome(g, returncode))
-        g.proc, g.kill_at, g.stop_reason = None, None, None
+            outcome = spawn.read_outcome(g, returncode)
+        proc, g.proc, g.kill_at, g.stop_reason = g.proc, None, None, None
+        proc.close()
+        g.set_state(*outcome)               # (saved without the worker's identity: it has gone)
         self.services.guest_ended(g.name)
         spawn.release_memory(g)
         info = g.info()
-        for waiter in g.waiters:            # an envelope (answered with the record), or (envelope, reply)
-            envelope, reply = waiter if isinstance(waiter, tuple) else (waiter, info)
-            self._reply(envelope, reply)
-        g.waiters.clear()
+        for waiter in list(g.waiters):
+            self._answer(g, waiter, info)
+        migration.worker_ended(g)
+
+    def _defer(self, g, envelope, reply=None, timeout=None):
+        """Answer `envelope` once guest g has ended: with `reply`, or g's record then.  A client that goes away
+        first is forgotten at once (an hvctl.sock connection that closes), or `timeout` s after it stopped
+        listening (a ZeroMQ client, which cannot be seen going): requests nobody waits for must not pile up."""
+        waiter = _Waiter(envelope, reply)
+        g.waiters.append(waiter)
+        if isinstance(envelope, socket.socket):      # it sends nothing more: readable means closed
+            self.loop.add(envelope, lambda: self._answer(g, waiter, None))
+        if timeout is not None:
+            waiter.timer = self.loop.call_at(time.monotonic() + timeout + WAIT_GRACE,
+                                             lambda: self._answer(g, waiter, None))
+        return None
+
+    def _answer(self, g, waiter, default):
+        """Reply to a deferred request (waiter.reply, else `default`; None: forget it without a reply)."""
+        if waiter not in g.waiters:
+            return
+        g.waiters.remove(waiter)
+        if waiter.timer is not None:
+            self.loop.cancel(waiter.timer)
+        if isinstance(waiter.envelope, socket.socket):
+            self.loop.remove(waiter.envelope)
+        reply = waiter.reply if waiter.reply is not None else default
+        if reply is not None:
+            self._reply(waiter.envelope, reply)
+        elif isinstance(waiter.envelope, socket.socket):
+            waiter.envelope.close()
+
+    def _leave(self, g):
+        """Detach from a running guest as we exit: its record keeps the worker's identity for our successor."""
+        error = Error.of(PeerFailed(f"the supervisor of {self.dir} stopped and left guest {g.name} running: "
+                                    f"ask the next supervisor there"))
+        for waiter in list(g.waiters):   # they wait for its end, which this supervisor will not see
+            waiter.reply = None
+            self._answer(g, waiter, error)
+        g.proc.close()
+        spawn.release_memory(g)         # the worker holds its own fd on the RAM
+        print(f"supervisor: left guest {g.name} {g.state} (worker pid {g.proc.pid})", file=sys.stderr, flush=True)
 
     def _kill_now(self, g, reason):
         g.stop_reason = reason
@@ -289,16 +366,23 @@ class Server:
         self._finished(g, g.proc.wait())
 
     def _shutdown(self):
+        """Stop every guest with us, or (StopSupervisor(leave_guests)) leave them running for the next supervisor:
+        their workers, device services and switches go on; a new supervisor adopts them."""
         self.spawner.drain()
         live = [g for g in self.registry if g.proc is not None]
-        for g in live:                  # all signals first, then reap: no worker waits for another's turn
-            g.stop_reason = "stopped: the supervisor shut down"
-            g.proc.kill()
-        for g in live:
-            self._finished(g, g.proc.wait())
+        if self._leave_guests:
+            for g in live:
+                self._leave(g)
+        else:
+            for g in live:              # all signals first, then reap: no worker waits for another's turn
+                g.stop_reason = "stopped: the supervisor shut down"
+                g.proc.kill()
+            for g in live:
+                self._finished(g, g.proc.wait())
         self.spawner.close()
-        self.services.close()
-        self.switches.close()
+        self.services.close(kill=not self._leave_guests)
+        self.switches.close(keep={s for g in live for s in kinds.switches(g.config.devices)}
+                            if self._leave_guests else ())
         self.sock.close()
         self.seq.close()
         for path in (self.runtime.control_sock, self.runtime.hvctl_sock):
@@ -314,16 +398,18 @@ class Server:
 
     # --- requests ------------------------------------------------------------
 
-    def _worker(self, g, msg, expect, envelope, then, timeout=WORKER_TIMEOUT):
+    def _worker(self, g, msg, expect, envelope, then, timeout=WORKER_TIMEOUT, on_open=None):
         """Forward `msg` to the guest's worker without blocking the loop (a hung worker must not hold up
         other clients).  When its reply of type `expect` arrives, `then(reply)` makes the answer to
         `envelope` (None: answered elsewhere); an HvError in its place (the worker's error, no answer
-        within WORKER_TIMEOUT, a bad reply) is passed to `then` instead."""
+        within WORKER_TIMEOUT, a bad reply) is passed to `then` instead.  `on_open(finish)`: finish(HvError)
+        ends the request early (its worker has gone)."""
         if g.proc is None or g.proc.poll() is not None:
             raise BadState(f"guest {g.name} is not running (state {g.state})")
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.RECONNECT_IVL, WORKER_RECONNECT_MS)     # a worker still starting binds any moment
         sock.connect(g.files.worker_endpoint)
         sock.send_multipart([b"", codec.encode(msg, m.CONTROL)])
         call = {}
@@ -365,20 +451,41 @@ class Server:
         call["timer"] = self.loop.call_at(time.monotonic() + timeout,
                                           lambda: finish(PeerFailed(f"guest {g.name}: worker not responding")))
         self.loop.add_socket(sock, on_reply)
+        if on_open is not None:
+            on_open(finish)
         return None
 
     def _need_state(self, g, *states):
+        self._not_moving(g)
         if g.state not in states:
             raise BadState(f"guest {g.name} is {g.state}, not {' or '.join(states)}")
+
+    def _not_moving(self, g):
+        if g.moving is not None:
+            raise BadState(f"guest {g.name} is being migrated: wait for that to finish")
 
     def ping(self, msg, envelope):
         return m.Pong(os.getpid(), self.dir)
 
+    def stop_supervisor(self, msg, envelope):
+        """End this supervisor once the reply is sent: its guests are stopped with it (force), or left running for
+        the next supervisor of the runtime dir to adopt (leave_guests); with neither, refused while any runs."""
+        if msg.force and msg.leave_guests:
+            raise UserError("--force stops the guests, --leave-guests leaves them running: give one of them")
+        live = [g.name for g in self.registry if g.proc is not None]     # (starts in flight are finished)
+        if live and not (msg.force or msg.leave_guests):
+            raise BadState(f"{len(live)} guest(s) still running ({', '.join(live[:5])}): stop them first, or "
+                           f"`hvctl supervisor --stop --force` to stop them with it, or --leave-guests to leave "
+                           f"them running for the next supervisor")
+        self._leave_guests = msg.leave_guests
+        self.loop.stop()
+        return m.SupervisorStopping(os.getpid(), live, msg.leave_guests)
+
     def create(self, msg, envelope):
         validate(msg.config)
         g = self.registry.add(msg.config)
-        if msg.start:
-            return self.start(m.Start(g.name), envelope)      # the reply comes when the worker is there
+        if msg.start:                   # the reply comes when the worker is there; a refused start leaves nothing
+            return self._forget_on_failure(g, lambda: self.start(m.Start(g.name), envelope))
         return g.info()
 
     def start(self, msg, envelope):
@@ -390,23 +497,30 @@ class Server:
         return self._launch(g, envelope)
 
     def _launch(self, g, envelope):
-        """Start g's worker (switches first); the reply goes to `envelope` once it exists."""
+        """Start g's worker (its disk images locked and switches started first); the reply goes to `envelope` once
+        it exists."""
         def done(error):
             g.starting = False
             paused = g.restore is not None and g.restore[1]
             g.restore = None            # a later start boots afresh
             if error is not None:
                 spawn.release_memory(g)
+                self.services.release_images(g.name)
                 self._reply(envelope, Error.of(InternalError(f"cannot start guest {g.name}: {error}")))
                 return
             g.set_state("paused" if paused else "running")
             self._reply(envelope, g.info())
 
-        for name in kinds.switches(g.config.devices):
-            try:
-                self.switches.ensure(name)
-            except OSError as e:
-                raise InternalError(f"cannot start switch {name} for guest {g.name}: {e}") from None
+        self.services.open_images(g)    # UserError if another guest holds one: nothing has run
+        try:
+            for name in kinds.switches(g.config.devices):
+                try:
+                    self.switches.ensure(name)
+                except OSError as e:
+                    raise InternalError(f"cannot start switch {name} for guest {g.name}: {e}") from None
+        except BaseException:
+            self.services.release_images(g.name)
+            raise
         g.starting = True
         self.spawner.start_worker(g, done)      # done() now (direct spawn) or when the zygote answers
         self._sync_zygote()
@@ -417,6 +531,7 @@ class Server:
         from pyhv.proto.snapshot import check_target
         g = self.registry.get(msg.name)
         self._need_state(g, "running", "paused")
+        kinds.check_snapshottable(g.config.devices, g.name)
         if not os.path.isabs(msg.dir):
             raise UserError(f"snapshot directory {msg.dir!r} is not an absolute path")
         check_target(msg.dir)
@@ -432,9 +547,8 @@ class Server:
             g.stop_reason = None
             raise reply
         if stop and g.proc is not None:
-            g.waiters.append((envelope, reply))
             g.kill_at = time.monotonic() + STOP_GRACE
-            return None
+            return self._defer(g, envelope, reply)
         return reply
 
     def restore(self, msg, envelope):
@@ -479,85 +593,13 @@ class Server:
             return start()
         except BaseException:
             spawn.release_memory(g)
+            self.services.release_images(g.name)
             self.registry.remove(g, keep_logs=False)
             raise
 
     def migrate(self, msg, envelope):
-        """Hand a running (or paused) guest to the supervisor of msg.to on this machine, RAM not copied.
-
-        The worker holds the guest and writes its state (not its RAM) into a dir inside the target's runtime dir;
-        the target gets that and the memfd itself (SCM_RIGHTS on its hvctl.sock) and starts the guest from it.
-        Only once the target's worker runs is ours stopped; if anything fails before, ours resumes (or stays
-        paused) as if nothing happened.
-        """
-        import tempfile
-        g = self.registry.get(msg.name)
-        self._need_state(g, "running", "paused")
-        if msg.copy:
-            raise UserError("migrate --copy (RAM streamed while the guest runs) is not implemented yet; without "
-                            "--copy the guest moves to a supervisor on this machine and its RAM is not copied")
-        target = RuntimeDir(os.path.abspath(msg.to))
-        if os.path.realpath(target.path) == os.path.realpath(self.dir):
-            raise UserError(f"--to: {msg.to} is this supervisor's own runtime dir")
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            conn.connect(target.hvctl_sock)
-            incoming = tempfile.mkdtemp(prefix=f"incoming-{g.name}-", dir=target.path)
-        except OSError as e:
-            conn.close()
-            raise PeerFailed(f"--to: no supervisor is serving {msg.to} ({e.strerror}); start one with "
-                            f"`hvctl --runtime-dir {msg.to} supervisor --detach`") from None
-        was_paused = g.state == "paused"
-        move = _Migration(g, target.path, conn, incoming, was_paused)
-
-        def held(reply):
-            if isinstance(reply, HvError):
-                move.close(self.loop)
-                raise reply
-            try:
-                socket.send_fds(conn, [codec.encode(m.Immigrate(os.path.join(incoming, "state"), was_paused),
-                                                    m.CONTROL)], [g.mem_fd])
-            except OSError as e:
-                return self._migration_failed(move, envelope, f"cannot hand it over: {e.strerror}")
-            move.timer = self.loop.call_at(time.monotonic() + MIGRATE_TIMEOUT,
-                                           lambda: self._migration_failed(move, envelope, "no answer in time"))
-            self.loop.add(conn, lambda: self._migration_answered(move, envelope))
-            move.watched = self.loop
-            return None
-        return self._worker(g, m.SnapshotGuest(g.name, os.path.join(incoming, "state"), handover=True),
-                            m.SnapshotReply, envelope, held, timeout=SNAPSHOT_TIMEOUT)
-
-    def _migration_answered(self, move, envelope):
-        try:
-            reply = codec.decode(move.conn.recv(codec.MAX_MESSAGE_BYTES + 1), m.CONTROL)
-        except (OSError, ProtocolError) as e:
-            return self._migration_failed(move, envelope, f"bad answer: {e}")
-        if not isinstance(reply, m.GuestInfo):
-            why = reply.message if isinstance(reply, Error) else f"unexpected {reply.TYPE}"
-            return self._migration_failed(move, envelope, why)
-        if not move.close(self.loop):
-            return
-        g = move.guest
-        g.migrated_to = move.to             # the guest runs there now: ours ends without its own outcome
-
-        def stopped(r):                     # answered once our worker has gone: the guest is `stopped` here then
-            if g.proc is None:
-                return reply
-            g.kill_at = time.monotonic() + (0.0 if isinstance(r, HvError) else STOP_GRACE)
-            g.waiters.append((envelope, reply))
-            return None
-        self._worker_or(g, m.Stop(g.name), envelope, stopped)
-
-    def _migration_failed(self, move, envelope, why):
-        """The target did not take the guest: ours goes on as it was."""
-        if not move.close(self.loop):
-            return
-        g = move.guest
-        error = PeerFailed(f"migration of {g.name} to {move.to} failed: {why}; "
-                           f"it {'stays paused' if move.was_paused else 'runs on'} here")
-        if move.was_paused:
-            return self._reply(envelope, Error.of(error))
-        self._worker_or(g, m.Resume(g.name), envelope, lambda r: Error.of(error))
+        """Move a guest to the supervisor of another runtime dir (supervisor/migration.py)."""
+        return migration.migrate(self, msg, envelope)
 
     def _worker_or(self, g, msg, envelope, then):
         """`_worker` (expecting Ok) from a loop callback: a worker that has just gone is `then`'s HvError too."""
@@ -567,42 +609,27 @@ class Server:
             self._reply(envelope, then(e))
 
     def immigrate(self, msg, envelope):
-        """A guest handed over by another supervisor (`migrate`): its RAM is the fd that came with the request."""
-        from pyhv.proto.snapshot import Snapshot
-        if len(self._fds) != 1:
-            raise ProtocolError("Immigrate comes on hvctl.sock with one fd: the guest's RAM memfd")
-        if os.path.dirname(os.path.dirname(os.path.realpath(msg.dir))) != os.path.realpath(self.dir):
-            raise UserError(f"a hand-over is taken only from inside {self.dir}, not {msg.dir}")
-        snap = Snapshot(msg.dir, handover=True)
-        config = snap.config
-        if config.name in {g.name for g in self.registry}:
-            raise BadState(f"guest {config.name} already exists under {self.dir}")
-        if os.fstat(self._fds[0]).st_size != config.mem_bytes:
-            raise UserError(f"the RAM handed over is not the {config.mem_bytes >> 20} MiB guest {config.name} has")
-        validate(config, boot_files=False)
-        g = self.registry.add(config)
-        g.mem_fd = self._fds.pop()
+        """A guest handed over by another supervisor, its RAM the fd that came with the request."""
+        return migration.immigrate(self, msg, envelope)
 
-        def start():
-            state = g.files.file("handover")
-            shutil.move(snap.path, state)           # ours now, beside the guest's other files
-            g.restore = (state, msg.paused)
-            return self._launch(g, envelope)
-        return self._forget_on_failure(g, start)
+    def receive(self, msg, envelope):
+        """Get ready for a guest another supervisor streams here (`migrate --copy`)."""
+        return migration.receive(self, msg, envelope)
 
     def stop(self, msg, envelope):
         g = self.registry.get(msg.name)
+        self._not_moving(g)
         if g.state == "created":
             raise BadState(f"guest {g.name} has not been started")
         if g.proc is None:
             return g.info()             # already ended: nothing to do (as docker stop)
         g.stop_reason = "stopped by request"
-        g.waiters.append(envelope)      # answered when the worker has gone
 
         def sent(reply):
             if g.proc is not None:      # a hung worker is killed on the next tick
                 g.kill_at = time.monotonic() + (0.0 if isinstance(reply, HvError) else STOP_GRACE)
-        return self._worker(g, m.Stop(g.name), Ok, envelope, sent)
+        self._worker(g, m.Stop(g.name), Ok, envelope, sent)
+        return self._defer(g, envelope)     # answered when the worker has gone
 
     def shutdown(self, msg, envelope):
         g = self.registry.get(msg.name)
@@ -628,6 +655,7 @@ class Server:
 
     def destroy(self, msg, envelope):
         g = self.registry.get(msg.name)
+        self._not_moving(g)
         if g.proc is not None:              # (starts in flight were finished before this request)
             if not msg.force:
                 raise BadState(f"guest {g.name} is {g.state}: stop it first, or destroy it with --force")
@@ -666,8 +694,9 @@ class Server:
             raise BadState(f"guest {g.name} has not been started")
         if g.proc is None:
             return g.info()
-        g.waiters.append(envelope)
-        return None
+        if msg.timeout is not None and not msg.timeout >= 0:
+            raise UserError(f"wait: timeout {msg.timeout} is not a number of seconds >= 0")
+        return self._defer(g, envelope, timeout=None if msg.timeout == float("inf") else msg.timeout)
 
     def stats(self, msg, envelope):
         """The worker's counters, then its devices' pids (a second request), then every process's CPU/memory."""
@@ -687,28 +716,12 @@ class Server:
         return self._worker(g, m.Stats(g.name), m.StatsReply, envelope, counted)
 
 
-class _Migration:
-    """One migration in flight from this supervisor: the guest, where it goes, the connection to its supervisor."""
+class _Waiter:
+    """A request answered when its guest ends (wait, stop, snapshot --stop, a migration's source)."""
+    __slots__ = ("envelope", "reply", "timer")
 
-    def __init__(self, guest, to, conn, incoming, was_paused):
-        self.guest, self.to, self.conn, self.incoming, self.was_paused = guest, to, conn, incoming, was_paused
-        self.timer = None
-        self.watched = None             # the loop the connection is watched in, until the answer
-        self.done = False
-
-    def close(self, loop=None):
-        """Once: stop watching, close the connection, remove our dir (the target moved the state out if it took it).
-        False if it was closed already (the answer and the timeout race)."""
-        if self.done:
-            return False
-        self.done = True
-        if self.watched is not None:
-            self.watched.remove(self.conn)
-        if self.timer is not None and loop is not None:
-            loop.cancel(self.timer)
-        self.conn.close()
-        shutil.rmtree(self.incoming, ignore_errors=True)
-        return True
+    def __init__(self, envelope, reply):
+        self.envelope, self.reply, self.timer = envelope, reply, None
 
 
 def _moved_nics(config, ports):

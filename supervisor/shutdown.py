@@ -19,7 +19,7 @@ def shutdown(request, name, timeout=DEFAULT_TIMEOUT, force=False):
                            f"it up a while into its boot; never: a raw guest): `hvctl stop {name}` ends it")
         return request(m.Stop(name), 30.0).exit_status
     try:
-        return request(m.Wait(name), timeout).exit_status
+        return request(m.Wait(name, timeout=timeout), timeout).exit_status
     except NotResponding:
         if not force:
             return EXIT_TIMEOUT

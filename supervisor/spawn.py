@@ -8,14 +8,19 @@ append-only console log, its stderr the worker log.
 Workers normally come from the zygote (supervisor/zygote.py): a pre-imported
 fork server, so a worker costs a fork instead of a fresh interpreter.  The
 zygote double-forks and the supervisor is a child subreaper, so every worker
-is the supervisor's child either way and is watched by pid (WorkerProcess),
-and dies with it (PR_SET_PDEATHSIG, set by the worker once re-parented; the
-supervisor also kills its workers when it shuts down).  Asking the zygote is
-asynchronous: the supervisor goes on serving while the zygote forks, up to
-MAX_IN_FLIGHT starts at once, and finishes each start when the answer comes.
-If the zygote is dead or hung, the starts it owes fall back to direct spawns
-(`python -m pyhv.vcpu_worker.worker`) and a new zygote is started (at most once
-per ZYGOTE_RESTART_BACKOFF).  HV_ZYGOTE=0 in the supervisor's environment
+it starts is its child either way and is watched by pid (WorkerProcess).
+Workers do not die with the supervisor: a worker runs its guest on when the
+supervisor is killed, crashes or is upgraded, and the next supervisor adopts
+it (supervisor/procs.py).  So a worker runs only once its identity is saved
+in the guest's record: it waits for a "go" byte on a pipe, which the
+supervisor writes after the record says "running" with the worker's pid, and
+exits without running anything at EOF (the supervisor died first, or gave up
+on the start).  Asking the zygote is asynchronous: the supervisor goes on
+serving while the zygote forks, up to MAX_IN_FLIGHT starts at once, and
+finishes each start when the answer comes.  If the zygote is dead or hung,
+the starts it owes fall back to direct spawns (`python -m
+pyhv.vcpu_worker.worker`) and a new zygote is started (at most once per
+ZYGOTE_RESTART_BACKOFF).  HV_ZYGOTE=0 in the supervisor's environment
 disables the zygote: every worker is spawned directly, as before.
 
 Being a subreaper means any orphaned descendant becomes our child; workers
@@ -32,8 +37,9 @@ import time
 
 from pyhv.devices.guest_memory import create_memfd
 from pyhv.devices.restarts import RestartPolicy
-from pyhv.proto import codec, guest as guest_msgs, runtime
+from pyhv.proto import codec, guest as guest_msgs, runtime, sandbox
 from pyhv.proto.errors import EXIT_STOPPED, EXIT_VM_FAILED
+from pyhv.supervisor import procs
 ZYGOTE_RESTART_BACKOFF = 5.0    # seconds between restarts of a zygote that keeps dying
 MAX_IN_FLIGHT = 32              # starts the zygote may owe us at once (bounds its socket buffer and our fds)
 
@@ -46,7 +52,8 @@ class WorkerProcess:
     """A worker we are the parent of, watched by pid (it may come from the zygote: no Popen then).
 
     poll/wait/kill mirror subprocess.Popen: returncode is the exit status, or
-    -N for a worker killed by signal N.
+    -N for a worker killed by signal N.  `identity` is what the guest's record
+    keeps so that a later supervisor can adopt the worker (procs.Adopted).
     """
 
     live = {}                           # pid -> WorkerProcess not yet reaped
@@ -57,6 +64,7 @@ class WorkerProcess:
         self.popen = popen
         self.returncode = None
         WorkerProcess.live[pid] = self
+        self.identity = procs.identity(pid)     # our unreaped child: the pid cannot have been reused
 
     def _reaped(self, status):
         WorkerProcess.live.pop(self.pid, None)
@@ -96,6 +104,9 @@ class WorkerProcess:
                 os.kill(self.pid, signal.SIGKILL)     # still our unreaped child: the pid cannot be reused
             except ProcessLookupError:
                 pass
+
+    def close(self):
+        """(An Adopted worker has a pidfd to close; ours has nothing.)"""
 
 
 class Spawner:
@@ -145,6 +156,14 @@ class Spawner:
 
     def _drop_zygote(self, why):
         """Give up on the zygote: kill it, spawn what it still owed us directly."""
+        rc = self.zygote.proc.poll()
+        if rc is None and "went away" in why:
+            try:                        # its socket closed as it died: in a moment it is a zombie to read
+                rc = self.zygote.proc.wait(0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        if rc is not None and rc < 0:
+            why = f"{why} ({sandbox.killed_by(-rc)})"
         print(f"supervisor: zygote pid {self.zygote.pid}: {why}; workers are spawned directly until it is back",
               file=sys.stderr, flush=True)
         self.zygote.close()
@@ -166,7 +185,8 @@ class Spawner:
             if not self.zygote.alive():
                 self.collect()          # what it answered before it died still counts
                 if self.zygote is not None:
-                    self._drop_zygote(f"exited with status {self.zygote.proc.returncode}")
+                    rc = self.zygote.proc.returncode
+                    self._drop_zygote(sandbox.killed_by(-rc) if rc < 0 else f"exited with status {rc}")
             else:
                 self.collect()
                 if self.zygote is not None and self.pending:
@@ -252,12 +272,8 @@ class Spawner:
             pid = reply.get("pid")
             if type(pid) is int and pid > 0:
                 guest.proc = WorkerProcess(pid, "zygote")
-                try:
-                    os.write(go_w, b"g")     # now that we know its pid, the worker may run the guest
-                except BrokenPipeError:
-                    pass                     # it died already: the next poll reports it
-                os.close(go_w)
-                _call(done, None)
+                _call(done, None)           # the record says "running" with its pid: now it may run the guest
+                _go(go_w)
             else:
                 os.close(go_w)
                 print(f"supervisor: zygote could not fork a worker for {guest.name}: {reply.get('error')}",
@@ -284,30 +300,44 @@ class Spawner:
             self.collect()
 
     def _directly(self, guest, done):
-        """`python -m pyhv.vcpu_worker.worker` in a fresh interpreter."""
-        out = err = None
+        """`python -m pyhv.vcpu_worker.worker` in a fresh interpreter (it waits for the go byte, as a forked one)."""
+        out = err = go_r = go_w = None
         try:
             out, err = _open_logs(guest)
-            cmd = runtime.python_module("vcpu_worker.worker") + worker_argv(guest, guest.mem_fd)
+            go_r, go_w = os.pipe2(os.O_CLOEXEC)
+            cmd = (runtime.python_module("vcpu_worker.worker") + worker_argv(guest, guest.mem_fd) +
+                   ["--go-fd", str(go_r)])
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                     pass_fds=(guest.mem_fd,), start_new_session=True,
+                                     pass_fds=(guest.mem_fd, go_r), start_new_session=True,
                                      env=runtime.child_env(), cwd=guest.dir)
         except OSError as e:
+            if go_w is not None:
+                os.close(go_w)
             release_memory(guest)
             _call(done, str(e))
             return
         finally:
-            for fd in (out, err):
+            for fd in (out, err, go_r):
                 if fd is not None:
                     os.close(fd)
         guest.proc = WorkerProcess(popen.pid, "spawn", popen)
         _call(done, None)
+        _go(go_w)
 
     def close(self):
         self.drain()
         if self.zygote is not None:
             self.zygote.close()
             self.zygote = None
+
+
+def _go(go_w):
+    """Let a worker whose start is recorded run its guest."""
+    try:
+        os.write(go_w, b"g")
+    except BrokenPipeError:
+        pass                            # it died already: the next poll reports it
+    os.close(go_w)
 
 
 def _call(done, error):
@@ -358,7 +388,7 @@ def _reap_strays(exclude=()):
 def worker_argv(guest, mem_fd):
     """The worker's command-line arguments (after `python -m pyhv.vcpu_worker.worker`)."""
     argv = ["--config", base64.b64encode(codec.encode(guest.config, guest_msgs.GUEST)).decode(),
-            "--mem-fd", str(mem_fd), "--runtime-dir", guest.files.runtime.path, "--parent-pid", str(os.getpid())]
+            "--mem-fd", str(mem_fd), "--runtime-dir", guest.files.runtime.path]
     if guest.restore is not None:
         snapshot_dir, paused = guest.restore
         argv += ["--restore", snapshot_dir] + (["--paused"] if paused else [])
@@ -373,7 +403,8 @@ def release_memory(guest):
 
 
 def read_outcome(guest, returncode):
-    """(state, exit_status, reason) for a worker that exited with `returncode`."""
+    """(state, exit_status, reason) for a worker that exited with `returncode`: its exit status as our child,
+    procs.EXITED if it was adopted (its status is unknown), None if it ended while no supervisor ran."""
     try:
         with open(guest.files.result) as f:
             result = json.load(f)
@@ -384,11 +415,12 @@ def read_outcome(guest, returncode):
         pass
     if guest.stop_reason:
         return "stopped", EXIT_STOPPED, guest.stop_reason
-    if returncode < 0:
-        try:
-            how = f"killed by signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            how = f"killed by signal {-returncode}"
+    if returncode is None:
+        how = "ended while no supervisor was running, without a result"
+    elif returncode == procs.EXITED:
+        how = "ended without a result (an earlier supervisor started it: its exit status is unknown)"
+    elif returncode < 0:
+        how = sandbox.killed_by(-returncode, "signal ")
     else:
         how = f"exited with status {returncode} without a result"
     return "failed", EXIT_VM_FAILED, f"worker {how} (see {guest.files.worker_log})"

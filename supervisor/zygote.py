@@ -26,12 +26,12 @@ made itself a child subreaper (PR_SET_CHILD_SUBREAPER) and can therefore
 waitpid() the worker for its exit status.  The zygote answers only once the
 middle process is a zombie (its pidfd is readable), i.e. once the worker is
 the supervisor's child.  The worker waits for two things before it runs the
-guest: the go byte, which the supervisor writes only once it has the
-worker's pid (if the request failed or timed out, the supervisor closes the
-pipe instead and the worker exits: a guest never gets two workers), and the
-re-parenting; only then does the worker set PR_SET_PDEATHSIG (which fires
-when the *parent thread* dies, so it is set once the parent is the
-supervisor's main thread, which forked the zygote).
+guest: the go byte, which the supervisor writes only once the guest's record
+holds the worker's pid (if the request failed or timed out, or the
+supervisor died, the pipe closes instead and the worker exits: a guest never
+gets two workers, nor one nobody knows of), and the re-parenting.  The
+worker does not die with the supervisor (a new one adopts it); the zygote
+does (PR_SET_PDEATHSIG): a new supervisor starts its own.
 
 The zygote runs at a higher priority than workers (nice -10 where allowed):
 it is on every guest's start path and uses little CPU; a worker gets the
@@ -233,6 +233,8 @@ def main(argv=None):
     _preload()
     gc.collect()
     gc.freeze()                              # forked workers never write to these objects' GC headers
+    from pyhv.proto import sandbox
+    sandbox.apply("zygote")                  # its workers narrow it further (sandbox.apply("worker"))
     sock.send(json.dumps({"ready": os.getpid()}).encode())
 
     sel = selectors.DefaultSelector()
@@ -372,7 +374,7 @@ def _become_worker(fds, argv, cwd, name, sup_pid, zygote_pid, initial, nice):
             time.sleep(0.0002)
         print(f"worker: pid {os.getpid()} forked from zygote pid {zygote_pid}", file=sys.stderr, flush=True)
         from pyhv.vcpu_worker import worker
-        worker.main(argv)                    # sets PR_SET_PDEATHSIG, checks the parent, os._exit()s
+        worker.main(argv)                    # os._exit()s
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else 1
     except BaseException:

@@ -120,16 +120,54 @@ class Vm:
     def __init__(self, kvm, fd):
         self.kvm = kvm
         self.fd = fd
-        self._slot = 0
+        self.slots = []             # (guest_phys_addr, host_addr, size) by slot number
+        self.dirty_logging = False
 
     def add_memory(self, guest_phys_addr, host_addr, size):
+        """A memory slot (the next number); with dirty logging on, it is logged too."""
+        self.slots.append((guest_phys_addr, host_addr, size))
+        self._set_slot(len(self.slots) - 1)
+
+    def _set_slot(self, slot):
+        gpa, host, size = self.slots[slot]
         region = ffi.new("struct kvm_userspace_memory_region *")
-        region.slot = self._slot
-        region.guest_phys_addr = guest_phys_addr
+        region.slot = slot
+        region.flags = lib.KVM_MEM_LOG_DIRTY_PAGES if self.dirty_logging else 0
+        region.guest_phys_addr = gpa
         region.memory_size = size
-        region.userspace_addr = host_addr
+        region.userspace_addr = host
         ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", region)
-        self._slot += 1
+
+    def set_dirty_logging(self, on):
+        """KVM_MEM_LOG_DIRTY_PAGES on every slot (or off): from now on vCPU writes are logged per page.
+
+        Changing a live slot's flags is allowed while vCPUs run.  Logging costs a write fault per page
+        after each dirty_log() (and small pages), so it is on only while a migration copies RAM."""
+        if bool(on) == self.dirty_logging:
+            return
+        self.dirty_logging = bool(on)
+        try:
+            for slot in range(len(self.slots)):
+                self._set_slot(slot)
+        except KvmError:
+            self.dirty_logging = not self.dirty_logging
+            for slot in range(len(self.slots)):
+                try:
+                    self._set_slot(slot)
+                except KvmError:
+                    pass
+            raise
+
+    def dirty_log(self, slot):
+        """The pages of `slot` vCPUs wrote since logging began or the last call, one bit per page (LSB first
+        within each byte), as bytes; KVM clears the log and write-protects those pages again."""
+        pages = self.slots[slot][2] >> 12
+        bitmap = ffi.new("uint64_t[]", (pages + 63) // 64)
+        log = ffi.new("struct kvm_dirty_log *")
+        log.slot = slot
+        log.dirty_bitmap = bitmap
+        ioctl(self.fd, "KVM_GET_DIRTY_LOG", log)
+        return bytes(ffi.buffer(bitmap))
 
     def set_tss_addr(self, addr):
         ioctl(self.fd, "KVM_SET_TSS_ADDR", addr)
@@ -270,6 +308,13 @@ class Vcpu:
 
     def set_sregs(self, sregs):
         ioctl(self.fd, "KVM_SET_SREGS", sregs)
+
+    def get_xsave(self):
+        """The XSAVE image (FXSAVE legacy area first: x87, MXCSR, XMM) as bytes."""
+        return _get_blob(self.fd, "KVM_GET_XSAVE", "struct kvm_xsave")
+
+    def set_xsave(self, blob):
+        _set_blob(self.fd, "KVM_SET_XSAVE", "struct kvm_xsave", blob)
 
     def get_mxcsr(self):
         """MXCSR, from the XSAVE image: KVM_GET_FPU leaves its mxcsr field unset on x86."""

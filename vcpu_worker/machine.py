@@ -5,7 +5,9 @@ Both `hvctl run` (vcpu_worker.runner) and the supervised worker
 first vCPU (or device) reports an Outcome (exit port, reset, failure) or when
 the owner stops it; every other vCPU is then kicked out of KVM_RUN with
 immediate_exit plus a signal.  Pause parks every vCPU outside KVM_RUN, then
-stops the devices' data paths.
+stops the devices' data paths.  A debugger (`--gdb`, vcpu_worker/gdb/) holds
+vCPUs the same way (debug_hold), independently of pause, and sets their
+guest-debug state through each vCPU's GuestDebug.
 """
 import os
 import threading
@@ -18,7 +20,7 @@ from pyhv.vcpu_worker._kvm import ffi, lib
 from pyhv.vcpu_worker.boot import layout
 from pyhv.vcpu_worker.bus import MmioBus, PioBus
 from pyhv.vcpu_worker.device_manager import DeviceManager
-from pyhv.vcpu_worker.guest_debug import GuestDebug
+from pyhv.vcpu_worker.guest_debug import GuestDebug, block_irq_supported
 from pyhv.vcpu_worker.irq_router import KvmIrqRouter
 from pyhv.vcpu_worker.kvm import Kvm, KvmError, KvmUnavailable
 from pyhv.vcpu_worker.vcpu import EXIT_NAMES, ExitContext, Outcome, VcpuThread
@@ -42,9 +44,12 @@ class Machine:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._park = threading.Condition(self._lock)
-        self._parked = 0
+        self._parked = set()             # indices of the vCPUs parked in on_kick
+        self._debug_held = frozenset()   # the vCPUs the debugger holds (debug_hold)
+        self.debugger = None
         self._sampling, self._samples = set(), {}   # sample_positions(): vCPUs still to answer, answers
         self.threads = []
+        self.tracer = None
         try:
             self.kvm = Kvm()
             self.vm = self.kvm.create_vm()
@@ -76,6 +81,13 @@ class Machine:
             self._create_vcpus(entry)
             if restore is not None:
                 self._load_state(restore)
+            if config.gdb:
+                from pyhv.vcpu_worker.gdb.stub import GdbStub
+                self.debugger = GdbStub(self, config.gdb)     # listens now: a port in use fails before the guest runs
+            if config.trace:
+                from pyhv.vcpu_worker.trace import Tracer
+                self.tracer = Tracer(config.trace, self.vcpus, {"guest": config.name, "boot": config.boot,
+                                                               "tsc_khz": self.vm.tsc_khz()})
         except HvError:
             self.devices.close()
             raise
@@ -91,7 +103,8 @@ class Machine:
         n = self.config.vcpus
         try:
             supported = self.kvm.supported_cpuid()
-            self.vcpus, self.debug, self.hooks = [], [], []
+            self.vcpus, self.guest_debug, self.hooks = [], [], []
+            block_irq = block_irq_supported(self.kvm)
             group = syscall_hook.HookGroup(self._kick_one)
             for i in range(n):
                 vcpu = self.vm.create_vcpu(i)
@@ -100,9 +113,9 @@ class Machine:
                 if entry is not None:
                     boot.setup_vcpu(vcpu, i, n, self.config.boot, entry)
                 self.vcpus.append(vcpu)
-                self.debug.append(GuestDebug(vcpu))
+                self.guest_debug.append(GuestDebug(vcpu, block_irq))
                 # Armed by the vCPU's own LSTAR write (an MSR exit), or from restored state in _load_state.
-                self.hooks.append(syscall_hook.SyscallHook(vcpu, self.debug[i], self.mem, self._ram, group)
+                self.hooks.append(syscall_hook.SyscallHook(vcpu, self.guest_debug[i], self.mem, self._ram, group)
                                   if self.hooked else None)
         except KvmError as e:
             raise VmFailure(f"cannot create the vCPUs: {e}") from None
@@ -140,12 +153,16 @@ class Machine:
 
     def start(self):
         lib.hv_install_kick_handler(KICK_SIGNAL)
-        if self.paused:                  # restored paused: each vCPU parks before its first instruction
+        if self.tracer is not None:
+            self.tracer.start()
+        if self.debugger is not None:
+            self.debugger.start()        # holds every vCPU until a client has attached
+        if self.paused or self._debug_held:   # each vCPU parks before its first instruction
             for v in self.vcpus:
                 v.kick_prepare()
         self.threads = [VcpuThread(v, ExitContext(v, self.pio.lookup, self.mmio.lookup, self.mem,
                                                   self.profile.fixups, self.fixup_counts, self.on_kick,
-                                                  self.debug[i], self.hooks[i]),
+                                                  self.guest_debug[i], self.hooks[i]),
                                    self.config.pin, self.finish)
                         for i, v in enumerate(self.vcpus)]
         for t in self.threads:
@@ -172,7 +189,21 @@ class Machine:
         for t in self.threads:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
+        if self.debugger is not None:
+            self.debugger.close()
         self.devices.close()
+        self.close_trace(0)
+
+    def close_trace(self, timeout=2.0):
+        """After the VM ended: the trace's last records and its end record (vCPU threads get `timeout` s to leave)."""
+        if self.tracer is None or self.tracer.closed:
+            return
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        self.tracer.close({t.vcpu.index for t in self.threads if not t.is_alive()} if self.threads
+                          else {v.index for v in self.vcpus}, self.outcome)
 
     def stop(self):
         self.finish(Outcome(EXIT_STOPPED, "stopped by request"))
@@ -184,7 +215,7 @@ class Machine:
             self.paused = True
         self._kick_all()
         with self._lock:
-            parked = self._park.wait_for(lambda: self._parked == len(self.threads) or self.outcome, timeout)
+            parked = self._park.wait_for(lambda: len(self._parked) == len(self.threads) or self.outcome, timeout)
         self.devices.pause()
         return parked
 
@@ -216,15 +247,15 @@ class Machine:
         """A vCPU thread after a kick: answer a position sample, park while paused; an Outcome ends its loop."""
         vcpu = ctx.vcpu
         with self._lock:
-            self._parked += 1
+            self._parked.add(vcpu.index)
             self._park.notify_all()
             while True:
                 if vcpu.index in self._sampling:     # parked threads answer too (stats of a paused guest)
                     self._answer_sample(vcpu)
-                if not self.paused or self.outcome:
+                if self.outcome or not (self.paused or vcpu.index in self._debug_held):
                     break
                 self._park.wait()
-            self._parked -= 1
+            self._parked.discard(vcpu.index)
             return self.outcome          # the VM's own outcome ends this vCPU's loop; None keeps it running
 
     def _answer_sample(self, vcpu):
@@ -236,8 +267,27 @@ class Machine:
         self._sampling.discard(vcpu.index)
         self._park.notify_all()
 
-    def _kick_all(self):
+    def debug_hold(self, indices):
+        """Hold the vCPUs in `indices` outside KVM_RUN for the debugger, let the others run; from any thread."""
+        with self._lock:
+            self._debug_held = frozenset(indices)
+            self._park.notify_all()
+        self._kick_all(self._debug_held)
+
+    def wait_parked(self, indices, timeout):
+        """True once every vCPU in `indices` is parked in on_kick (its state may be read and set), or the VM ended."""
+        want = set(indices)
+        with self._lock:
+            return bool(self._park.wait_for(lambda: self.outcome or want <= self._parked, timeout))
+
+    def is_parked(self, index):
+        with self._lock:
+            return index in self._parked and not self.outcome
+
+    def _kick_all(self, indices=None):
         for t in self.threads:
+            if indices is not None and t.vcpu.index not in indices:
+                continue
             self._kick_thread(t)
 
     def _kick_one(self, index):
@@ -282,6 +332,8 @@ class Machine:
             "fixups": dict(self.fixup_counts),
             "compat": self.profile.describe(),
             "syscall_hook": self.hook_stats(),
+            **({"gdb": self.debugger.status()} if self.debugger is not None else {}),
+            **({"trace": self.tracer.status()} if self.tracer is not None else {}),
         }
 
     def hook_stats(self):

@@ -11,7 +11,7 @@ import os
 import threading
 
 from pyhv.devices.guest_memory import create_memfd
-from pyhv.proto.errors import EXIT_STOPPED, EXIT_TIMEOUT
+from pyhv.proto.errors import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_TIMEOUT
 from pyhv.vcpu_worker.vcpu import Outcome
 
 
@@ -48,41 +48,47 @@ class Foreground:
     """
 
     def __init__(self, config, snapshot=None):
-        from pyhv.vcpu_worker.machine import Machine
         self.notices = []
-        self.host = None
-        launcher = None
+        self.host = self.launcher = None
+        try:
+            self._build(config, snapshot)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config, snapshot):
+        from pyhv.vcpu_worker.machine import Machine
         if snapshot is not None and snapshot.disks():
             from pyhv.proto import runtime
             from pyhv.vcpu_worker.snapshot import private_disks
             self.host = runtime.PrivateDir()
             config = private_disks(snapshot, config, lambda device: self.host.file(f"disk-{device}"))
         self.config = config
-        if config.devices:
+        if config.devices or config.plugins:
             from pyhv.devices.virtio import kinds
             from pyhv.proto import runtime
             from pyhv.vcpu_worker.launchers import LocalLauncher, ensure_switch
             self.host = self.host or runtime.PrivateDir()
+            for name in kinds.switches(config.devices):
+                runtime.check_switch_socket(self.host.switch_root, name)
+            self.launcher = LocalLauncher(config, self.host)    # the disks are ours (locked) before anything runs
             switch_dir = runtime.RuntimeDir(self.host.switch_root)
             for name in kinds.switches(config.devices):
                 ensure_switch(switch_dir, name)
-            launcher = LocalLauncher(config, self.host)
             if config.devices_of("console"):
                 self.notices.append(f"virtio console on {self.host.socket_path('vconsole')}")
         mem_fd = create_memfd(config.mem_bytes, f"guest-ram-{config.name or 'run'}")
-        try:
-            if snapshot is not None:
-                snapshot.load_memory(mem_fd)
-            self.machine = Machine(config, mem_fd, lambda data: write_all(1, data), host=self.host, launcher=launcher,
-                                   restore=snapshot.state if snapshot is not None else None)
-        except BaseException:
-            self.close()
-            raise
+        if snapshot is not None:
+            snapshot.load_memory(mem_fd)
+        self.machine = Machine(config, mem_fd, lambda data: write_all(1, data), host=self.host, launcher=self.launcher,
+                               restore=snapshot.state if snapshot is not None else None)
 
     def run(self, escape=None):
         """Run to the end; the Outcome.  A byte `escape` on stdin stops the guest."""
         machine = self.machine
         threading.Thread(target=_pump_stdin, args=(machine, escape), name="stdin", daemon=True).start()
+        from pyhv.proto import sandbox
+        sandbox.apply("runner")          # a worker that also spawns its services, plugins and switch
         machine.start()
         outcome = machine.wait(self.config.timeout)
         if outcome is None:
@@ -92,6 +98,14 @@ class Foreground:
         return outcome
 
     def close(self):
+        machine = getattr(self, "machine", None)
+        if machine is not None and machine.tracer is not None and not machine.tracer.closed:
+            # run() did not get to the end (Ctrl-C on hvctl): end the guest so its trace is whole
+            machine.finish(Outcome(EXIT_INTERRUPTED, "hvctl was interrupted"))
+            machine.join()
+        if self.launcher is not None:
+            self.launcher.close()
+            self.launcher = None
         if self.host is not None:
             self.host.remove()
             self.host = None

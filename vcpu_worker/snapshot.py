@@ -33,14 +33,14 @@ def write_snapshot(machine, config, path, handover=False):
     """Write the paused `machine` (of `config`) into `path`; its size in bytes.  Nothing is left on failure.
 
     `handover` (a migration on this machine): the state only; RAM and disks change hands as they are."""
-    writer = Writer(path)
+    writer = Writer(path, durable=not handover)
     try:
         writer.state(machine.save_state())
         if not handover:
             writer.memory(machine.mem_fd, config.mem_bytes)
             for device, image in writable_disks(config):
                 writer.disk(device, image)
-        writer.commit(config, handover)
+        writer.commit(config.replace(gdb=None, trace=None), handover)   # restored: no debugger, no trace unless asked
     except BaseException:
         writer.abort()
         raise

@@ -39,10 +39,11 @@ import time
 from pyhv.proto import runtime
 from pyhv.proto.errors import StateError
 from pyhv.vcpu_worker._kvm import ffi, lib
-from pyhv.vcpu_worker.guest_debug import DR6_BS, HOOK_SLOT, GuestDebug
+from pyhv.vcpu_worker.guest_debug import GuestDebug
 from pyhv.vcpu_worker.kvm import KvmError, ioctl
 
-OWNER = "syscall-hook"
+OWNER = "syscall-hook"       # the probe's owner name (a live vCPU's owner is its SyscallHook)
+HOOK_SLOT = 0                # DR0, reserved for the hook; a debugger gets DR1-DR3
 MSR_STAR, MSR_LSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000084
 EFER_SCE, EFER_LMA = 1 << 0, 1 << 10
 PF_VECTOR = 14
@@ -168,7 +169,8 @@ def probe(kvm):
         vcpu.set_msrs([[MSR_STAR, 0x23 << 48 | layout.SEL_CODE64 << 32], [MSR_LSTAR, PROBE_LSTAR],
                        [MSR_FMASK, LINUX_FMASK]])
         debug = GuestDebug(vcpu)
-        debug.set(HOOK_SLOT, OWNER, PROBE_PF_ENTRY)
+        debug.reserve(HOOK_SLOT, OWNER)
+        debug.set_slot(OWNER, PROBE_PF_ENTRY)
         debug.apply()
         ports = ffi.new("uint8_t[65536]")
         vcpu.state.port_action = ports
@@ -178,7 +180,7 @@ def probe(kvm):
         result = {"syscall_leaves_ring3": None, "breakpoint_fires": None}
         if reason == lib.KVM_EXIT_HLT and rip == PROBE_LSTAR + 1:
             result.update(syscall_leaves_ring3=True, detail="SYSCALL reached LSTAR in ring 0")
-        elif reason == lib.KVM_EXIT_DEBUG and e.data[1] == PROBE_PF_ENTRY:
+        elif reason == lib.KVM_EXIT_DEBUG and e.data[0] == PROBE_PF_ENTRY:
             frame = mem.read(vcpu.get_regs().rsp, 48)
             fault_rip, fault_cs = int.from_bytes(frame[8:16], "little"), int.from_bytes(frame[16:24], "little")
             result.update(syscall_leaves_ring3=not (fault_rip == PROBE_LSTAR and fault_cs & 3 == 3),
@@ -364,6 +366,7 @@ class SyscallHook:
         self.vcpu, self.debug, self.mem, self.ram = vcpu, debug, mem, ram
         self.group = group if group is not None else HookGroup(lambda index: None)
         self.group.hooks.append(self)
+        debug.reserve(HOOK_SLOT, self)
         self.c = ffi.new("struct hv_syscall_hook *")
         self.c.ram = ram
         self.c.gate_gpa = self.c.insn_gpa = NO_GPA
@@ -390,7 +393,7 @@ class SyscallHook:
         if why is not None:
             c.armed = 0
             if self.debug.slots[HOOK_SLOT] is not None:
-                self.debug.clear(HOOK_SLOT, OWNER)
+                self.debug.clear_slot(self, HOOK_SLOT)
                 self.debug.apply()
             return False
         return True
@@ -420,7 +423,7 @@ class SyscallHook:
         c.insn_gpa = self.vcpu.translate(handler)
         ffi.memmove(c.insn, insn.ljust(16, b"\0"), 16)
         c.skip_len, c.skip_clear, c.skip_set = rule if rule is not None else (0, 0, 0)
-        self.debug.set(HOOK_SLOT, OWNER, handler)
+        self._set_breakpoint(handler)
         if not self.stepping:
             self.debug.apply()
         c.armed = 1
@@ -461,25 +464,31 @@ class SyscallHook:
             # Single-step the entry's first instruction with DR0 off, so the breakpoint does not fire again.
             self.stepping = True
             self.steps += 1
-            self.debug.clear(HOOK_SLOT, OWNER)
-            self.debug.step(OWNER, True)
+            self.debug.clear_slot(self, HOOK_SLOT)
+            self.debug.set_step(self, True)
             self.debug.apply()
             return None
         if suberror == lib.HV_HOOK_NO_FRAME:
             return f"syscall hook: the #PF frame at rsp=0x{rsp:x} is not in guest RAM"
         return f"syscall hook: unknown request {suberror}"
 
-    def on_debug(self, dr6):
-        """A KVM_EXIT_DEBUG for the hook the C loop did not take: the end of a single-step, or DR0 while the loop
-        was not watching (re-arm; the breakpoint fires again and the loop takes it)."""
-        if self.stepping and dr6 & DR6_BS:
+    def _set_breakpoint(self, handler):
+        self.debug.clear_slot(self, HOOK_SLOT)
+        self.debug.set_slot(self, handler)          # the first free slot of ours: DR0, which we reserved
+
+    def on_debug(self, ctx, event):
+        """GuestDebug's owner interface: a KVM_EXIT_DEBUG for the hook the C loop did not take: the end of a
+        single-step, or DR0 while the loop was not watching (re-arm; the breakpoint fires again and the loop takes
+        it).  Always runs on (None)."""
+        if self.stepping and event.step:
             self.stepping = False
-            self.debug.step(OWNER, False)
+            self.debug.set_step(self, False)
             if self.c.armed and self.c.skip_len == 0:      # an entry C never skips: DR0 back, nothing to re-read
-                self.debug.set(HOOK_SLOT, OWNER, self.c.handler)
+                self._set_breakpoint(self.c.handler)
                 self.debug.apply()
-                return
+                return None
         self.arm()                                          # (the entry's bytes changed: decode them again)
+        return None
 
     def on_kick(self):
         """This vCPU left KVM_RUN for a kick: re-arm if another vCPU saw the IDT change."""

@@ -11,8 +11,9 @@ import os
 import threading
 
 from pyhv.proto.errors import EXIT_OK, EXIT_VM_FAILED
-from pyhv.vcpu_worker import fixups, syscall_hook
+from pyhv.vcpu_worker import fixups
 from pyhv.vcpu_worker._kvm import ffi, lib
+from pyhv.vcpu_worker.guest_debug import NOT_MINE
 
 EXIT_NAMES = {getattr(lib, n): n[len("KVM_EXIT_"):] for n in dir(lib)
               if n.startswith("KVM_EXIT_") and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
@@ -40,8 +41,8 @@ class Outcome:
 class ExitContext:
     """What handling one vCPU's exits needs; `on_kick(ctx)` answers a kick (park, sample) and may end the loop.
 
-    `debug` is the vCPU's GuestDebug (vcpu_worker/guest_debug.py), `hook` its SyscallHook or None.
-    """
+    `debug` is the vCPU's GuestDebug (vcpu_worker/guest_debug.py): whoever set a breakpoint or step gets its
+    debug exits, and an int3 it planted is its own, not the guest's.  `hook` is its SyscallHook or None."""
     __slots__ = ("vcpu", "pio_lookup", "mmio_lookup", "mem", "fixups", "fixup_counts", "on_kick", "mmio_unclaimed",
                  "debug", "hook")
 
@@ -107,6 +108,17 @@ def _interrupted(e, ctx):
     return ctx.on_kick(ctx) if ctx.on_kick is not None else None
 
 
+def _step_done(e, ctx):
+    """A stepped instruction that exited for I/O has completed (the C loop's HV_EXIT_STEP_DONE): its step ends here.
+
+    It came as a kick would (immediate_exit), so one that coincided is answered too."""
+    ctx.vcpu.kick_clear()
+    outcome = ctx.debug.step_completed(ctx) if ctx.debug is not None else None
+    if outcome is None and ctx.on_kick is not None:
+        outcome = ctx.on_kick(ctx)
+    return outcome
+
+
 def _ignore(e, ctx):
     return None
 
@@ -127,10 +139,26 @@ def _internal_error(e, ctx):
     data = [e.data[i] for i in range(e.ndata)]
     if e.suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
         insn = fixups.instruction_bytes(ctx.vcpu, ctx.mem, data)
+        # An int3 in ring 0 ends KVM_RUN as an emulation failure at the 0xCC byte here, even under
+        # KVM_GUESTDBG_USE_SW_BP: one a debugger planted is its breakpoint; the guest's own gets #BP (the fix-up).
+        if insn[:1] == b"\xcc" and ctx.debug is not None:
+            outcome = ctx.debug.software_breakpoint(ctx, ctx.vcpu.get_regs().rip)
+            if outcome is not NOT_MINE:
+                return outcome
         if fixups.apply(ctx.vcpu, ctx.mem, insn, ctx.fixups, ctx.fixup_counts):
+            if ctx.debug is not None and ctx.debug.steppers:      # the fix-up did the stepped instruction
+                return ctx.debug.step_completed(ctx)
             return None
         return _failed(ctx, f"emulation failure: instruction {fixups.describe(insn)}")
     return _failed(ctx, f"KVM internal error, suberror {e.suberror}, data {[hex(d) for d in data]}")
+
+
+def _debug(e, ctx):
+    """A KVM_EXIT_DEBUG the C loop did not take: to the owner whose slot or step fired (the SYSCALL hook, the GDB
+    stub), else to an attached debugger, else to the guest as its own #DB (vcpu_worker/guest_debug.py)."""
+    if ctx.debug is None:
+        return _unknown(e, ctx)
+    return ctx.debug.on_exit(e, ctx)
 
 
 def _fail_entry(e, ctx):
@@ -139,17 +167,6 @@ def _fail_entry(e, ctx):
 
 def _run_failed(e, ctx):
     return Outcome(EXIT_VM_FAILED, f"vCPU {ctx.vcpu.index}: KVM_RUN failed: {os.strerror(e.err)}")
-
-
-def _debug(e, ctx):
-    """KVM_EXIT_DEBUG the C loop did not take: for the slot or single-step that caused it, else the guest's own #DB."""
-    dr6 = e.data[2]
-    owners = ctx.debug.owners(dr6) if ctx.debug is not None else []
-    if ctx.hook is not None and syscall_hook.OWNER in owners:
-        ctx.hook.on_debug(dr6)
-    elif not owners and ctx.debug is not None:
-        ctx.debug.deliver_to_guest(dr6)
-    return None
 
 
 def _wrmsr(e, ctx):
@@ -183,10 +200,11 @@ HANDLERS = {
     lib.KVM_EXIT_SHUTDOWN: _shutdown,
     lib.KVM_EXIT_SYSTEM_EVENT: _system_event,
     lib.KVM_EXIT_INTERNAL_ERROR: _internal_error,
+    lib.KVM_EXIT_DEBUG: _debug,
     lib.KVM_EXIT_FAIL_ENTRY: _fail_entry,
     lib.HV_EXIT_ERRNO: _run_failed,
+    lib.HV_EXIT_STEP_DONE: _step_done,
     lib.HV_EXIT_ABSORBED: _ignore,
-    lib.KVM_EXIT_DEBUG: _debug,
     lib.KVM_EXIT_X86_WRMSR: _wrmsr,
     lib.HV_EXIT_HOOK: _hook,
 }

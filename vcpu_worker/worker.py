@@ -3,6 +3,10 @@
 Started by the supervisor (supervisor/spawn.py) with the guest RAM memfd
 passed as an fd: forked by the zygote (supervisor/zygote.py), which calls
 main(argv) in the forked process, or as `python -m pyhv.vcpu_worker.worker`.
+It does not die with the supervisor: nothing here depends on the supervisor
+being alive except the start of a device service (vcpu_worker/launchers.py,
+which waits for the next supervisor), so a killed or upgraded supervisor's
+guests run on until a new one adopts them.
 Its files are the guest's GuestDir (proto/runtime.py); stdout is the guest's
 console log (append-only), stderr the worker log.  The main thread's event
 loop serves the control requests (one handler per request type), sleeping
@@ -14,7 +18,6 @@ import argparse
 import base64
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -24,12 +27,14 @@ import zmq
 
 from pyhv.devices.console_host import ConsoleHost
 from pyhv.devices.loop import EventLoop
-from pyhv.proto import codec, control as m, guest as g, runtime
+from pyhv.proto import codec, control as m, guest as g, runtime, sandbox
 from pyhv.vcpu_worker.console_log import ConsoleLog
-from pyhv.proto.errors import EXIT_STOPPED, EXIT_TIMEOUT, EXIT_VM_FAILED, HvError, InternalError, ProtocolError, one_line
+from pyhv.proto.errors import (EXIT_STOPPED, EXIT_TIMEOUT, EXIT_VM_FAILED, BadState, HvError, InternalError,
+                               ProtocolError, one_line)
 from pyhv.proto.messages import Error, Ok
 
 PAUSE_TIMEOUT = 1.0     # below the supervisor's worker timeout
+MIGRATED_GRACE = 10.0   # after a migration out, for the supervisor's Stop
 
 
 def write_result(path, status, reason):
@@ -39,16 +44,13 @@ def write_result(path, status, reason):
     os.replace(tmp, path)
 
 
-def _die_with_parent(parent_pid):
-    """SIGKILL us if the supervisor dies: nobody else could manage this guest.
-
-    The signal follows the parent *thread*: a worker forked by the zygote gets
-    here only once it has been re-parented to the supervisor (zygote.py).
-    """
-    import ctypes
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if parent_pid and os.getppid() != parent_pid:
+def _wait_for_go(fd):
+    """Run the guest only once the supervisor has recorded us (one byte); EOF: it gave up on us, or died."""
+    try:
+        go = os.read(fd, 1)
+    finally:
+        os.close(fd)
+    if go != b"g":
         os._exit(1)
 
 
@@ -59,7 +61,7 @@ def _parse(argv):
     src.add_argument("--config-fd", type=int, help="fd to read the GuestConfig message (msgpack) from")
     p.add_argument("--mem-fd", type=int, required=True, help="guest RAM memfd (inherited)")
     p.add_argument("--runtime-dir", required=True, help="the supervisor's runtime dir (the guest's files are below)")
-    p.add_argument("--parent-pid", type=int, default=0, help="exit if this process (the supervisor) dies")
+    p.add_argument("--go-fd", type=int, help="run the guest once a byte arrives on this pipe (EOF: exit)")
     p.add_argument("--restore", metavar="DIR", help="continue from this snapshot (its RAM is already in the memfd)")
     p.add_argument("--paused", action="store_true", help="with --restore: hold the vCPUs until Resume")
     return p.parse_args(argv)
@@ -67,7 +69,8 @@ def _parse(argv):
 
 def main(argv=None):
     args = _parse(argv)
-    _die_with_parent(args.parent_pid)
+    if args.go_fd is not None:
+        _wait_for_go(args.go_fd)
     raw = base64.b64decode(args.config) if args.config else _read_fd(args.config_fd)
     try:
         config = codec.decode(raw, g.GUEST, expect=g.GuestConfig)
@@ -91,16 +94,22 @@ class Worker:
         self.deadline = None if config.timeout is None else time.monotonic() + config.timeout
         self.paused_at = time.monotonic() if machine.paused else None
         self.outcome = None
+        self.loop = None                # the control loop, once serve() has one
+        self.answer_later = None        # set for each request: answer_later(reply) answers it from any thread
+        self.migration = None           # the migration out in progress (vcpu_worker/migration.py)
         self.handlers = {m.Ping: self.ping, m.Pause: self.pause, m.Resume: self.resume, m.Stats: self.stats,
                          m.DeviceStatus: self.device_status, m.Stop: self.stop, m.CtrlAltDel: self.shutdown,
-                         m.SnapshotGuest: self.snapshot}
+                         m.SnapshotGuest: self.snapshot, m.MigrateOut: self.migrate_out}
 
     def handle(self, data):
+        """The reply to one request, or None: answer_later() gives it."""
         try:
             msg = codec.decode(data, m.CONTROL)
             handler = self.handlers.get(type(msg))
             if handler is None:
                 raise ProtocolError(f"the worker does not handle {msg.TYPE}")
+            if self.migration is not None and type(msg) in (m.Pause, m.Resume, m.SnapshotGuest, m.MigrateOut):
+                raise BadState(f"guest {self.config.name} is being migrated")
             return handler(msg)
         except HvError as e:
             return Error.of(e)
@@ -129,7 +138,12 @@ class Worker:
 
         A migration's hand-over (state only) leaves the guest held: the supervisor stops it once the guest runs
         under its new supervisor, or resumes it if that failed."""
+        from pyhv.devices.virtio.kinds import check_snapshottable
         from pyhv.vcpu_worker.snapshot import write_snapshot
+        check_snapshottable(self.config.devices, self.config.name)      # before the guest is held
+        if self.machine.debugger is not None and self.machine.debugger.client is not None:
+            raise BadState(f"{self.config.name}: a GDB client is attached (its breakpoints are in guest memory); "
+                           f"detach it first")
         held = time.monotonic()
         was_paused = self.machine.paused
         if not was_paused and not self.machine.pause(PAUSE_TIMEOUT):
@@ -151,10 +165,66 @@ class Worker:
             self.machine.resume()
         return m.SnapshotReply(msg.dir, size, time.monotonic() - held)
 
+    def migrate_out(self, msg):
+        """Stream the guest to a receiver (`migrate --copy`) from a thread; answered when the outcome is known."""
+        from pyhv.devices.virtio.kinds import check_snapshottable
+        from pyhv.vcpu_worker.migration import Outgoing
+        from pyhv.vcpu_worker.vcpu import Outcome
+        check_snapshottable(self.config.devices, self.config.name)      # a vhost-user back end writes RAM unlogged
+        if self.machine.debugger is not None and self.machine.debugger.client is not None:
+            raise BadState(f"{self.config.name}: a GDB client is attached (its breakpoints are in guest memory); "
+                           f"detach it first")
+        answer = self.answer_later
+
+        def gone():
+            self.machine.finish(Outcome(EXIT_STOPPED, f"migrated to {msg.to or msg.address}"))
+
+        def done(reply):
+            self.migration = None
+            answer(reply)
+            if reply.outcome == "done":         # the supervisor stops us; if it has gone, we end ourselves
+                self.loop.call_soon(lambda: self.loop.call_at(time.monotonic() + MIGRATED_GRACE, gone))
+        self.migration = Outgoing(self.machine, self.config, msg, self._in_loop, self._hold, self._let_go, done)
+        self.migration.start()
+        return None
+
+    def _hold(self):
+        """Hold the guest for a migration's last pass (its clock stops); True if it was running."""
+        if self.machine.paused:
+            return False
+        if not self.machine.pause(PAUSE_TIMEOUT):
+            self.machine.resume()
+            raise InternalError(f"vCPUs did not stop within {PAUSE_TIMEOUT:g} s")
+        self.paused_at = time.monotonic()
+        return True
+
+    def _let_go(self):
+        self.resume(None)
+
+    def _in_loop(self, fn):
+        """fn() on the control loop's thread (from another thread); its result, or what it raised."""
+        done, box = threading.Event(), []
+
+        def call():
+            try:
+                box.append((True, fn()))
+            except BaseException as e:
+                box.append((False, e))
+            done.set()
+        self.loop.call_soon(call)
+        while not done.wait(0.5):
+            if self.loop.stopped:
+                raise InternalError("the worker is ending")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
     def stats(self, msg):
         stats = self.machine.stats()
         if self.console_log is not None:
             stats["console_log"] = self.console_log.counters()
+        stats["sandbox"] = sandbox.status()
         return m.StatsReply(json.loads(json.dumps(stats, default=str)))
 
     def device_status(self, msg):
@@ -200,11 +270,11 @@ def serve(config, mem_fd, guest, restore=None, paused=False):
     feed.append(machine.feed_console)
 
     ctx = zmq.Context()
-    rep = ctx.socket(zmq.REP)
+    rep = ctx.socket(zmq.ROUTER)            # not REP: a request may be answered later (a migration's)
     rep.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
     rep.bind(guest.worker_endpoint)
     worker = Worker(machine, config, log)
-    loop = EventLoop("worker")
+    loop = worker.loop = EventLoop("worker")
     ended_r, ended_w = os.pipe2(os.O_CLOEXEC)
     threading.Thread(target=lambda: (machine.wait(), os.write(ended_w, b"x")), name="ended", daemon=True).start()
     timer = []
@@ -221,16 +291,24 @@ def serve(config, mem_fd, guest, restore=None, paused=False):
 
     def request():
         try:
-            data = rep.recv(zmq.NOBLOCK)
+            frames = rep.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        rep.send(codec.encode(worker.handle(data), m.CONTROL))
+        envelope = frames[:-1]              # the peer's identity, the empty delimiter
+        worker.answer_later = lambda reply: loop.call_soon(lambda: answer(envelope, reply))
+        reply = worker.handle(frames[-1])
+        if reply is not None:
+            answer(envelope, reply)
+
+    def answer(envelope, reply):
+        rep.send_multipart(envelope + [codec.encode(reply, m.CONTROL)])
         arm()
         if worker.outcome is not None:
             loop.stop()
 
     loop.add_socket(rep, request)
     loop.add(ended_r, loop.stop)
+    sandbox.apply("worker")          # set up: from here on the guest runs, under the worker's filter
     machine.start()
     arm()
     try:
@@ -240,6 +318,7 @@ def serve(config, mem_fd, guest, restore=None, paused=False):
         ctx.term()
         console.close()
     outcome = worker.outcome or machine.wait(0)
+    machine.close_trace()            # before result.json: once `hvctl wait` returns, the trace is complete
     return outcome.status, outcome.reason
 
 

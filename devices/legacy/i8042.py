@@ -18,6 +18,8 @@ there as a working port and then waits 250 ms for an IRQ 12 that never comes.
 import threading
 from collections import deque
 
+from pyhv.proto.errors import StateError, state_bytes
+
 STATUS_OBF, STATUS_SYS, STATUS_CMD, STATUS_UNLOCKED = 0x01, 0x04, 0x08, 0x10
 CTR_KBDINT, CTR_KBDDIS, CTR_AUXDIS = 0x01, 0x10, 0x20
 CTR_DEFAULT = 0x65                  # XLATE | AUXDIS | SYS | KBDINT, as firmware leaves it
@@ -36,6 +38,7 @@ _CTR_BITS = {CMD_AUX_DISABLE: (CTR_AUXDIS, True), CMD_AUX_ENABLE: (CTR_AUXDIS, F
              CMD_KBD_DISABLE: (CTR_KBDDIS, True), CMD_KBD_ENABLE: (CTR_KBDDIS, False)}
 _KBD_REPLIES = {0xFF: (0xFA, 0xAA), 0xF2: (0xFA, 0xAB, 0x83), 0xEE: (0xEE,)}   # reset, identify, echo
 _ACK = (0xFA,)
+_PENDING = (CMD_WRITE_CTR, CMD_WRITE_OUTPORT, CMD_WRITE_KBD_OUT)   # commands that wait for a data byte
 # Ctrl, Alt, Delete (an E0 key) pressed, then released in reverse order: scancode set 1
 CTRL_ALT_DEL = (0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D)
 
@@ -107,11 +110,18 @@ class I8042:
                     "driver": self._driver}
 
     def restore(self, state):
+        """Take `snapshot()`'s values; StateError for a register value no controller can hold."""
+        byte = {name: int(state[name]) for name in ("last", "ctr", "outport", "status_cmd")}
+        pending = None if state["pending"] is None else int(state["pending"])
+        if any(not 0 <= v <= 0xFF for v in byte.values()) or pending not in (None, *_PENDING):
+            raise StateError(f"i8042 state with impossible registers: {byte}, pending {pending!r}")
+        if byte["status_cmd"] not in (0, STATUS_CMD):
+            raise StateError(f"i8042 status bit 3 saved as {byte['status_cmd']!r}")
         with self._lock:
-            self._out = deque(bytes(state["out"])[:OUT_BUFFER])
-            self._last, self._ctr, self._outport = int(state["last"]), int(state["ctr"]), int(state["outport"])
-            self._pending = None if state["pending"] is None else int(state["pending"])
-            self._status_cmd = int(state["status_cmd"])
+            self._out = deque(state_bytes(state["out"], "i8042 output buffer")[:OUT_BUFFER])
+            self._last, self._ctr, self._outport = byte["last"], byte["ctr"], byte["outport"]
+            self._pending = pending
+            self._status_cmd = byte["status_cmd"]
             self._commands, self._resets = int(state["commands"]), int(state["resets"])
             self._keys, self._level = int(state.get("keys", 0)), bool(state.get("level", False))
             self._driver = bool(state.get("driver", False))
@@ -161,7 +171,7 @@ class I8042:
             self._status_cmd = STATUS_CMD
             self._pending = None
             reset = False
-            if b in (CMD_WRITE_CTR, CMD_WRITE_OUTPORT, CMD_WRITE_KBD_OUT):
+            if b in _PENDING:
                 self._pending = b
             elif b == CMD_READ_CTR:
                 self._reply(self._ctr)

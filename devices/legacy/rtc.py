@@ -9,7 +9,7 @@ bit is never set, because each read returns a consistent snapshot.
 import threading
 import time
 
-from pyhv.proto.errors import StateError
+from pyhv.proto.errors import StateError, state_bytes
 
 SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR = 0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09
 STATUS_A, STATUS_B, STATUS_C, STATUS_D, CENTURY = 0x0A, 0x0B, 0x0C, 0x0D, 0x32
@@ -65,7 +65,7 @@ class CmosRtc:
             return {"index": self._index, "ram": bytes(self._ram), "reads": self.reads}
 
     def restore(self, state):
-        ram = bytes(state["ram"])
+        ram = state_bytes(state["ram"], "CMOS RAM")
         if len(ram) != CMOS_SIZE:
             raise StateError(f"CMOS RAM of {len(ram)} bytes, expected {CMOS_SIZE}")
         with self._lock:

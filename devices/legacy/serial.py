@@ -12,7 +12,7 @@ order.
 import threading
 from collections import deque
 
-from pyhv.proto.errors import StateError
+from pyhv.proto.errors import StateError, state_bytes
 
 # Register offsets; with LCR.DLAB set, offsets 0 and 1 are DLL and DLM.
 THR, IER, IIR, LCR, MCR, LSR, MSR, SCR = range(8)
@@ -88,6 +88,8 @@ class Serial8250:
     # -- state ----------------------------------------------------------------
     _STATE = ("_ier", "_fcr", "_lcr", "_mcr", "_scr", "_dll", "_dlm", "_lsr_err", "_msr_delta", "_thre_pending",
               "_level", "_tx_bytes", "_rx_bytes", "_rx_overruns", "_irqs_raised")
+    _REGISTERS = {"_ier": 0x0F, "_fcr": 0xFF, "_lcr": 0xFF, "_mcr": 0x1F, "_scr": 0xFF, "_dll": 0xFF, "_dlm": 0xFF,
+                  "_lsr_err": LSR_OE, "_msr_delta": 0x0F}          # the bits each register can hold
 
     def snapshot(self):
         """The register file, unread input and interrupt level, as plain values."""
@@ -97,14 +99,20 @@ class Serial8250:
         return state
 
     def restore(self, state):
-        """Take `snapshot()`'s values; the IRQ line's level is the interrupt controller's to restore."""
+        """Take `snapshot()`'s values (StateError for one no UART can hold); the IRQ line's level is the interrupt
+        controller's to restore."""
+        values = {}
+        for name in self._STATE:
+            value = state[name[1:]]
+            if type(value) not in (int, bool) or value < 0:
+                raise StateError(f"serial state {name[1:]}={value!r} is not a non-negative integer")
+            if value & ~self._REGISTERS.get(name, -1):
+                raise StateError(f"serial register {name[1:]}={value!r} holds bits it cannot")
+            values[name] = value
         with self._lock:
-            for name in self._STATE:
-                value = state[name[1:]]
-                if type(value) not in (int, bool):
-                    raise StateError(f"serial state {name[1:]}={value!r} is not an integer")
+            for name, value in values.items():
                 setattr(self, name, value)
-            self._rx = deque(bytes(state["rx"])[-self._rx_size:])
+            self._rx = deque(state_bytes(state["rx"], "serial input")[-self._rx_size:])
 
     def refresh_irq(self):
         """Drive the IRQ line to the registers' level: after a restore the new irqchip has no line of ours high."""

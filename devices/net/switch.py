@@ -4,9 +4,12 @@
 
 Whoever starts it (the supervisor for its guests, `hvctl run` for a
 standalone one: vcpu_worker/launchers.py) names its files; one switch per
-lock.  It holds an flock on the lock file for its whole life and only then
-binds the endpoint, so a second one started for the same name exits at once
-(status ALREADY_SERVED) and the ports never see two.
+lock.  It holds an flock on the lock file for its whole life, writes its pid
+into it (how a supervisor finds the switch it did not start:
+supervisor/switches.py) and only then binds the endpoint, so a second one
+started for the same name exits at once (status ALREADY_SERVED) and the
+ports never see two.  It depends on no other process: it outlives whoever
+started it.
 
 Forwarding: the source MAC of every frame is learned (MAC -> port, forgotten
 with the port after PORT_TIMEOUT of silence); a frame to a learned unicast
@@ -26,7 +29,7 @@ import sys
 import time
 
 from pyhv.devices.loop import EventLoop
-from pyhv.proto import switch as wire
+from pyhv.proto import sandbox, switch as wire
 
 ALREADY_SERVED = 3
 QUEUE_FRAMES = 1024
@@ -156,6 +159,15 @@ def take_lock(path):
     return fd
 
 
+def write_pid(lock):
+    """Our pid into the lock file we hold (read by supervisor/switches.py); a full disk costs only that."""
+    try:
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        print(f"switch: cannot write our pid into the lock file: {e}", file=sys.stderr, flush=True)
+
+
 def is_served(lock_path):
     """Is a switch process holding this lock (i.e. serving that switch)?"""
     fd = take_lock(lock_path)
@@ -177,8 +189,10 @@ def main(argv=None):
     if lock is None:
         print(f"switch: {a.name} is already served (lock {a.lock})", file=sys.stderr)
         return ALREADY_SERVED
+    write_pid(lock)
     sw = Switch(a.name, a.endpoint, a.stats, a.idle_exit)
     signal.signal(signal.SIGTERM, lambda *_: sw.loop.stop())
+    sandbox.apply("switch", writable=[os.path.dirname(os.path.abspath(a.stats))])   # its stats file
     print(f"switch: serving {a.name} on {a.endpoint} (pid {os.getpid()})", file=sys.stderr, flush=True)
     try:
         sw.serve()

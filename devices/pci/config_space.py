@@ -12,11 +12,13 @@ decoded BAR: a BAR the guest moves onto another one stops decoding, as
 overlapping PCI devices would not work either (they would fight over the
 cycles); it decodes again once moved apart.  The root owns the decision
 (`root.decode`), so that all functions are checked against each other under
-one lock; a function is told with `bar_moved(index, old, new)`.
+one lock; a function is told with `bar_moved(index, old, None)` when a BAR
+stops decoding at `old` and `bar_moved(index, None, new)` when it starts at
+`new` (every BAR has left its old place before any takes a new one).
 """
 import struct
 
-from pyhv.proto.errors import HvError, StateError
+from pyhv.proto.errors import HvError, StateError, state_bytes
 
 VENDOR_ID, DEVICE_ID, COMMAND, STATUS = 0x00, 0x02, 0x04, 0x06
 REVISION_ID, CLASS_PROG, HEADER_TYPE = 0x08, 0x09, 0x0E
@@ -161,7 +163,7 @@ class PciFunction:
             self.root.decode()
 
     def bar_moved(self, index, old, new):
-        """Override: BAR `index` is now decoded at `new` (None: not decoded); it was at `old`."""
+        """Override: BAR `index` stopped decoding at `old` (new is None) or started at `new` (old is None)."""
 
     def plugged(self):
         """Override: now on the bus (`self.root` set), BARs placed, decoding not yet on."""
@@ -178,7 +180,7 @@ class PciFunction:
         return {"config": bytes(self.config)}
 
     def restore(self, state):
-        config = bytes(state["config"])
+        config = state_bytes(state["config"], "PCI config space")
         if len(config) != CONFIG_SIZE or config[:4] != self.config[:4]:
             raise StateError("PCI config space does not belong to this function")
         self.config[:] = config

@@ -190,8 +190,14 @@ class PciRoot:
                 fn.bar_addr[i] = addr
             if moved:
                 self.window.rebuild()
+            # Every BAR leaves its old place before any takes a new one: a BAR may be taking the place another
+            # has just left (its function stopped decoding), and KVM refuses a second ioeventfd at an address.
             for fn, i, old, addr in moved:
-                fn.bar_moved(i, old, addr)
+                if old is not None:
+                    fn.bar_moved(i, old, None)
+            for fn, i, old, addr in moved:
+                if addr is not None:
+                    fn.bar_moved(i, None, addr)
 
     # -- config mechanism #1 ------------------------------------------------------------
     def _target(self, address):

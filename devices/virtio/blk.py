@@ -72,11 +72,13 @@ class VirtioBlk(ThreadedBackend):
     queue_max_sizes = (QUEUE_SIZE,)
     name = "virtio-blk"
 
-    def __init__(self, path, read_only=False):
+    def __init__(self, path, read_only=False, fd=None):
+        """`fd`: the image already open (and locked, devices/virtio/image_lock.py), which the model then owns;
+        without it the model opens `path` itself, unlocked."""
         super().__init__()
         self.path = path
         self.read_only = bool(read_only)
-        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC) if fd is None else fd
         try:
             size = os.fstat(self.fd).st_size
         except OSError:

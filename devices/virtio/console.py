@@ -37,6 +37,7 @@ import threading
 from pyhv.devices.console_host import ConsoleHost
 from pyhv.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_ID_CONSOLE
 from pyhv.devices.virtio.threaded import ThreadedBackend
+from pyhv.proto.errors import state_bytes
 
 VIRTIO_CONSOLE_F_SIZE = 1 << 0
 VIRTIO_CONSOLE_F_MULTIPORT = 1 << 1
@@ -150,7 +151,7 @@ class VirtioConsole(ThreadedBackend):
 
     def restore_model_state(self, state):
         with self._in_lock:
-            self._backlog = bytearray(bytes(state.get("backlog", b""))[:self.backlog_max])
+            self._backlog = bytearray(state_bytes(state.get("backlog", b""), "console backlog")[:self.backlog_max])
 
     def counters(self):
         c = super().counters()

@@ -35,7 +35,10 @@ state stays "failed" and, if the driver had the device running, the
 transport is told `needs_reset` (DEVICE_NEEDS_RESET plus a config-change
 interrupt).  Control calls time out after `timeout` seconds; a service that
 does not answer is killed, so `reset()` returns only when nothing touches
-guest memory any more.
+guest memory any more.  A launcher that raises LauncherAbsent (no supervisor
+right now: it was killed or is being upgraded) is asked again every
+LAUNCHER_RETRY seconds, for as long as it takes, without using up restarts:
+the device is "failed" meanwhile, and continues once a supervisor is back.
 """
 import os
 import threading
@@ -52,7 +55,14 @@ from pyhv.proto.errors import HvError, PeerFailed, ProtocolError, from_wire
 from pyhv.proto.messages import Error, Ok
 
 RESTART_WINDOW = 60.0
+LAUNCHER_RETRY = 0.5                # seconds between asks while nobody can start a service (no supervisor)
+REAP_WAIT = 5.0                     # a dead service the supervisor has not reaped yet (it does every 50 ms; a
+                                    # debugger attached to the service delays it): wait this long for its status
 UNIX_PATH_MAX = 107                 # sun_path minus its NUL
+
+
+class LauncherAbsent(PeerFailed):
+    """Nobody can start a service right now (the supervisor is being restarted): ask again later."""
 
 
 class ServiceRefused(HvError):
@@ -96,7 +106,7 @@ class ServiceProxy(VirtioDevice):
         try:
             self._start()
             d = self._description
-            nq = kind.model_class().num_queues
+            nq = len(eventfds.notify)
             if d.num_queues != nq or len(d.queue_max_sizes) != nq:
                 raise ServiceGone(f"{name} service describes {d.num_queues} queues, expected {nq}")
         except BaseException:
@@ -126,7 +136,15 @@ class ServiceProxy(VirtioDevice):
         self._ctl = self._socket(zmq.PAIR, ctl_ep)
         self._evt = self._socket(zmq.PULL, evt_ep)
         fds = ds.ServiceFds(self.mem.fd, self._life_r, self.eventfds.notify, self.eventfds.irq)
-        self._proc = self.launcher.start(self.device, n, fds)      # an HvError or OSError if refused
+        try:
+            self._proc = self.launcher.start(self.device, n, fds)      # an HvError or OSError if refused
+        except BaseException as e:
+            self._ctl.close()
+            self._evt.close()
+            self._ctl = self._evt = None
+            if isinstance(e, LauncherAbsent):
+                self._incarnation -= 1          # nothing was started: the next ask reuses its endpoints
+            raise
         self._description = self._call(ds.Describe(), ds.Description, timeout=self.start_timeout)
         self.state = "running"
 
@@ -153,20 +171,22 @@ class ServiceProxy(VirtioDevice):
         if evt is not None:
             self._loop.remove(evt)
 
-    def _reap(self):
-        """The incarnation is dead (or must be): kill, wait, close its sockets; how it ended."""
+    def _reap(self, describe=False):
+        """The incarnation is dead (or must be): kill, wait, close its sockets; how it ended (if `describe`:
+        that may wait for its parent to reap it)."""
         proc = self._proc
         if proc is None:
             return "not running"
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        how = proc.describe_exit() if describe else None     # before close(): it may ask the pidfd
         proc.close()
         for s in (self._ctl, self._evt):
             if s is not None:
                 s.close()
         self._proc = self._ctl = self._evt = None
-        return proc.describe_exit()
+        return how
 
     def _call(self, msg, expect, timeout=None):
         """One request/reply.  ServiceRefused on an Error reply, ServiceGone on death or timeout."""
@@ -245,12 +265,15 @@ class ServiceProxy(VirtioDevice):
             return
         evt = self._evt
         self._events(evt)                    # the events it sent before dying still count
+        reaped = getattr(proc, "reaped_status", None)
+        if reaped is not None and proc.poll() is not None:
+            reaped(REAP_WAIT)                # how it ended (e.g. SIGSYS), known before the lock is taken
         give_up = None
         with self._lock:
             if self._closed or proc is not self._proc:
                 return
             self._unwatch(proc, evt)
-            why = self._reap()
+            why = self._reap(describe=True)
             if self.reason.startswith(("no reply", "bad reply")):
                 why = f"{self.reason} ({why})"
             self.reason = why
@@ -263,24 +286,36 @@ class ServiceProxy(VirtioDevice):
         if give_up is None:
             if self.restart_delay:
                 time.sleep(self.restart_delay)
-            with self._lock:
-                if self._closed:
-                    return
-                try:
-                    self._start()
-                    self.restarts += 1
-                    if self._active is not None:
-                        self._call(ds.Restore(state=self._resume_state(), paused=self._paused), Ok)
+            self._restart()
+            return
+        self._give_up(give_up)
+
+    def _restart(self):
+        """Start the next incarnation and give it the running device's state (the watcher's thread)."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._start()
+                self.restarts += 1
+                if self._active is not None:
+                    self._call(ds.Restore(state=self._resume_state(), paused=self._paused), Ok)
+                self._watch_incarnation()
+                return
+            except LauncherAbsent as e:
+                self.state, self.reason = "failed", f"waiting to be restarted: {e}"
+                self._loop.call_at(time.monotonic() + LAUNCHER_RETRY, self._restart)
+                return
+            except (HvError, OSError) as e:
+                self.reason = f"restart failed: {e}"
+                if self._proc is not None:       # the new one failed at once: the watcher sees it die
                     self._watch_incarnation()
+                    self._kill(self.reason)
                     return
-                except (HvError, OSError) as e:
-                    self.reason = f"restart failed: {e}"
-                    if self._proc is not None:       # the new one failed at once: the watcher sees it die
-                        self._watch_incarnation()
-                        self._kill(self.reason)
-                        return
-                    self.state = "failed"
-                    give_up = f"{self.name}: {self.reason}"
+                self.state = "failed"
+        self._give_up(f"{self.name}: {self.reason}")
+
+    def _give_up(self, give_up):
         with self._lock:
             self.reason = give_up
             self._given_up = True

@@ -55,15 +55,24 @@ Python gives no fences, so this relies on x86-64 TSO:
   buffer), which matters twice: after publishing used.idx and before reading
   used_event/avail.flags (`needs_interrupt`), and after publishing
   avail_event/used.flags and before re-reading avail.idx
-  (`set_notification(True)`).  There `_full_barrier()` executes a locked
-  instruction by acquiring and releasing a lock (glibc sem_wait/sem_post
-  are lock cmpxchg / lock xadd), a full barrier on x86.
+  (`set_notification(True)`).  There `full_barrier()` (devices/guest_memory.py)
+  executes a locked instruction by acquiring and releasing a lock (glibc
+  sem_wait/sem_post are lock cmpxchg / lock xadd), a full barrier on x86.
 Little-endian host assumed (virtio 1.x rings are little-endian).
+
+The dirty map
+-------------
+What a device writes into guest RAM must be logged for a live migration
+(devices/guest_memory.py, "The dirty map").  The device writes a chain's
+buffers through views (preadv, write_into) and finishes before `put`, so
+`put` marks the chain's device-writable buffers, remembered since `pop`,
+and the used ring; the other writes to the used ring (used.flags,
+avail_event) are marked where they are made.
 """
 import struct
 import sys
-import threading
 
+from pyhv.devices.guest_memory import full_barrier
 from pyhv.proto.device_service import QueueState
 from pyhv.proto.errors import HvError
 
@@ -85,13 +94,6 @@ DEFAULT_MAX_INDIRECT_LEN = 64 << 10      # 4096 descriptors per indirect table
 _DESC = struct.Struct("<QIHH")           # addr, len, flags, next
 _USED_ELEM = struct.Struct("<II")        # id, len
 _ADDR_END = 1 << 64
-_barrier_lock = threading.Lock()
-
-
-def _full_barrier():
-    """A full memory barrier on x86: the lock's atomic read-modify-write is locked."""
-    _barrier_lock.acquire()
-    _barrier_lock.release()
 
 
 class VirtQueueError(HvError):
@@ -224,6 +226,8 @@ class VirtQueue:
         # used: bytes for the elements, 'H' for [0] flags, [1] idx, [2 + 4*size] avail_event
         self._used = mem.view(used_addr, 6 + 8 * size)
         self._used16 = self._used.cast("H")
+        self._used_len = 6 + 8 * size
+        self._taken = {}            # head -> Chain popped and not yet put: put marks its buffers written
         self._last_avail = 0        # next avail ring slot the device reads (free-running u16)
         self._avail_shadow = 0      # avail.idx as last read and validated
         self._used_idx = 0          # next used ring slot the device writes (free-running u16)
@@ -322,7 +326,9 @@ class VirtQueue:
         self._last_avail = last = (last + 1) & 0xFFFF
         if self.event_idx and self._notify:
             self._used16[2 + 4 * self.size] = last        # avail_event: notify on the next one
-        return self.walk(head)
+            self.mem.mark(self.used_addr, self._used_len)
+        chain = self._taken[head] = self.walk(head)
+        return chain
 
     def walk(self, head):
         """Read and validate the chain starting at descriptor `head` (< size)."""
@@ -401,6 +407,21 @@ class VirtQueue:
         used = (used + 1) & 0xFFFF
         self._used16[1] = used          # after the element: x86 keeps store order
         self._used_idx = used
+        self._mark_written(head)
+
+    def _mark_written(self, head):
+        """Log the chain's device-writable buffers and the used ring as written (after put's stores)."""
+        mem = self.mem
+        chain = self._taken.pop(head, None)
+        if chain is None:               # not popped here (a chain from walk()): its descriptors, read again
+            try:
+                chain = self.walk(head)
+            except ChainError:
+                chain = None
+        if chain is not None:
+            for addr, ln in chain.writable:
+                mem.mark(addr, ln)
+        mem.mark(self.used_addr, self._used_len)
 
     def needs_interrupt(self):
         """After a batch of puts: must the device send a used buffer notification?
@@ -410,7 +431,7 @@ class VirtQueue:
         notify iff used_event lies in [old, new) of the used idx since the last
         notification check.
         """
-        _full_barrier()                 # used.idx store before the flags/used_event load
+        full_barrier()                 # used.idx store before the flags/used_event load
         new, old = self._used_idx, self._signalled_used
         valid = self._signalled_valid
         self._signalled_used = new
@@ -442,6 +463,7 @@ class VirtQueue:
                 self._used16[2 + 4 * self.size] = self._last_avail
         else:
             self._used16[0] = 0 if enabled else VIRTQ_USED_F_NO_NOTIFY
+        self.mem.mark(self.used_addr, self._used_len)
         if enabled:
-            _full_barrier()             # publish before re-reading avail.idx
+            full_barrier()             # publish before re-reading avail.idx
         return self.has_pending()

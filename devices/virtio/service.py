@@ -6,7 +6,8 @@ Started (by the worker for `hvctl run`, by the supervisor for supervised
 guests: vcpu_worker/launchers.py) with its fds inherited at the numbers the
 spec's ServiceFds names: the guest RAM memfd, one notify eventfd per queue
 (the transport's KVM ioeventfds), one irq eventfd per MSI-X vector (its
-irqfds), and a lifeline pipe whose EOF means the worker is gone.  It maps the
+irqfds), a lifeline pipe whose EOF means the worker is gone, and for a disk
+its image, opened and locked by whoever started the service.  It maps the
 memfd itself (GuestMemory), builds the spec's kind (devices/virtio/kinds.py)
 and serves the proxy's requests (proto/device_service.py, one handler per
 request type) until Shutdown or the lifeline.  So the data path is guest ->
@@ -31,7 +32,7 @@ from pyhv.devices.guest_memory import GuestMemory
 from pyhv.devices.loop import EventLoop
 from pyhv.devices.virtio import kinds
 from pyhv.devices.virtio.device import Eventfds, TransportEvents
-from pyhv.proto import codec, device_service as ds
+from pyhv.proto import codec, device_service as ds, sandbox
 from pyhv.proto.errors import EXIT_USAGE, HvError, InternalError, ProtocolError, UserError, one_line
 from pyhv.proto.messages import Error, Ok
 
@@ -171,7 +172,7 @@ def main(argv=None):
     try:
         spec = read_spec(a.spec)
         kind = kinds.kind(spec.kind)
-        model = kind.build_checked(spec.options)
+        model = kind.build_checked(spec.options, spec.fds.image)
     except (HvError, OSError) as e:
         print(f"device-service: {one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -202,6 +203,7 @@ def main(argv=None):
             loop.stop()
     loop.add_socket(ctl, request, during_pause=True)
     loop.add(fds.lifeline, loop.stop, during_pause=True)       # EOF: the worker is gone
+    sandbox.apply("service")           # everything is open and connected: from here on, only the service's calls
     status = 0
     try:
         loop.run()

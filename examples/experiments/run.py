@@ -22,8 +22,15 @@ passes raw guests in RDX.
 Measurements are short trials, each started from a barrier, and the median
 trial is reported: the machines are shared, and a trial during which the host
 descheduled a vCPU thread is an outlier, not the answer.  HV_HVCTL=PATH runs
-another checkout's hvctl.  matplotlib is optional: --plot writes a PNG only if
-it can be imported.
+another checkout's hvctl.
+
+Results: NAME.json (every row, the notes printed, parameters, host) and
+NAME.csv (one line per row) in --out (default results/ beside this script),
+and NAME.png there when matplotlib is installed (pip install 'pyhv[plot]');
+--plot PNG asks for a plot explicitly and is refused at once, with that hint
+and a non-zero status, without matplotlib.  --trace DIR records every VM exit
+of every guest run (hvctl run --trace) and adds each run's exits by reason to
+the JSON.
 """
 import argparse
 import hashlib
@@ -128,17 +135,40 @@ def pin_for(vcpus, policy):
     return policy
 
 
+TRACE_DIR = []          # main's --trace DIR: every guest run is traced into it
+TRACES = []             # per traced run: its file and what `hvctl trace` says of it
+
+
 def run_guest(image, mode, vcpus, pin=None, timeout=60):
     """Run the guest with `hvctl run`; returns (exit status, stdout text, stderr text)."""
     cmd = [sys.executable, "-S", str(HVCTL), "run", "--boot", mode, "--kernel", str(image),
            "--vcpus", str(vcpus), "--timeout", str(timeout)]
     if pin:
         cmd += ["--pin", pin]
+    trace = None
+    if TRACE_DIR:
+        trace = TRACE_DIR[0] / f"{len(TRACES):03d}-{pathlib.Path(image).stem.split('-')[0]}-{mode}-{vcpus}.trace"
+        cmd += ["--trace", str(trace)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30)
     except subprocess.TimeoutExpired:
         raise ExperimentError(f"hvctl run did not return within {timeout + 30} s: {' '.join(cmd)}") from None
+    if trace is not None:
+        TRACES.append(trace_summary(trace, mode, vcpus))
     return r.returncode, r.stdout, r.stderr
+
+
+def trace_summary(path, mode, vcpus):
+    """What a run's exit trace says (exits by reason and per vCPU), for the JSON results."""
+    import json
+    r = subprocess.run([sys.executable, "-S", str(HVCTL), "trace", "--json", str(path)], capture_output=True,
+                       text=True, timeout=120)
+    if r.returncode:
+        return {"file": str(path), "mode": mode, "vcpus": vcpus, "error": r.stderr.strip()}
+    s = json.loads(r.stdout)
+    return {"file": str(path), "mode": mode, "vcpus": vcpus, "total": s["total"], "exits_per_s": s["exits_per_s"],
+            "by_reason": s["by_reason"], "by_vcpu": s["by_vcpu"], "by_port": s["by_port"],
+            "by_address": s["by_address"], "lost": s["lost"]}
 
 
 def parse_lines(text, tag):
@@ -434,21 +464,26 @@ def ipi(rounds=40, trials=5, flag_rounds=5000, flag_trials=21, flag_ring0_rounds
     return results
 
 
-# -- plots -------------------------------------------------------------------
+# -- results: JSON, CSV, PNG ----------------------------------------------------
+
+def plotting():
+    """pyhv's plot helper (supervisor/plot.py), from this checkout if pyhv is not installed where we run."""
+    try:
+        from pyhv.supervisor import plot
+    except ImportError:
+        sys.path.insert(0, str(REPO))
+        from pyhv.supervisor import plot
+    return plot
+
 
 def plot(name, results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"# matplotlib is not installed: no plot written to {path}")
-        return False
+    """Draw `results` of experiment `name` into PNG `path` (matplotlib must be importable: plotting().require)."""
     if any(r.get(k) is None for r in results for k in ("acq_per_s", "ns_per_inc") if k in r):
         print(f"# no TSC frequency: no plot written to {path}")
         return False
+    p = plotting()
     if name == "spinlock":
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (a, b) = p.figure(1, 2, size=(10, 4))
         xs = [r["vcpus"] for r in results]
         a.plot(xs, [r["acq_per_s"] / 1e6 for r in results], "o-")
         a.set_xlabel("vCPUs"), a.set_ylabel("acquisitions / s (millions)"), a.set_title("throughput")
@@ -461,9 +496,9 @@ def plot(name, results, path):
                 ax.axvspan(cores + 0.5, max(xs) + 0.5, color="red", alpha=0.1,
                            label=f"oversubscribed (> {cores} host CPUs)")
                 ax.legend(fontsize=8)
-        fig.suptitle("TTAS spinlock, user64 (ring 3, native), rdtsc")
+        title = "TTAS spinlock, user64 (ring 3, native), rdtsc"
     elif name == "false_sharing":
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, (ax,) = p.figure(size=(8, 4))
         labels = list(dict.fromkeys(f"{r['op']}\n{r['vcpus']} vCPUs" for r in results))
         layouts = list(dict.fromkeys(r["layout"] for r in results))
         width = 0.8 / len(layouts)
@@ -473,19 +508,41 @@ def plot(name, results, path):
                    label=layout)
         ax.set_xticks([i + width * (len(layouts) - 1) / 2 for i in range(len(labels))], labels)
         ax.set_ylabel("ns / increment (median trial)"), ax.legend()
-        ax.set_title("false sharing, user64 (ring 3, native), rdtsc")
+        title = "false sharing, user64 (ring 3, native), rdtsc"
     else:
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, (ax,) = p.figure(size=(8, 4))
         ok = [r for r in results if r["ok"] and r["ns_per_round_trip"]]
         ax.barh([f"{r['kind']} ring {r['ring']}\n{r['what']}" for r in ok],
                 [r["ns_per_round_trip"] / 1000 for r in ok],
                 color=["tab:red" if r["emulated"] else "tab:green" for r in ok])
         ax.set_xscale("log"), ax.set_xlabel("us per round trip (log)")
-        ax.set_title("round trips: red = ring 0 EMULATED, green = ring 3 native")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        title = "round trips: red = ring 0 EMULATED, green = ring 3 native"
+    p.save(fig, path, title=title)
     print(f"# plot written to {path}")
     return True
+
+
+CSV_SKIP = ("output", "stderr")      # the guests' whole output: in the JSON only
+
+
+def write_results(name, results, out, notes, args):
+    """OUT/NAME.json (every row, the notes printed, the parameters, the host) and OUT/NAME.csv (scalar columns)."""
+    import csv
+    import datetime
+    import json
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"experiment": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "host": {"cpus": host_cpus(), "loadavg": os.getloadavg(), "hvctl": str(HVCTL)},
+           "parameters": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
+           "notes": notes, "results": results, "traces": TRACES}
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    columns = list(dict.fromkeys(k for r in results for k, v in r.items()
+                                 if k not in CSV_SKIP and (v is None or isinstance(v, (int, float, str, bool)))))
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(results)
+    print(f"# results written to {out / (name + '.json')} and {out / (name + '.csv')}")
 
 
 # -- command line ------------------------------------------------------------
@@ -513,27 +570,63 @@ def main(argv=None):
     ap.add_argument("--pin", default="auto", help="auto (distinct host CPUs when N <= CPUs, else unpinned), "
                                                   "cycle, none, or a CPU list for hvctl --pin")
     ap.add_argument("--timeout", type=int, default=120, help="hvctl --timeout per guest run (s)")
-    ap.add_argument("--plot", metavar="PNG", help="write a plot (needs matplotlib)")
+    ap.add_argument("--out", metavar="DIR", type=pathlib.Path, default=HERE / "results",
+                    help="write NAME.json and NAME.csv here, and NAME.png when matplotlib is installed "
+                         "(default: results/ beside this script)")
+    ap.add_argument("--plot", metavar="PNG", help="write the plot here (needs matplotlib: refused at once "
+                                                  "without it)")
+    ap.add_argument("--trace", metavar="DIR", type=pathlib.Path,
+                    help="record every VM exit of each guest run into DIR (hvctl run --trace; `hvctl trace FILE` "
+                         "reads one); the JSON results get each run's exits by reason")
     args = ap.parse_args(argv)
+    png = args.plot
+    try:
+        if png:
+            plotting().require(png)                     # before minutes of experiments, not after
+        elif _have_matplotlib():
+            png = str(args.out / f"{args.name}.png")
+    except Exception as e:                              # PlotUnavailable (exit 1), UserError (2): one line
+        print(f"run.py: {e}", file=sys.stderr)
+        return getattr(e, "exit_status", 1)
+    if args.trace:
+        args.trace.mkdir(parents=True, exist_ok=True)
+        TRACE_DIR.append(args.trace)
+    notes = []
+
+    def log(line):
+        notes.append(line)
+        print(line)
+
     try:
         if args.name == "spinlock":
             res = spinlock(args.vcpus or (1, 2, 4, 8), args.iters or 20_000, args.trials, pin=args.pin,
-                           timeout=args.timeout)
+                           timeout=args.timeout, log=log)
         elif args.name == "false_sharing":
             res = false_sharing(args.vcpus or (2,), args.iters or 100_000, args.trials, pin=args.pin,
-                                timeout=args.timeout)
+                                timeout=args.timeout, log=log)
         else:
             if args.vcpus and args.vcpus != [2]:
                 print("# ipi: uses exactly 2 vCPUs; --vcpus ignored", file=sys.stderr)
             res = ipi(args.rounds, 5, args.flag_rounds, args.trials, args.flag_ring0_rounds, 5, pin=args.pin,
-                      timeout=args.timeout)
+                      timeout=args.timeout, log=log)
     except ExperimentError as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
-    if args.plot:
-        plot(args.name, res, args.plot)
+    write_results(args.name, res, args.out, notes, args)
+    if png:
+        plot(args.name, res, png)
+    else:
+        print(f"# no plot: matplotlib is not installed ({plotting().INSTALL})")
     print("# result: OK (guest correctness checks passed)")
     return 0
+
+
+def _have_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

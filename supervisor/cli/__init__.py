@@ -21,7 +21,8 @@ PROG = "hvctl"
 COMMANDS = {"run": "run", "supervisor": "daemon", "create": "guests", "start": "guests", "stop": "guests", "shutdown": "guests",
             "pause": "guests", "resume": "guests", "destroy": "guests", "list": "inspect", "info": "inspect",
             "wait": "guests", "logs": "console", "console": "console", "stats": "inspect", "top": "inspect", "events": "inspect",
-            "apply": "guests", "snapshot": "state", "restore": "state", "migrate": "state", "guests": "artefacts"}
+            "apply": "guests", "snapshot": "state", "restore": "state", "migrate": "state", "guests": "artefacts",
+            "trace": "trace"}
 
 
 class Parser(argparse.ArgumentParser):

@@ -23,13 +23,13 @@ def cmd_logs(args):
     try:
         g = request(args, m.Info(args.name))
         path, live = g.console_log, g.state in LIVE
-    except (NoSupervisor, NoSuchGuest):
+    except (NoSupervisor, NoSuchGuest) as e:
         rd = runtime_dir(args)
         path = next((p for p in (rd.guest(args.name).console_log,
                                  os.path.join(rd.kept_logs(args.name), "console.log")) if os.path.exists(p)), None)
         if path is None:
             raise
-        g, live = None, False
+        g, live = None, isinstance(e, NoSupervisor) and _runs_unsupervised(rd, args.name)
     out = sys.stdout.buffer
     f = open(path, "rb") if os.path.exists(path) else None
     if f is not None and args.tail is not None:
@@ -51,9 +51,36 @@ def cmd_logs(args):
         if not data:
             time.sleep(0.1)
         if time.monotonic() - last_check > 0.3:
-            live = request(args, m.Info(args.name)).state in LIVE   # read once more after it stopped
+            live = _still_live(args)                                # read once more after it stopped
             last_check = time.monotonic()
     return EXIT_OK
+
+
+def _still_live(args):
+    """Is the guest followed by `logs --follow` still running?  Asked of the supervisor, or, between two
+    supervisors (one killed, or being upgraded: the guest runs on), of the guest's record and its worker."""
+    try:
+        return request(args, m.Info(args.name)).state in LIVE
+    except NoSupervisor:
+        return _runs_unsupervised(runtime_dir(args), args.name)
+
+
+def _runs_unsupervised(rd, name):
+    """Does guest NAME of runtime dir `rd` run while no supervisor does: its record says so, and the worker it
+    names (by identity, not just pid: supervisor/procs.py) is alive?"""
+    import json
+    from pyhv.supervisor.procs import Adopted, is_worker
+    try:
+        with open(rd.guest(name).record) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    worker = (Adopted.find(record.get("worker"), lambda pid: is_worker(pid, name))
+              if record.get("state") in LIVE else None)
+    if worker is None:
+        return False
+    worker.close()
+    return True
 
 
 class _Stamper:

@@ -1,5 +1,4 @@
 """`hvctl supervisor [--detach]`: run the supervisor of a runtime dir, in the foreground or as a daemon."""
-import os
 import subprocess
 import time
 
@@ -11,6 +10,9 @@ START_TIMEOUT = 10.0
 
 
 def cmd_supervisor(args):
+    if args.leave_guests and not args.stop:
+        from pyhv.proto.errors import UserError
+        raise UserError("--leave-guests goes with --stop")
     if args.stop:
         return _stop(args)
     if args.detach:
@@ -50,27 +52,36 @@ def _detach(args):
 
 
 def _stop(args):
-    """End the supervisor: refused while guests run (they would end with it) unless --force stops them."""
-    import signal
-    from pyhv.proto.control import List, Ping
+    """End the supervisor: refused while guests run, unless --force (they are stopped with it) or --leave-guests
+    (they run on; the next supervisor of the runtime dir adopts them)."""
+    from pyhv.proto.control import StopSupervisor
+    from pyhv.proto.errors import UserError
+    if args.force and args.leave_guests:
+        raise UserError("--force stops the guests, --leave-guests leaves them running: give one of them")
     rd = runtime_dir(args)
-    pid = request(args, Ping(), timeout=5.0).pid
-    live = [g.name for g in request(args, List()).guests if g.state in ("running", "paused")]
-    if live and not args.force:
-        raise BadState(f"{len(live)} guest(s) still running ({', '.join(live[:5])}): stop them first, or "
-                        f"`hvctl supervisor --stop --force` to stop them with it")
-    os.kill(pid, signal.SIGTERM)
+    reply = request(args, StopSupervisor(force=args.force, leave_guests=args.leave_guests), timeout=60.0)
     deadline = time.monotonic() + START_TIMEOUT
-    while supervisor_alive(rd.control_sock):
+    while runtime.pid_alive(reply.pid) or supervisor_alive(rd.control_sock):
         if time.monotonic() > deadline:
-            raise PeerFailed(f"the supervisor (pid {pid}) did not exit within {START_TIMEOUT:g} s")
+            raise PeerFailed(f"the supervisor (pid {reply.pid}) did not exit within {START_TIMEOUT:g} s")
         time.sleep(0.05)
-    print(f"supervisor (pid {pid}) on {rd.path} stopped" + (f" with {len(live)} guest(s)" if live else ""))
+    n = len(reply.guests)
+    if not n:
+        print(f"supervisor (pid {reply.pid}) on {rd.path} stopped")
+    elif reply.left_running:
+        print(f"supervisor (pid {reply.pid}) on {rd.path} stopped; {n} guest(s) left running for the next "
+              f"supervisor ({', '.join(reply.guests[:5])})")
+    else:
+        print(f"supervisor (pid {reply.pid}) on {rd.path} stopped with {n} guest(s)")
     return EXIT_OK
 
 
 def add_commands(add):
     p = add("supervisor", cmd_supervisor, "run the supervisor (one per runtime dir)")
     p.add_argument("--detach", action="store_true", help="run it in the background, logging to RUNTIME_DIR/supervisor.log")
-    p.add_argument("--stop", action="store_true", help="end the running supervisor (refused while guests run)")
+    p.add_argument("--stop", action="store_true",
+                   help="end the running supervisor (refused while guests run, unless --force or --leave-guests)")
     p.add_argument("--force", action="store_true", help="with --stop: stop its running guests too")
+    p.add_argument("--leave-guests", action="store_true",
+                   help="with --stop: leave its guests running; the next supervisor on this runtime dir adopts them "
+                        "(to upgrade or restart the supervisor)")

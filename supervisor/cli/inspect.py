@@ -36,8 +36,10 @@ def cmd_info(args):
             ("load addr", "default" if c.load_addr is None else hex(c.load_addr)),
             ("initrd", c.initrd or "-"), ("cmdline", c.cmdline or "-"), ("mem", size_text(c.mem_bytes)),
             ("vcpus", c.vcpus), ("timeout", "-" if c.timeout is None else f"{c.timeout:g} s"),
-            ("pin", ",".join(map(str, c.pin)) or "-"), ("console log", g.console_log),
+            ("pin", ",".join(map(str, c.pin)) or "-"), ("gdb", c.gdb or "-"), ("console log", g.console_log),
+            *((("trace", c.trace),) if c.trace else ()),
             *((device_kind(d.kind).flag.lstrip("-"), device_kind(d.kind).describe(d.options)) for d in c.devices),
+            *(("device", p.describe()) for p in c.plugins),
             ("compat", compat["name"]),
             *((f"  {kind}", item) for kind in ("cpuid_masks", "kernel_args", "fixups") for item in compat[kind]),
             ("  syscall_hook", compat["syscall_hook"]),
@@ -101,9 +103,14 @@ def stats_text(stats):
                     _counters({k: stats[k] for k in ("pio_unclaimed", "mmio_unclaimed") if k in stats})))
     host = [(role, str(p["pid"]), f"{p['cpu_percent']:.1f}", f"{p['cpu_seconds']:.2f}", mib_text(p["rss"]),
              "-" if p["pss"] is None else mib_text(p["pss"])) for role, p in stats.get("host", {}).items()]
-    return "\n\n".join((table(("VCPU", "WHERE", "EXITS", "TOP EXITS", "GUEST S", "VMM S", "TID", "CPUS"), vcpus),
-                        table(("DEVICE", "STATE", "PID", "NONZERO COUNTERS (all of them: --json)"), devices),
-                        table(("PROCESS", "PID", "CPU%", "CPU S", "RSS", "PSS"), host)))
+    parts = [table(("VCPU", "WHERE", "EXITS", "TOP EXITS", "GUEST S", "VMM S", "TID", "CPUS"), vcpus),
+             table(("DEVICE", "STATE", "PID", "NONZERO COUNTERS (all of them: --json)"), devices),
+             table(("PROCESS", "PID", "CPU%", "CPU S", "RSS", "PSS"), host)]
+    t = stats.get("trace")
+    if t:
+        parts.append(f"trace {t['file']}: {t['records']} exits recorded, {t['written']} written, {t['pending']} "
+                     f"buffered, {t['dropped']} dropped, {t['self_drains']} self-drains")
+    return "\n\n".join(parts)
 
 
 def _flat(counters, prefix=""):

@@ -5,6 +5,7 @@ import sys
 from pyhv.proto.errors import EXIT_OK, EXIT_STOPPED, EXIT_VM_FAILED, UserError
 from pyhv.supervisor.cli.console import DETACH_KEY
 from pyhv.supervisor.cli.options import add_run_options, config_from
+from pyhv.supervisor.output_files import check_writable
 
 
 def cmd_run(args):
@@ -19,7 +20,7 @@ def cmd_run(args):
     else:
         config = config_from(args, "run")
     if args.stats_json:
-        _check_writable(args.stats_json)
+        check_writable(args.stats_json, "--stats-json")
     from pyhv.vcpu_worker.runner import Foreground
     guest = Foreground(config, snapshot)
     tty = os.isatty(0)
@@ -74,10 +75,11 @@ def _restored(args):
     from pyhv.proto.guest import check
     from pyhv.proto.snapshot import Snapshot
     given = [o for o in GUEST_OPTIONS if getattr(args, o) is not None] + \
-        [KINDS[k].flag[2:] for k in KINDS if getattr(args, f"device_{k}")]
+        [k.flag[2:] for k in KINDS.values() if k.own_option and getattr(args, f"device_{k.name}")] + \
+        (["device"] if args.plugins else [])
     if given or args.boot != "linux":
         raise UserError(f"--restore: the guest comes from the snapshot; give no --{(given or ['boot'])[0]} "
-                        f"(only --timeout)")
+                        f"(only --timeout, --gdb and --trace)")
     snapshot = Snapshot(args.restore)
     config = snapshot.config
     if args.timeout is not None:
@@ -85,16 +87,13 @@ def _restored(args):
             config = config.replace(timeout=float(args.timeout))
         except ValueError:
             raise UserError(f"--timeout: {args.timeout!r} is not a number of seconds") from None
-        check(config)
+    if args.gdb is not None:
+        config = config.replace(gdb=args.gdb)
+    if args.trace is not None:
+        config = config.replace(trace=os.path.abspath(args.trace))
+        check_writable(config.trace, "--trace")
+    check(config)
     return config, snapshot
-
-
-def _check_writable(path):
-    """--stats-json is written when the guest ends: refuse a path that cannot be written before it starts."""
-    where = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(where) or not os.access(where, os.W_OK | os.X_OK) \
-            or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UserError(f"--stats-json: cannot write {path} (give a file in an existing, writable directory)")
 
 
 def add_commands(add):
@@ -104,5 +103,5 @@ def add_commands(add):
                      "(create --start) and print its name")
     run.add_argument("--name", help="with -d: the guest's name (default run-XXXXXX)")
     run.add_argument("--restore", metavar="DIR", help="continue the guest of this snapshot instead of booting "
-                     "one (`hvctl snapshot`); only --timeout applies")
+                     "one (`hvctl snapshot`); only --timeout, --gdb and --trace apply")
     run.add_argument("--stats-json", metavar="FILE", help="write the VMM's counters (exits, time in guest/VMM) here at exit")

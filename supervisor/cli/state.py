@@ -7,7 +7,7 @@ from pyhv.supervisor.cli.client import request
 
 SNAPSHOT_TIMEOUT = 660.0        # the supervisor gives the worker 600 s to write it
 RESTORE_TIMEOUT = 120.0
-MIGRATE_TIMEOUT = 720.0         # the hand-over (the supervisor's 600 s) and the target's start (60 s)
+MIGRATE_TIMEOUT = 3700.0        # the supervisor gives a hand-over 600 s and a copy 3600 s, then the target's start
 
 
 def cmd_snapshot(args):
@@ -27,9 +27,15 @@ def cmd_restore(args):
 
 
 def cmd_migrate(args):
-    """Move NAME to the supervisor of --to (same machine): its RAM changes hands, it is held only meanwhile."""
-    request(args, m.Migrate(args.name, os.path.abspath(args.to), copy=args.copy), timeout=MIGRATE_TIMEOUT)
-    print(f"{args.name} now runs under {os.path.abspath(args.to)}")
+    """Move NAME to the supervisor of --to: its RAM changes hands (same machine), or with --copy is streamed while
+    it runs, then what it dirtied while it is held; with --copy the figures follow."""
+    r = request(args, m.Migrate(args.name, os.path.abspath(args.to), copy=args.copy), timeout=MIGRATE_TIMEOUT)
+    line = f"{args.name} now runs under {os.path.abspath(args.to)}"
+    if args.copy:
+        line += (f" (RAM copied in {r.rounds} rounds{'' if r.converged else ' (the round limit)'}: "
+                 f"{r.bytes / (1 << 20):.1f} MiB, {r.held_bytes / (1 << 20):.1f} MiB of it while held; "
+                 f"downtime {r.downtime * 1000:.0f} ms, {r.seconds:.2f} s in all)")
+    print(line)
     return EXIT_OK
 
 
@@ -45,4 +51,6 @@ def add_commands(add):
                               "its MAC stays what the guest knows)")
     mig = add("migrate", cmd_migrate, "move a running guest to the supervisor of another runtime dir", "name")
     mig.add_argument("--to", required=True, metavar="RUNTIME_DIR", help="the runtime dir of the supervisor to move to")
-    mig.add_argument("--copy", action="store_true", help="stream RAM while the guest runs (not implemented yet)")
+    mig.add_argument("--copy", action="store_true",
+                     help="copy RAM over a stream while the guest runs, then what it dirtied while held "
+                          "(the way between machines)")

@@ -1,11 +1,14 @@
 """The Python API (`from pyhv import Client`): typed calls, pipelined many-guest starts, errors as HvErrors."""
+import os
 import shutil
 import tempfile
 
 import pytest
 
 from pyhv import Client
+from pyhv.proto import control as m
 from pyhv.proto.errors import BadState, NoSuchGuest, NotResponding, UserError
+from pyhv.proto.guest import GuestConfig
 
 # raw64: prints its vCPU index's letter ('a' + RDI), then exits with 10 + the number of vCPUs
 HELLO = r"""
@@ -86,3 +89,17 @@ def test_events_follow_every_change_in_order(hv, build_guest):
                                                 ("created", "running", "paused", "running", "stopped", "destroyed")]
     assert seen[4].exit_status == 143 and seen[4].reason
     assert all(a.time <= b.time for a, b in zip(seen, seen[1:]))
+
+
+def test_a_relative_kernel_path_is_taken_from_the_callers_directory(hv, build_guest):
+    """The supervisor (whose cwd is the caller's here) once checked a relative kernel path against its own
+    directory while the worker opened it from the guest's: the API resolves it, a raw request is refused."""
+    relative = os.path.relpath(build_guest(HELLO))
+    assert not os.path.isabs(relative)
+    config = GuestConfig(name="rel", kernel=relative, boot="raw64", mem_bytes=16 << 20, timeout=30.0)
+    (g,) = hv.create_many([config], start=True)
+    assert g.wait(timeout=30) == 11 and g.logs() == b"a"
+    assert g.info().config.kernel == os.path.abspath(relative)
+    with pytest.raises(UserError, match="relative"):
+        hv.request(m.Create(config.replace(name="raw")))
+    assert [i.name for i in hv.list()] == ["rel"]

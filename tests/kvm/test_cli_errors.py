@@ -159,6 +159,21 @@ def test_an_image_larger_than_guest_ram_is_refused_before_it_is_read(tmp_path, r
                    "do not fit in --mem 16 MiB")
 
 
+def test_a_run_with_device_services_leaves_nothing_in_the_temp_dir(tmp_path, rundir):
+    """Every device-service run once left a /tmp/pyhv-* dir behind (issue 14, defect 10): it goes with the run."""
+    spin = tmp_path / "spin.bin"
+    spin.write_bytes(b"\xeb\xfe")                            # raw16: jmp .
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * 4096)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = subprocess.run(HVCTL + ["run", "--kernel", str(spin), "--boot", "raw16", "--disk", str(disk), "--rng",
+                                "--timeout", "2"], capture_output=True, timeout=60,
+                       env={**os.environ, "HV_RUNTIME_DIR": rundir, "TMPDIR": str(tmp)})
+    assert r.returncode == 124, r
+    assert os.listdir(tmp) == []
+
+
 def test_a_killed_runs_private_dir_is_removed_by_the_next_run(tmp_path, rundir):
     import glob
     import signal

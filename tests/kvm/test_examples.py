@@ -5,8 +5,10 @@ hvctl --timeout and a subprocess timeout.  The assertions are about
 correctness (exact counters, every layout reported, every round trip
 completed, the ring the code ran in), never about timing.
 """
+import csv
 import importlib.util
-import pathlib
+import json
+import os
 import subprocess
 import sys
 
@@ -58,20 +60,56 @@ def test_ipi_round_trips_complete():
         assert (r["apic_id0"], r["apic_id1"]) == (0, 1)
 
 
-def test_runner_cli_says_where_the_code_ran(tmp_path):
+def test_runner_cli_says_where_the_code_ran_and_writes_results(tmp_path):
+    have_matplotlib = importlib.util.find_spec("matplotlib") is not None
     r = subprocess.run([sys.executable, str(RUN_PY), "spinlock", "--vcpus", "2", "--iters", "1000", "--trials", "2",
-                        "--timeout", "60", "--plot", str(tmp_path / "p.png")],
+                        "--timeout", "60", "--out", str(tmp_path), "--trace", str(tmp_path / "traces")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "ring 3" in r.stdout and "user64" in r.stdout and "rdtsc" in r.stdout and "RDX" in r.stdout
     assert "(verified)" in r.stdout and "result: OK" in r.stdout
+    doc = json.loads((tmp_path / "spinlock.json").read_text())
+    assert doc["experiment"] == "spinlock" and [row["vcpus"] for row in doc["results"]] == [2]
+    assert doc["results"][0]["counter"] == doc["results"][0]["expected"] == 2 * (1000 + 2 * 1000)
+    assert any("(verified)" in line for line in doc["notes"])
+    rows = list(csv.DictReader((tmp_path / "spinlock.csv").open()))
+    assert len(rows) == 1 and rows[0]["counter"] == str(doc["results"][0]["counter"])
+    (trace,) = doc["traces"]                   # one guest run, traced: its exits are the console lines and the end
+    assert trace["lost"] == 0 and trace["by_address"]["0xfebff000"] == 1 and set(trace["by_vcpu"]) == {"0", "1"}
+    assert (tmp_path / "spinlock.png").exists() == have_matplotlib
+    if not have_matplotlib:
+        assert "pip install 'pyhv[plot]'" in r.stdout
 
 
-def test_runner_cli_ipi_says_ring0_is_emulated():
+def test_runner_plot_without_matplotlib_is_refused_before_running(tmp_path):
+    hide = tmp_path / "hide"
+    (hide / "matplotlib").mkdir(parents=True)
+    (hide / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    r = subprocess.run([sys.executable, str(RUN_PY), "spinlock", "--out", str(tmp_path / "out"), "--plot",
+                        str(tmp_path / "p.png")], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(hide)})
+    assert r.returncode != 0 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "pip install 'pyhv[plot]'" in r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "p.png").exists()
+
+
+def test_runner_plot_with_matplotlib_draws_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "fs.png"
+    r = subprocess.run([sys.executable, str(RUN_PY), "false_sharing", "--iters", "2000", "--trials", "2",
+                        "--timeout", "60", "--out", str(tmp_path), "--plot", str(png)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:4] == b"\x89PNG" and (tmp_path / "false_sharing.csv").exists()
+
+
+def test_runner_cli_ipi_says_ring0_is_emulated(tmp_path):
     r = subprocess.run([sys.executable, str(RUN_PY), "ipi", "--rounds", "3", "--flag-rounds", "200", "--trials", "2",
-                        "--flag-ring0-rounds", "3", "--timeout", "60"], capture_output=True, text=True, timeout=180)
+                        "--flag-ring0-rounds", "3", "--timeout", "60", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     assert "EMULATED" in r.stdout and "RING 0" in r.stdout and "native" in r.stdout
+    assert len(json.loads((tmp_path / "ipi.json").read_text())["results"]) == 4
 
 
 def test_a_wrong_counter_fails_loudly(monkeypatch):

@@ -538,3 +538,39 @@ def test_a_hung_worker_does_not_hold_up_other_clients(sup, build_guest):
         os.kill(worker, signal.SIGCONT)
     sup.hvctl("stop", "hung", check=0)
     sup.hvctl("stop", "fine", check=0)
+
+
+def test_waits_nobody_listens_to_any_more_are_forgotten(sup, build_guest):
+    """A deferred Wait lives only while its client listens: one whose hvctl.sock connection closed, or whose
+    ZeroMQ client's timeout has passed, costs the supervisor nothing more (they once piled up until the guest
+    ended: an fd each for the first kind)."""
+    sup.hvctl("create", "g", "--kernel", guest(build_guest, LOOP), "--boot", "raw16", "--timeout", "120", "--start",
+              check=0)
+
+    def fds():
+        return len(os.listdir(f"/proc/{sup.proc.pid}/fd"))
+    before = fds()
+    conns = []
+    for _ in range(50):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(os.path.join(sup.dir, "hvctl.sock"))
+        s.send(codec.encode(m.Wait("g"), CONTROL))
+        conns.append(s)
+    wait_for(lambda: fds() >= before + 50)              # each Wait waits on its connection
+    for s in conns:
+        s.close()
+    wait_for(lambda: fds() <= before + 2)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(sup.endpoint)
+        for _ in range(20):
+            dealer.send_multipart([b"", codec.encode(m.Wait("g", timeout=0.2), CONTROL)])
+        time.sleep(3.0)                                  # past their timeout, and the grace after it
+        listening = subprocess.Popen(HVCTL + ["wait", "g"], env={**os.environ, "HV_RUNTIME_DIR": sup.dir})
+        time.sleep(0.5)
+        sup.hvctl("stop", "g", check=0)
+        assert listening.wait(30) == 143                 # a Wait still listened to is answered
+        assert not dealer.poll(1000)                     # the abandoned ones were not
+    finally:
+        dealer.close()

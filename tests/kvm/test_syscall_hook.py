@@ -182,7 +182,7 @@ def test_a_debug_exit_nothing_of_ours_explains_reaches_the_guest_as_its_own_db(b
 
     class Device:
         def write(self, offset, data):
-            machine.debug[0].deliver_to_guest(0xFFFF0FF0 | 1 << 14 | 1 << 2)    # BS and B2: no slot of ours
+            machine.guest_debug[0].deliver_to_guest(0xFFFF0FF0 | 1 << 14 | 1 << 2)    # BS and B2: no slot of ours
 
         def read(self, offset, size):
             return b"\xff" * size
@@ -198,5 +198,5 @@ def test_a_debug_exit_nothing_of_ours_explains_reaches_the_guest_as_its_own_db(b
     machine.join()
     assert outcome is not None and outcome.status == 0, (outcome, out)
     assert out == b"D44"                        # BS (bit 14 -> 4 after >> 12) and B2 (4)
-    assert machine.debug[0].delivered == 1
+    assert machine.guest_debug[0].delivered == 1
 

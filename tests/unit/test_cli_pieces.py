@@ -39,6 +39,18 @@ def test_fleet_specs_expand_counts_defaults_and_relative_paths(tmp_path):
             fleet.read(str(tmp_path / "bad.json"))
 
 
+def test_fleet_traces_are_one_file_per_guest(tmp_path):
+    spec = {"defaults": {"kernel": "k.bin"}, "guest": [{"name": "w", "count": 2, "trace": "t/{name}.trace"},
+                                                       {"name": "x", "trace": "x.trace"}]}
+    (tmp_path / "f.json").write_text(json.dumps(spec))
+    assert [o["trace"] for _, o in fleet.read(str(tmp_path / "f.json"))] == \
+        [str(tmp_path / "t" / "w-0.trace"), str(tmp_path / "t" / "w-1.trace"), str(tmp_path / "x.trace")]
+    spec["guest"][0]["trace"] = "shared.trace"
+    (tmp_path / "f.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="cannot share one trace file"):
+        fleet.read(str(tmp_path / "f.json"))
+
+
 def test_stats_text_is_three_tables_with_services_and_nonzero_counters():
     from pyhv.supervisor.cli.inspect import stats_text
     stats = {"vcpus": [{"index": 0, "exits": {"IO": 5, "HLT": 9}, "ns_in_guest": 2_500_000_000, "ns_in_vmm": 10**7,

@@ -357,6 +357,46 @@ def test_kill_9_reports_failed_restarts_and_serves_the_request_in_flight(guest, 
         rb.close()
 
 
+def test_a_restart_waits_for_an_absent_launcher_without_using_up_restarts(guest, image, host):
+    """No supervisor to start the service (killed, or being upgraded): the proxy asks again until one answers,
+    then the device goes on from the used ring, its restart budget untouched and its endpoints reused."""
+    from pyhv.devices.virtio.proxy import LauncherAbsent
+    _, mem = guest
+    asks = []
+
+    class Away(LocalLauncher):
+        absent = 0
+
+        def start(self, device, incarnation, fds):
+            asks.append(incarnation)
+            if self.absent:
+                self.absent -= 1
+                raise LauncherAbsent("no supervisor serves services.sock")
+            return super().start(device, incarnation, fds)
+
+    config = GuestConfig(name="t", kernel="/k", mem_bytes=RAM, devices=[DeviceSpec("blk", {"path": str(image)})])
+    (name, k, _), = kinds.named(config.devices)
+    eventfds = Eventfds.create(k.model_class().num_queues)
+    launcher = Away(config, host)
+    rb = ServiceProxy(k, name, mem, eventfds, launcher, max_restarts=1)
+    rb.attach(Events(), eventfds)
+    rb.test_eventfds = eventfds
+    try:
+        notify, _ = activate(rb, mem)
+        drv = RingDriver(mem)
+        launcher.absent = 3
+        os.kill(rb.pid, signal.SIGKILL)
+        wait_for(lambda: "waiting to be restarted" in rb.status().reason)
+        assert rb.status().state == "failed"
+        head = blk_read(drv, 3)                        # posted while nobody can start the service
+        os.eventfd_write(notify, 1)
+        assert drv.wait_used() == (head, 513) and mem.read(DATA, 512) == b"\x03" * 512
+        assert rb.status().state == "running" and rb.restarts == 1
+        assert asks == [1, 2, 2, 2, 2]                 # nothing started for the absent asks: same endpoints
+    finally:
+        rb.close()
+
+
 def test_chain_popped_but_not_completed_by_the_dead_service_is_served_again(guest, image, host):
     """SIGSTOP the service mid-flight: it has the chain (avail consumed) but never puts it."""
     _, mem = guest

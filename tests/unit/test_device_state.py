@@ -103,3 +103,68 @@ def test_states_are_plain_values():
     for device in (Serial8250(irq=lambda level: None, out=lambda b: None), I8042(reset=lambda: None), CmosRtc(),
                    DebugPage(exit_vm=lambda v: None, console_out=lambda d: None)):
         assert codec._is_plain(device.snapshot()), device
+
+
+# --- saved state from a hostile snapshot (found by tests/unit/fuzz/test_fuzz_legacy.py) ---------------------
+
+@pytest.mark.parametrize("field, value", [("lcr", 256), ("ier", 0x10), ("dll", 0x1FF), ("scr", 2 ** 64),
+                                          ("mcr", 0x20), ("lsr_err", 0x01), ("tx_bytes", -1)])
+def test_serial_refuses_registers_no_uart_holds(field, value):
+    """An 8250 restored with LCR=256 read it back through a 256-entry table: IndexError in the vCPU, VM failed (70)
+    on the guest's first register read instead of the restore refusing the snapshot."""
+    a = Serial8250(irq=lambda level: None, out=lambda b: None)
+    before = a.snapshot()
+    with pytest.raises(StateError):
+        a.restore({**before, field: value})
+    assert a.snapshot() == before                   # nothing half-restored
+    for offset in range(8):
+        assert len(a.read(offset, 1)) == 1
+
+
+@pytest.mark.parametrize("field, value", [("last", -1), ("ctr", 256), ("outport", 0x100), ("status_cmd", 3),
+                                          ("pending", 0x42)])
+def test_i8042_refuses_registers_no_controller_holds(field, value):
+    """last=-1 made the next read of port 0x60 raise ValueError (bytes((-1,))): the VM failed instead of the
+    restore refusing the snapshot."""
+    a = I8042(reset=lambda: None)
+    before = a.snapshot()
+    with pytest.raises(StateError):
+        a.restore({**before, field: value})
+    assert a.snapshot() == before
+    assert len(a.data_port().read(0, 1)) == 1 and len(a.command_port().read(0, 1)) == 1
+
+
+def test_saved_byte_strings_must_be_bytes_not_a_size_to_allocate():
+    """bytes(state["rx"]) of an int n allocates n zero bytes: a snapshot saying 2**40 made the restore a MemoryError
+    (and 2**70 an OverflowError), neither of which the worker turned into a one-line refusal."""
+    cases = ((Serial8250(irq=lambda level: None, out=lambda b: None), "rx"), (I8042(reset=lambda: None), "out"),
+             (CmosRtc(), "ram"))
+    for device, field in cases:
+        for value in (2 ** 40, 2 ** 70, "text", [1, 2]):
+            with pytest.raises(StateError, match="not bytes"):
+                device.restore({**device.snapshot(), field: value})
+    root = PciRoot(FakeRouter())
+    with pytest.raises(StateError, match="not bytes"):
+        root.restore({"address": 0, "functions": {"host-bridge": {"config": 2 ** 40}}})
+
+
+def test_the_device_manager_refuses_any_malformed_value_with_one_state_error():
+    """int(inf) in a device's restore is an OverflowError; the manager let it escape the worker as a traceback."""
+    from pyhv.devices.guest_memory import GuestMemory, create_memfd
+    from pyhv.proto.guest import GuestConfig
+    from pyhv.vcpu_worker.bus import MmioBus, PioBus
+    from pyhv.vcpu_worker.device_manager import DeviceManager
+    fd = create_memfd(1 << 20)
+    mem = GuestMemory(fd, 1 << 20)
+    try:
+        dm = DeviceManager(GuestConfig(name="g", kernel="/k", mem_bytes=1 << 20), mem, FakeRouter(), PioBus(),
+                           MmioBus(), console_out=lambda b: None, on_reset=lambda: None, on_exit=lambda v: None)
+        state = dm.snapshot()
+        state["rtc"]["index"] = float("inf")
+        with pytest.raises(StateError, match="malformed: OverflowError"):
+            dm.restore(through_msgpack(state))
+        dm.close()
+    finally:
+        mem.close()
+        import os
+        os.close(fd)

@@ -92,3 +92,12 @@ def test_devices_start_no_processes():
 def test_the_checker_sees_nested_and_dynamic_imports(source, bad):
     imports = [m for _, m in imported_modules(ast.parse(source))]
     assert any(layer_of(m) in ("supervisor", "vcpu_worker") for m in imports) is bad
+
+
+def test_no_two_test_files_share_a_name():
+    """The tiers have no __init__.py, so pytest imports test files by base name: two of one name make the whole
+    suite's collection fail, which a run of one tier does not show."""
+    names = {}
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        names.setdefault(path.name, []).append(str(path.relative_to(REPO)))
+    assert {n: p for n, p in names.items() if len(p) > 1} == {}

@@ -126,3 +126,53 @@ def test_call_soon_runs_on_the_loop_thread(loop):
     until(lambda: where)
     assert where == [t]
 
+
+
+def test_a_callback_may_close_its_socket_and_open_another_that_reuses_its_fd(loop):
+    """The supervisor's worker calls: a reply's callback closes that DEALER and sends the next request on a new
+    one, whose fd number is often the closed one's.  Every reply must be seen (the drain once removed the new
+    socket while cleaning up after the old, and the second request of `hvctl stats` timed out half the time)."""
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    server.bind("inproc://echo")
+
+    def echo():
+        while True:
+            frames = server.recv_multipart()
+            if frames[-1] == b"quit":
+                return
+            server.send_multipart(frames)
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    replies, fds = [], set()
+
+    def call(n):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect("inproc://echo")
+        fds.add(sock.getsockopt(zmq.FD))
+
+        def on_reply():
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            replies.append(frame)
+            loop.remove(sock)
+            sock.close()
+            if n < 60:
+                call(n + 1)
+        sock.send(b"%d" % n)
+        loop.add_socket(sock, on_reply)
+    loop.call_soon(lambda: call(1))
+    loop.start()
+    until(lambda: len(replies) == 60, timeout=10)
+    assert replies == [b"%d" % n for n in range(1, 61)]
+    assert len(fds) < 60                    # fd numbers were reused: the case this is about
+    loop.stop()
+    quitter = ctx.socket(zmq.DEALER)
+    quitter.connect("inproc://echo")
+    quitter.send(b"quit")
+    t.join(5)
+    quitter.close(), server.close()
+    ctx.term()

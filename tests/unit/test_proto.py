@@ -3,15 +3,16 @@ import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pyhv.proto import codec, control as m, device_service as ds, errors
+from pyhv.proto import codec, control as m, device_service as ds, errors, plugin as pw
 from pyhv.proto.control import CONTROL
 from pyhv.proto.errors import ProtocolError
-from pyhv.proto.guest import GUEST, DeviceSpec, GuestConfig
+from pyhv.proto.guest import GUEST, DeviceSpec, GuestConfig, PluginRange, PluginSpec
 from pyhv.proto.messages import Error, Ok, to_plain
 
 CONFIG = GuestConfig(name="g1", kernel="/k", boot="raw16", load_addr=0x7C00, initrd=None,
                      cmdline="console=ttyS0", mem_bytes=64 << 20, vcpus=2, timeout=1.5,
-                     devices=[DeviceSpec("blk", {"path": "/d"}), DeviceSpec("rng")])
+                     devices=[DeviceSpec("blk", {"path": "/d"}), DeviceSpec("rng")],
+                     plugins=[PluginSpec("/p/dev.py", "Dev", {"base": "0x300"}, pio=[PluginRange(0x300, 8)], irq=5)])
 INFO = m.GuestInfo(name="g1", state="stopped", vcpus=2, mem_bytes=64 << 20, exit_status=7,
                    reason="guest wrote 7", pids={"worker": 123}, config=CONFIG,
                    console_log="/r/console.log", console_sock="/r/console.sock")
@@ -20,13 +21,17 @@ SAMPLES = [
     m.Start("g1"), m.Stop("g1"), m.Pause("g1"), m.Resume("g1"), m.CtrlAltDel("g1"), m.CtrlAltDelReply(True), m.Events(),
     m.SnapshotGuest("g1", "/tmp/s", stop=True), m.SnapshotReply("/tmp/s", 4096, 0.012),
     m.RestoreGuest("/tmp/s", "g2", True, ["switch:b"]), m.Migrate("g1", "/run/b"), m.Immigrate("/run/b/in/state"),
+    m.Prepared("g1"), m.Commit("g1"), m.ReceiveGuest(CONFIG, paused=True), m.ReceiveReady("unix:/run/b/s.sock", "t"),
+    m.MigrateOut("g1", "unix:/run/b/s.sock", "t"), m.MigrateReply("done", copy=True, to="/run/b", rounds=3,
+                                                                  bytes=1 << 20, held_bytes=4096, downtime=0.02),
     m.Event("g1", "stopped", 143, "stopped by request", 1.5), m.Destroy("g1"), m.List(),
-    m.Info("g1"), m.Wait("g1"), m.Stats("g1"), m.DeviceStatus("g1"), Ok(), Error("no-such-guest", "no such guest: x"),
+    m.Info("g1"), m.Wait("g1"), m.Wait("g1", 2.5), m.Stats("g1"), m.StopSupervisor(leave_guests=True),
+    m.SupervisorStopping(42, ["g1"], True), m.DeviceStatus("g1"), Ok(), Error("no-such-guest", "no such guest: x"),
     m.Pong(42, "/run/pyhv"), m.GuestList([INFO, INFO]), m.GuestList([]),
     m.StatsReply({"vcpus": [{"index": 0, "exits": {"IO": 3}}], "x": None, "f": 1.5}),
 ]
 SPAWN_SAMPLES = [ds.SpawnService("g1", "virtio-rng", 1, ds.ServiceFds.positions(1, 2)), ds.ServiceSpawned(1234),
-                 Error("bad-argument", "no")]
+                 pw.SpawnPlugin("g1", 0, pw.PluginFds.positions(2)), Error("bad-argument", "no")]
 
 
 def envelope(type_, fields, v=codec.PROTOCOL_VERSION):
@@ -159,3 +164,16 @@ def test_fuzz_envelopes(type_, fields, version):
     except ProtocolError:
         return
     assert codec.decode(codec.encode(msg, CONTROL), CONTROL) == msg
+
+
+def test_text_that_cannot_travel_as_utf8_is_a_protocol_error():
+    """Found by tests/unit/fuzz/test_fuzz_proto.py: JSON (guest.json, a snapshot manifest) can hold a lone surrogate,
+    from_plain took it, and the config check's cmdline.encode() raised UnicodeEncodeError: a restore of such a
+    snapshot ended in a traceback instead of a one-line refusal."""
+    from pyhv.proto import guest
+    for text in ("\ud800", "a\udcffb"):
+        with pytest.raises(ProtocolError, match="cmdline: text that is not UTF-8"):
+            codec.from_plain(guest.GuestConfig, {"name": "g", "kernel": "/k", "cmdline": text})
+        with pytest.raises(ProtocolError, match="not UTF-8"):
+            codec.from_plain(guest.GuestConfig, {"name": "g", "kernel": "/k",
+                                                 "devices": [{"kind": "blk", "options": {"path": text}}]})

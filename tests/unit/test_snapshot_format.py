@@ -93,12 +93,24 @@ def _set(path, value):
     (_set(["files", "state.msgpack", "sha256"], "0" * 64), "checksum"),
     (_set(["config", "vcpus"], 3), "3 vCPUs"),
     (_set(["config", "boot"], 7), "bad guest config"),
+    (_set(["config", "cmdline"], "\ud800"), "bad guest config.*not UTF-8"),   # JSON can say it; .encode() fails
     (lambda m: m["files"].pop("state.msgpack"), "incomplete"),
 ])
 def test_a_bad_manifest_is_refused(tmp_path, change, message):
     snap = write(str(tmp_path / "s"))
     edit_manifest(snap, change)
     with pytest.raises(S.SnapshotError, match=message):
+        S.Snapshot(snap)
+
+
+@pytest.mark.parametrize("text", [b"[" * 100_000, b'{"format": "pyhv-snapshot", "files": ' + b"[" * 5000 + b"]" * 5000 + b"}"])
+def test_a_manifest_nested_past_the_recursion_limit_is_refused_in_one_line(tmp_path, text):
+    """Found by tests/unit/fuzz/test_fuzz_snapshot.py: json.loads raised RecursionError, which the reader did not
+    catch, so `hvctl restore` of such a directory printed a traceback instead of refusing it."""
+    snap = write(str(tmp_path / "s"))
+    with open(os.path.join(snap, "manifest.json"), "wb") as f:
+        f.write(text)
+    with pytest.raises(S.SnapshotError, match="not JSON"):
         S.Snapshot(snap)
 
 

@@ -5,7 +5,6 @@ import pytest
 
 from pyhv.vcpu_worker import guest_debug, syscall_hook
 from pyhv.vcpu_worker._kvm import ffi, lib
-from pyhv.vcpu_worker.guest_debug import EXECUTE, WRITE, Breakpoint, control_for, dr7_for
 from pyhv.vcpu_worker.syscall_hook import RFLAGS_AC, RFLAGS_DF, RFLAGS_IF, parse_gate, skip_rule
 from pyhv.vcpu_worker.vcpu import ExitContext, handle_exit
 
@@ -46,32 +45,6 @@ def test_gates():
     assert parse_gate(b"\0" * 15) == (False, None)
 
 
-def test_dr7_and_control_compose_the_slots():
-    slots = [None] * 4
-    assert control_for(slots, False) == 0 and dr7_for(slots) == 0x400
-    slots[0] = Breakpoint(0xFFFFFFFF81000000, EXECUTE, 1, "syscall-hook")
-    assert dr7_for(slots) == 0x401
-    slots[2] = Breakpoint(0x1000, WRITE, 4, "gdb")
-    assert dr7_for(slots) == 0x401 | 1 << 4 | 0b01 << 24 | 0b11 << 26
-    assert control_for(slots, False) == lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP
-    assert control_for([None] * 4, True) == lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP
-
-
-def test_a_slot_belongs_to_whoever_set_it():
-    d = guest_debug.GuestDebug(vcpu=None)
-    d.set(0, "syscall-hook", 0x1000)
-    with pytest.raises(ValueError):
-        d.set(0, "gdb", 0x2000)
-    assert d.free_slot() == 1
-    d.set(1, "gdb", 0x2000)
-    d.step("gdb", True)
-    assert d.owners(0xFFFF0FF1) == ["syscall-hook"]
-    assert d.owners(0xFFFF0FF2 | guest_debug.DR6_BS) == ["gdb", "gdb"]
-    assert d.owners(0xFFFF0FF0) == []
-    d.clear(0, "gdb")                                   # not its slot: nothing happens
-    assert d.slots[0].owner == "syscall-hook"
-
-
 def test_the_c_walk_follows_4_level_tables_and_large_pages():
     mem = ffi.new("uint8_t[]", 0x10000)
     ram = ffi.new("struct hv_guest_ram *")
@@ -96,44 +69,55 @@ def test_the_c_walk_follows_4_level_tables_and_large_pages():
     assert lib.hv_guest_walk(ram, pml4, 0, va, out) == -1
 
 
-class FakeDebug:
-    def __init__(self, owners):
-        self._owners, self.delivered = owners, []
-
-    def owners(self, dr6):
-        return self._owners
-
-    def deliver_to_guest(self, dr6):
-        self.delivered.append(dr6)
-
-
 class FakeHook:
+    """The SYSCALL hook as GuestDebug sees it: an owner with DR0 reserved."""
+
     def __init__(self):
         self.seen = []
 
-    def on_debug(self, dr6):
-        self.seen.append(dr6)
+    def on_debug(self, ctx, event):
+        self.seen.append((event.pc, [i for i, _ in event.slots], event.step))
+        return None
+
+
+class Vcpu:
+    index, fd = 0, -1
 
 
 def debug_exit(dr6, pc=0x1000):
     e = ffi.new("struct hv_exit *")
-    e.reason, e.ndata = lib.KVM_EXIT_DEBUG, 4
-    e.data[0], e.data[1], e.data[2] = 1, pc, dr6
+    e.reason, e.suberror = lib.KVM_EXIT_DEBUG, 1
+    e.data[0], e.data[1] = pc, dr6
     return e
 
 
+def hooked_debug(delivered):
+    debug, hook = guest_debug.GuestDebug(Vcpu()), FakeHook()
+    debug.reserve(syscall_hook.HOOK_SLOT, hook)
+    assert debug.set_slot(hook, 0xFFFFFFFF81A00AE0) == syscall_hook.HOOK_SLOT
+    debug.deliver_to_guest = delivered.append
+    return debug, hook
+
+
 def test_a_debug_exit_nobody_asked_for_is_the_guest_s_own():
-    debug, hook = FakeDebug([]), FakeHook()
-    ctx = ExitContext(vcpu=None, pio_lookup=None, mmio_lookup=None, mem=None, debug=debug, hook=hook)
-    assert handle_exit(lib.KVM_EXIT_DEBUG, debug_exit(0xFFFF4FF0), ctx) is None
-    assert debug.delivered == [0xFFFF4FF0] and hook.seen == []
+    delivered = []
+    debug, hook = hooked_debug(delivered)
+    ctx = ExitContext(vcpu=Vcpu(), pio_lookup=None, mmio_lookup=None, mem=None, debug=debug, hook=None)
+    assert handle_exit(lib.KVM_EXIT_DEBUG, debug_exit(0xFFFF4FF0), ctx) is None      # BS: its own TF
+    assert handle_exit(lib.KVM_EXIT_DEBUG, debug_exit(0xFFFF0FF8), ctx) is None      # B3: its own DR3
+    assert delivered == [0xFFFF4FF0, 0xFFFF0FF8] and hook.seen == []
 
 
 def test_the_hook_s_own_debug_exit_goes_to_the_hook():
-    debug, hook = FakeDebug([syscall_hook.OWNER]), FakeHook()
-    ctx = ExitContext(vcpu=None, pio_lookup=None, mmio_lookup=None, mem=None, debug=debug, hook=hook)
-    assert handle_exit(lib.KVM_EXIT_DEBUG, debug_exit(0xFFFF0FF1), ctx) is None
-    assert hook.seen == [0xFFFF0FF1] and debug.delivered == []
+    delivered = []
+    debug, hook = hooked_debug(delivered)
+    ctx = ExitContext(vcpu=Vcpu(), pio_lookup=None, mmio_lookup=None, mem=None, debug=debug, hook=None)
+    assert handle_exit(lib.KVM_EXIT_DEBUG, debug_exit(0xFFFF0FF1, 0xFFFFFFFF81A00AE0), ctx) is None
+    assert hook.seen == [(0xFFFFFFFF81A00AE0, [0], False)] and delivered == []
+    debug.clear_slot(hook, 0)
+    debug.set_step(hook, True)                            # an entry C cannot skip: one step with DR0 off
+    handle_exit(lib.KVM_EXIT_DEBUG, debug_exit(0xFFFF4FF0, 0xFFFFFFFF81A00AE3), ctx)
+    assert hook.seen[-1] == (0xFFFFFFFF81A00AE3, [], True) and delivered == []
 
 
 def test_host_facts_are_read_only_for_this_boot_and_kvm(tmp_path, monkeypatch):

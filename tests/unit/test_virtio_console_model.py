@@ -272,8 +272,9 @@ def test_device_service_process(guest, tmp_path):
         c.close()
         assert isinstance(call(S.Reset()), Ok)
         assert isinstance(call(S.Shutdown()), Ok)
-        assert proc.wait(10) == 0
-        assert not sock.exists()
+        assert proc.wait(10) == 0            # a clean end: its unlink of the socket was refused, not killed
+        assert sock.exists()                  # it may not touch the filesystem once serving (proto/sandbox.py):
+                                              # the socket goes with its guest's dir; a new service replaces it
     finally:
         if proc.poll() is None:
             proc.kill()

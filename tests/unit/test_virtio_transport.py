@@ -13,6 +13,7 @@ import time
 import pytest
 
 from fakes import FakeBackend, FakeRouter
+from fuzzing import StrictRouter
 from ringdriver import AVAIL, DESC, USED, RingDriver
 
 from pyhv.devices.guest_memory import GuestMemory, create_memfd
@@ -23,6 +24,7 @@ from pyhv.devices.virtio.queue import QueueConfigError
 from pyhv.devices.virtio.rng import VirtioRng
 from pyhv.devices.virtio.transport import common_config as cc, msix as MX, pci as V
 from pyhv.proto.device_service import QueueConfig, ServiceFds
+from pyhv.proto.errors import StateError
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -175,14 +177,57 @@ def test_guest_moving_a_bar_moves_the_window_and_the_ioeventfds():
     root.router.ioeventfd_log.clear()
     cfg_write(root, 1, 0x10, new, 4)                   # decoding stays on
     assert dev.bar_addr[0] == new
-    assert root.router.ioeventfd_log[:2] == [("deassign", dev.eventfds.notify[0], old + V.NOTIFY_OFF, 2),
-                                     ("assign", dev.eventfds.notify[0], new + V.NOTIFY_OFF, 2)]
+    n0, n1 = dev.eventfds.notify
+    assert root.router.ioeventfd_log == [       # every old place is left before any new one is taken
+        ("deassign", n0, old + V.NOTIFY_OFF, 2), ("deassign", n1, old + V.NOTIFY_OFF + 4, 2),
+        ("assign", n0, new + V.NOTIFY_OFF, 2), ("assign", n1, new + V.NOTIFY_OFF + 4, 2)]
     win = root.window
     assert win.read(new - R.MMIO_WINDOW_START + NUMQ, 2) == b"\x02\x00"
     assert win.read(old - R.MMIO_WINDOW_START + NUMQ, 2) == b"\xff\xff"
     cfg_write(root, 1, 0x10, 0x1000_0000, 4)           # outside the window: not decoded
     assert dev.bar_addr[0] is None
     assert win.read(new - R.MMIO_WINDOW_START, 4) == b"\xff" * 4
+
+
+def strict_pair():
+    """A bus with two virtio functions (slots 1 and 2) on a router that refuses what KVM refuses."""
+    router = StrictRouter()
+    root = PciRoot(router)
+    fns = []
+    for name in ("a", "b"):
+        fn = V.VirtioPciDevice(FakeBackend(), None, router, Eventfds.create(2))
+        root.add(fn, name)
+        fns.append(fn)
+    return root, router, fns
+
+
+def notify_ioeventfds(*fns):
+    return {(fn.bar_addr[0] + V.NOTIFY_OFF + 4 * q, 2): fd for fn in fns for q, fd in enumerate(fn.eventfds.notify)}
+
+
+def test_a_bar_moved_onto_another_stops_decoding_until_moved_apart():
+    """Issue 14 defect 3: one junk byte in a BAR put it on another device's BAR, KVM_IOEVENTFD said EEXIST and
+    the VM failed.  Overlapping BARs do not decode, as on real PCI; moved apart, they decode again."""
+    root, router, (a, b) = strict_pair()
+    a_home = a.bar_addr[0]
+    cfg_write(root, 1, 0x11, (b.bar_addr[0] >> 8) & 0xFF, 1)          # one byte is enough
+    assert a.bar_value(0) == b.bar_addr[0] and a.bar_addr[0] is None and root.bar_conflicts == 1
+    assert router.ioeventfds == notify_ioeventfds(b)
+    assert root.window.read(b.bar_addr[0] - R.MMIO_WINDOW_START + NUMQ, 2) == b"\x02\x00"      # b still answers
+    cfg_write(root, 1, 0x10, a_home, 4)
+    assert a.bar_addr[0] == a_home and router.ioeventfds == notify_ioeventfds(a, b)
+
+
+def test_a_bar_taking_the_place_another_has_just_left_gets_its_ioeventfds():
+    """Found by tests/unit/fuzz/test_fuzz_pci.py: a's BAR put onto b's does not decode; when b then turns memory
+    decoding off, a's decodes there in the same step, and its ioeventfds must be added only after b's are gone
+    (they were added first: EEXIST, the VM failed with 70)."""
+    root, router, (a, b) = strict_pair()
+    cfg_write(root, 1, 0x10, b.bar_addr[0], 4)
+    assert a.bar_addr[0] is None
+    cfg_write(root, 2, 0x04, 0, 2)
+    assert b.bar_addr[0] is None and a.bar_addr[0] == b.bar_value(0)
+    assert router.ioeventfds == notify_ioeventfds(a)
 
 
 def test_capability_list_describes_the_bar_layout():
@@ -503,6 +548,64 @@ def test_rng_broken_avail_ring_asks_for_a_reset(rng_setup):
     assert rng._loop is None
 
 
+def test_a_model_that_raises_asks_for_a_reset_and_its_queue_thread_lives_on(rng_setup, monkeypatch):
+    """Issue 14 defect 1: only QueueFatal was caught, so any other exception in a model's process() (virtio-blk's
+    status byte at guest-physical -1 raised GuestMemoryError) ended its queue thread silently: no
+    DEVICE_NEEDS_RESET, the disk hung.  Now the queue stops, the driver is told, the thread serves on."""
+    from pyhv.devices.guest_memory import GuestMemoryError
+    mem, rng, drv, notify, _, events = rng_setup
+
+    def broken(index, vq):
+        raise GuestMemoryError("guest range 0xffffffffffffffff+0x1 is outside guest RAM")
+    monkeypatch.setattr(rng, "process", broken)
+    drv.post([(BUF, 64, True)])
+    os.eventfd_write(notify, 1)
+    deadline = time.monotonic() + 5
+    while not events and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert events and events[0][0] == "reset" and "GuestMemoryError" in events[0][1]
+    assert rng.fatal_errors == 1 and rng._thread.is_alive()
+    rng.reset()                                        # the driver's answer: returns, the thread was alive
+    assert rng._loop is None
+
+
+@pytest.mark.parametrize("port, width", [(0xCFD, 4), (0xCFE, 4), (0xCFF, 2), (0xCFF, 4)])
+def test_config_accesses_running_past_byte_0xff_touch_only_what_exists(port, width):
+    """Issue 14 defect 4: a 16- or 32-bit access at 0xCFD-0xCFF with register 0xFC selected ran past config byte
+    0xFF: IndexError in the vCPU, VM failed (70).  Bytes past the end read all-ones and take no write."""
+    root, dev = make()
+    root.config_io.write(0, (0x8000_0000 | 1 << 11 | 0xFC).to_bytes(4, "little"))
+    before = bytes(dev.config)
+    root.config_io.write(port - 0xCF8, b"\xff" * width)
+    value = int.from_bytes(root.config_io.read(port - 0xCF8, width), "little")
+    inside = 0x100 - (0xFC + port - 0xCFC)             # bytes of the access that exist
+    assert value >> (8 * inside) == (1 << 8 * (width - inside)) - 1
+    assert bytes(dev.config) == before                 # 0xFD..0xFF are read-only here
+
+
+def test_many_vcpus_toggling_memory_decoding_keep_kvms_ioeventfds_exact():
+    """Issue 14 defect 2: COMMAND.MEM toggled by several vCPUs at once raced in the BAR decoding, and KVM_IOEVENTFD
+    said EEXIST or ENOENT: the VM failed.  16 threads toggle at once on a router that fails as KVM does."""
+    root, router, (a, b) = strict_pair()
+    errors = []
+
+    def vcpu(k):
+        try:
+            for i in range(300):
+                cfg_write(root, 1 + (k + i) % 2, 0x04, CS.CMD_MEMORY if (k + i) % 3 else 0, 2)
+        except BaseException as e:                 # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=vcpu, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    for slot in (1, 2):
+        cfg_write(root, slot, 0x04, CS.CMD_MEMORY, 2)
+    assert router.ioeventfds == notify_ioeventfds(a, b)
+
+
 def test_threaded_backend_serves_kicks_made_before_activation():
     fd = create_memfd(RAM)
     mem = GuestMemory(fd, RAM)
@@ -521,3 +624,29 @@ def test_threaded_backend_serves_kicks_made_before_activation():
         eventfds.close()
 
 
+
+
+# --- transport state from a hostile snapshot (found by tests/unit/fuzz/test_fuzz_snapshot.py) ---------------
+
+@pytest.mark.parametrize("field, value", [
+    ("status", 256), ("device_feature_select", -1), ("driver_feature_select", 2 ** 32), ("config_vector", 0x10000),
+    ("queue_select", -1), ("config_generation", 0x100), ("driver_features", 2 ** 64),
+    ("queue 0 vector", 0x10000), ("queue 0 desc", 2 ** 64), ("queue 1 driver", -1), ("queue 0 enabled", 5),
+    ("queue 0 size", "8")])
+def test_a_saved_transport_register_out_of_range_is_refused_and_changes_nothing(field, value):
+    """status=256 restored fine and the guest's next read of the common config packed it into one byte
+    (struct.error in the vCPU: the VM failed with 70); a negative feature select was a ValueError there."""
+    root, dev = make()
+    state = {"pci": CS.PciFunction.snapshot(dev), "common": dev.common.snapshot(), "msix": dev.msix.snapshot(),
+             "isr": 0, "config": b""}
+    if field.startswith("queue "):
+        _, q, name = field.split()
+        state["common"]["queues"][int(q)][name] = value
+    else:
+        state["common"][field] = value
+    before = dev.common.snapshot()
+    with pytest.raises(StateError, match="outside"):
+        dev.restore(state)
+    assert dev.common.snapshot() == before
+    for off in range(0, cc.LENGTH):
+        common_read(dev, off, 1)

@@ -115,14 +115,13 @@ static void hv_fill_exit(struct hv_vcpu *v, struct hv_exit *e)
     case KVM_EXIT_SYSTEM_EVENT:
         e->suberror = run->system_event.type;
         break;
-    case KVM_EXIT_DEBUG:
-        e->ndata = 4;
-        e->data[0] = run->debug.arch.exception;
-        e->data[1] = run->debug.arch.pc;
-        e->data[2] = run->debug.arch.dr6;
-        e->data[3] = run->debug.arch.dr7;
+    case KVM_EXIT_DEBUG:            /* suberror: the exception (1 #DB, 3 #BP); data: pc, dr6, dr7 */
+        e->suberror = run->debug.arch.exception;
+        e->data[0] = run->debug.arch.pc;
+        e->data[1] = run->debug.arch.dr6;
+        e->data[2] = run->debug.arch.dr7;
         break;
-    case KVM_EXIT_X86_WRMSR:
+    case KVM_EXIT_X86_WRMSR:        /* suberror: KVM's reason; data: index, value */
         e->suberror = run->msr.reason;
         e->ndata = 2;
         e->data[0] = run->msr.index;
@@ -163,6 +162,20 @@ static int hv_fast_io(struct hv_vcpu *v, struct hv_exit *e)
     }
 }
 
+/* A single-stepped instruction exited to user space (I/O, MMIO).  KVM here
+ * completes it on the next KVM_RUN and runs on without reporting the step,
+ * so that KVM_RUN gets immediate_exit: it only completes the instruction,
+ * and returns HV_EXIT_STEP_DONE (or KVM's own debug exit, on hosts that
+ * report the step). */
+static void hv_complete_alone(struct hv_vcpu *v)
+{
+    v->step_io = 1;
+    __atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+}
+
+static void hv_trace_exit(struct hv_vcpu *v, uint64_t t0, uint64_t t1, long r, int in_c);
+
+
 static int hv_hook_exit(struct hv_vcpu *v, struct hv_exit *e, long r);
 #define HV_HOOK_PASS 0          /* not the hook's: the loop goes on with the exit */
 #define HV_HOOK_RESUME 1        /* handled: run the guest again */
@@ -171,13 +184,19 @@ static int hv_hook_exit(struct hv_vcpu *v, struct hv_exit *e, long r);
 /* The rest of an exit after KVM_RUN: answered in C (HV_EXIT_ABSORBED), or filled in for Python. */
 uint32_t hv_finish_exit(struct hv_vcpu *v, struct hv_exit *e)
 {
-    if (v->run->exit_reason == KVM_EXIT_IO) {
+    uint32_t reason = v->run->exit_reason;
+    if (reason == KVM_EXIT_IO) {
         int fast = hv_fast_io(v, e);
-        if (fast == 1)
+        if (fast == 1) {
+            if (v->stepping)
+                hv_complete_alone(v);
             return HV_EXIT_ABSORBED;
+        }
         if (fast == 2)
             return e->reason;
     }
+    if (v->stepping && (reason == KVM_EXIT_IO || reason == KVM_EXIT_MMIO))
+        hv_complete_alone(v);
     hv_fill_exit(v, e);
     return e->reason;
 }
@@ -193,17 +212,21 @@ uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e)
         uint64_t t1 = hv_now_ns();
         v->ns_in_guest += t1 - t0;
         v->last_return_ns = t1;
-        if (v->hook != NULL) {                  /* the SYSCALL hook: its own section below */
-            int h = hv_hook_exit(v, e, r);
-            if (h == HV_HOOK_RESUME)
-                continue;
-            if (h == HV_HOOK_PYTHON)
-                return e->reason;
-        }
+        int completing = v->step_io;
+        v->step_io = 0;
+        int hooked = HV_HOOK_PASS;
+        if (v->hook != NULL)                    /* the SYSCALL hook: its own section below */
+            hooked = hv_hook_exit(v, e, r);
+        if (__builtin_expect(v->trace != NULL, 0))
+            hv_trace_exit(v, t0, t1, r, hooked == HV_HOOK_RESUME);
+        if (hooked == HV_HOOK_RESUME)
+            continue;
+        if (hooked == HV_HOOK_PYTHON)
+            return e->reason;
         if (r < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 v->exits[KVM_EXIT_INTR]++;
-                e->reason = KVM_EXIT_INTR;
+                e->reason = completing ? HV_EXIT_STEP_DONE : KVM_EXIT_INTR;
                 return e->reason;
             }
             e->reason = HV_EXIT_ERRNO;
@@ -441,4 +464,363 @@ void hv_hook_attach(struct hv_vcpu *v, struct hv_syscall_hook *h)
 {
     v->hook = h;
     v->run->kvm_valid_regs = h != NULL ? (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS) : 0;
+}
+
+/* ---- Exit tracing: hv_trace_* ---------------------------------------------
+ *
+ * Why it is built this way is vcpu_worker/trace.py's docstring; the file
+ * format is docs/trace-format.md.  In short: each vCPU owns a ring of
+ * `nchunks` chunks of `chunk_recs` records and is its only producer; a full
+ * chunk is published (produced++, release) and the drainer is woken through
+ * an eventfd; the drainer (a Python thread blocked in hv_trace_drain, GIL
+ * released) writes every published chunk behind a chunk header.  If the ring
+ * is full when the vCPU needs its next chunk, the vCPU writes the pending
+ * chunks itself (counted as a self-drain, with the time it took), so no
+ * record is ever overwritten.  A chunk whose write fails is counted as
+ * dropped (and the errno kept); those are the only records a trace can lose.
+ */
+#include <poll.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+
+struct hv_trace_ring {
+    pthread_mutex_t lock;           /* held by whoever writes this ring's chunks */
+    struct hv_tracer *tracer;
+    struct hv_trace_rec *recs;      /* nchunks * chunk_recs */
+    uint16_t vcpu;
+    uint32_t fill, slot;            /* producer: records in the current chunk, its slot */
+    uint64_t produced;              /* chunks published (producer stores, release) */
+    uint64_t consumed;              /* chunks written or dropped (consumer stores, release) */
+    uint64_t records;               /* records made (producer) */
+    uint64_t written, dropped;      /* records in the file / lost to write errors (consumer) */
+    uint64_t self_drains, self_drain_ns;
+    int finished;
+};
+
+struct hv_tracer {
+    int fd, efd;
+    uint32_t nvcpus, chunk_recs, nchunks;
+    pthread_mutex_t file_lock;
+    int err;                        /* the first write error (errno), 0 if none */
+    int sealed;                     /* the end record is written: no more chunks (under file_lock) */
+    struct hv_trace_ring rings[];
+};
+
+/* CRC-32 as zlib computes it (reflected 0xEDB88320), slicing by 8. */
+static uint32_t hv_crc_table[8][256];
+static pthread_once_t hv_crc_once = PTHREAD_ONCE_INIT;
+
+static void hv_crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        hv_crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            hv_crc_table[t][i] = hv_crc_table[t - 1][i] >> 8 ^ hv_crc_table[0][hv_crc_table[t - 1][i] & 0xff];
+}
+
+uint32_t hv_crc32(uint32_t crc, const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    pthread_once(&hv_crc_once, hv_crc_init);
+    crc = ~crc;
+    while (len >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        w ^= crc;
+        crc = hv_crc_table[7][w & 0xff] ^ hv_crc_table[6][(w >> 8) & 0xff] ^
+              hv_crc_table[5][(w >> 16) & 0xff] ^ hv_crc_table[4][(w >> 24) & 0xff] ^
+              hv_crc_table[3][(w >> 32) & 0xff] ^ hv_crc_table[2][(w >> 40) & 0xff] ^
+              hv_crc_table[1][(w >> 48) & 0xff] ^ hv_crc_table[0][w >> 56];
+        p += 8;
+        len -= 8;
+    }
+    while (len--)
+        crc = hv_crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+/* Append one chunk (header + records) to the file; called with r->lock held.  A chunk that cannot be
+ * written counts as dropped; after hv_trace_seal() nothing is written and nothing counted (the end
+ * record has the counts). */
+static void hv_trace_write_chunk(struct hv_trace_ring *r, uint64_t seq, const struct hv_trace_rec *recs,
+                                 uint32_t n, uint16_t flags)
+{
+    struct hv_tracer *t = r->tracer;
+    struct hv_trace_chunk h = {
+        .magic = HV_TRACE_CHUNK_MAGIC, .vcpu = r->vcpu, .flags = flags, .nrec = n,
+        .crc = hv_crc32(0, recs, (size_t)n * sizeof *recs), .seq = seq,
+    };
+    struct iovec iov[2] = {{&h, sizeof h}, {(void *)recs, (size_t)n * sizeof *recs}};
+    struct iovec *v = iov;
+    int cnt = 2, err = 0;
+    pthread_mutex_lock(&t->file_lock);
+    if (t->sealed) {
+        pthread_mutex_unlock(&t->file_lock);
+        return;
+    }
+    while (cnt > 0) {               /* the file is O_APPEND and only written under file_lock */
+        ssize_t w = writev(t->fd, v, cnt);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            err = errno;
+            break;
+        }
+        while (cnt > 0 && (size_t)w >= v->iov_len) {
+            w -= (ssize_t)v->iov_len;
+            v++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            v->iov_base = (char *)v->iov_base + w;
+            v->iov_len -= (size_t)w;
+        }
+    }
+    if (err && !t->err)
+        t->err = err;
+    pthread_mutex_unlock(&t->file_lock);
+    if (err)
+        r->dropped += n;            /* a partly written chunk fails its CRC: the reader says where */
+    else
+        r->written += n;
+}
+
+/* Write every published chunk of `r`; returns the records written. */
+static long hv_trace_drain_ring(struct hv_trace_ring *r)
+{
+    struct hv_tracer *t = r->tracer;
+    long n = 0;
+    pthread_mutex_lock(&r->lock);
+    uint64_t c = r->consumed;
+    uint64_t p = __atomic_load_n(&r->produced, __ATOMIC_ACQUIRE);
+    for (; c < p; c++) {
+        hv_trace_write_chunk(r, c, &r->recs[(size_t)(c % t->nchunks) * t->chunk_recs], t->chunk_recs, 0);
+        __atomic_store_n(&r->consumed, c + 1, __ATOMIC_RELEASE);
+        n += t->chunk_recs;
+    }
+    pthread_mutex_unlock(&r->lock);
+    return n;
+}
+
+/* The producer: one record into the vCPU's current chunk. */
+static inline void hv_trace_put(struct hv_trace_ring *r, const struct hv_trace_rec *rec)
+{
+    struct hv_tracer *t = r->tracer;
+    r->recs[(size_t)r->slot * t->chunk_recs + r->fill] = *rec;
+    r->records++;
+    if (++r->fill < t->chunk_recs)
+        return;
+    r->fill = 0;
+    r->slot = r->slot + 1 == t->nchunks ? 0 : r->slot + 1;
+    uint64_t p = r->produced + 1;
+    __atomic_store_n(&r->produced, p, __ATOMIC_RELEASE);
+    uint64_t one = 1;
+    if (write(t->efd, &one, sizeof one) < 0) {
+        /* cannot fail on an eventfd short of overflow; the drainer also wakes on its timeout */
+    }
+    if (p - __atomic_load_n(&r->consumed, __ATOMIC_ACQUIRE) >= t->nchunks) {
+        /* the slot we fill next still waits for the drainer: write it ourselves rather than overwrite it */
+        uint64_t t0 = hv_now_ns();
+        hv_trace_drain_ring(r);
+        r->self_drains++;
+        r->self_drain_ns += hv_now_ns() - t0;
+    }
+}
+
+/* The loop's one call site: the exit KVM_RUN just returned (r < 0: it failed with errno). */
+static void __attribute__((noinline)) hv_trace_exit(struct hv_vcpu *v, uint64_t t0, uint64_t t1, long r,
+                                                     int in_c)
+{
+    int saved_errno = errno;
+    struct kvm_run *run = v->run;
+    struct hv_trace_rec rec;
+    memset(&rec, 0, sizeof rec);
+    rec.t_ns = t1;
+    rec.guest_ns = t1 - t0 > UINT32_MAX ? UINT32_MAX : (uint32_t)(t1 - t0);
+    rec.vcpu = v->trace->vcpu;
+    if (r < 0) {
+        if (saved_errno == EINTR || saved_errno == EAGAIN) {
+            rec.reason = KVM_EXIT_INTR;
+        } else {
+            rec.reason = HV_EXIT_ERRNO;
+            rec.addr = (uint64_t)saved_errno;
+        }
+    } else {
+        rec.reason = (uint16_t)run->exit_reason;
+        switch (run->exit_reason) {
+        case KVM_EXIT_IO: {
+            size_t n = (size_t)run->io.size * run->io.count;
+            rec.addr = run->io.port;
+            rec.size = run->io.size;
+            rec.count = run->io.count > 0xffff ? 0xffff : (uint16_t)run->io.count;
+            if (run->io.direction == KVM_EXIT_IO_OUT) {
+                rec.flags |= HV_TRACE_WRITE;
+                memcpy(&rec.data, (char *)run + run->io.data_offset, n < 4 ? n : 4);
+            }
+            if (v->port_action && v->port_action[run->io.port] != HV_PORT_PYTHON)
+                rec.flags |= HV_TRACE_IN_C;
+            break;
+        }
+        case KVM_EXIT_MMIO:
+            rec.addr = run->mmio.phys_addr;
+            rec.size = (uint8_t)run->mmio.len;
+            if (run->mmio.is_write) {
+                rec.flags |= HV_TRACE_WRITE;
+                memcpy(&rec.data, run->mmio.data, run->mmio.len < 4 ? run->mmio.len : 4);
+            }
+            break;
+        case KVM_EXIT_INTERNAL_ERROR:
+            rec.addr = run->internal.suberror;
+            break;
+        case KVM_EXIT_FAIL_ENTRY:
+            rec.addr = run->fail_entry.hardware_entry_failure_reason;
+            break;
+        case KVM_EXIT_SYSTEM_EVENT:
+            rec.addr = run->system_event.type;
+            break;
+        case KVM_EXIT_DEBUG:
+            rec.addr = run->debug.arch.pc;
+            break;
+        case KVM_EXIT_X86_WRMSR:
+            rec.addr = run->msr.index;
+            break;
+        default:
+            break;
+        }
+        if (in_c)                   /* the SYSCALL hook answered it (a system call or a fault resumed) */
+            rec.flags |= HV_TRACE_IN_C;
+    }
+    hv_trace_put(v->trace, &rec);
+    errno = saved_errno;
+}
+
+/* A tracer writing to `fd` (opened O_APPEND, the file's header already written), or NULL. */
+struct hv_tracer *hv_trace_new(int fd, uint32_t nvcpus, uint32_t chunk_recs, uint32_t nchunks)
+{
+    if (nvcpus == 0 || nvcpus > 0xffff || chunk_recs == 0 || nchunks < 2)
+        return NULL;
+    struct hv_tracer *t = calloc(1, sizeof *t + nvcpus * sizeof t->rings[0]);
+    if (!t)
+        return NULL;
+    t->fd = fd;
+    t->nvcpus = nvcpus;
+    t->chunk_recs = chunk_recs;
+    t->nchunks = nchunks;
+    pthread_mutex_init(&t->file_lock, NULL);
+    t->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    for (uint32_t i = 0; i < nvcpus; i++) {
+        struct hv_trace_ring *r = &t->rings[i];
+        pthread_mutex_init(&r->lock, NULL);
+        r->tracer = t;
+        r->vcpu = (uint16_t)i;
+        r->recs = malloc((size_t)nchunks * chunk_recs * sizeof *r->recs);
+        if (!r->recs || t->efd < 0) {
+            hv_trace_free(t);
+            return NULL;
+        }
+    }
+    return t;
+}
+
+struct hv_trace_ring *hv_trace_ring(struct hv_tracer *t, uint32_t vcpu)
+{
+    return vcpu < t->nvcpus ? &t->rings[vcpu] : NULL;
+}
+
+/* The drainer: wait up to timeout_ms for a published chunk, then write every published chunk.
+ * Returns the records written. */
+long hv_trace_drain(struct hv_tracer *t, int timeout_ms)
+{
+    struct pollfd pfd = {.fd = t->efd, .events = POLLIN};
+    if (timeout_ms != 0)
+        poll(&pfd, 1, timeout_ms);
+    uint64_t v;
+    if (read(t->efd, &v, sizeof v) < 0) {
+        /* EAGAIN: woken by the timeout */
+    }
+    long n = 0;
+    for (uint32_t i = 0; i < t->nvcpus; i++)
+        n += hv_trace_drain_ring(&t->rings[i]);
+    return n;
+}
+
+void hv_trace_wake(struct hv_tracer *t)
+{
+    uint64_t one = 1;
+    if (write(t->efd, &one, sizeof one) < 0) {
+        /* only on overflow, when the drainer is awake anyway */
+    }
+}
+
+/* A stopped vCPU's rest: its published chunks and its partial chunk, marked LAST.  Only for a vCPU
+ * whose thread has left hv_vcpu_run for good.  Returns the records written. */
+long hv_trace_finish_ring(struct hv_tracer *t, uint32_t vcpu)
+{
+    if (vcpu >= t->nvcpus)
+        return -EINVAL;
+    struct hv_trace_ring *r = &t->rings[vcpu];
+    long n = hv_trace_drain_ring(r);
+    pthread_mutex_lock(&r->lock);
+    if (!r->finished) {
+        hv_trace_write_chunk(r, r->produced, &r->recs[(size_t)r->slot * t->chunk_recs], r->fill,
+                             HV_TRACE_CHUNK_LAST);
+        n += r->fill;
+        r->fill = 0;
+        r->finished = 1;
+    }
+    pthread_mutex_unlock(&r->lock);
+    return n;
+}
+
+/* No chunk may follow the end record: a vCPU thread that outlived close() keeps its records (unflushed). */
+void hv_trace_seal(struct hv_tracer *t)
+{
+    pthread_mutex_lock(&t->file_lock);
+    t->sealed = 1;
+    pthread_mutex_unlock(&t->file_lock);
+}
+
+void hv_trace_counters(struct hv_tracer *t, uint32_t vcpu, uint64_t *out)
+{
+    struct hv_trace_ring *r = &t->rings[vcpu];
+    out[0] = __atomic_load_n(&r->records, __ATOMIC_RELAXED);
+    out[1] = __atomic_load_n(&r->written, __ATOMIC_RELAXED);
+    out[2] = __atomic_load_n(&r->dropped, __ATOMIC_RELAXED);
+    out[3] = __atomic_load_n(&r->self_drains, __ATOMIC_RELAXED);
+    out[4] = __atomic_load_n(&r->self_drain_ns, __ATOMIC_RELAXED);
+    out[5] = out[0] - out[1] - out[2];
+}
+
+int hv_trace_error(struct hv_tracer *t)
+{
+    return t->err;
+}
+
+/* Free a tracer no vCPU uses any more (the caller closes the file). */
+void hv_trace_free(struct hv_tracer *t)
+{
+    if (!t)
+        return;
+    for (uint32_t i = 0; i < t->nvcpus; i++)
+        free(t->rings[i].recs);
+    if (t->efd >= 0)
+        close(t->efd);
+    free(t);
+}
+
+/* `n` copies of `rec` (t_ns counting up) through the producer: the drain benchmark and the unit tests
+ * exercise the ring, the drainer and the file without KVM. */
+void hv_trace_fill(struct hv_trace_ring *r, const struct hv_trace_rec *rec, uint64_t n)
+{
+    struct hv_trace_rec x = *rec;
+    x.vcpu = r->vcpu;
+    for (uint64_t i = 0; i < n; i++, x.t_ns++)
+        hv_trace_put(r, &x);
 }

@@ -221,16 +221,31 @@ class CommonConfig:
                 "config_generation": self.config_generation,
                 "queues": [{k: getattr(q, k) for k in _QUEUE_STATE} for q in self.queues]}
 
+    # what each saved register can hold: the width of its field in the structure the driver reads
+    _LIMITS = {"status": 0xFF, "device_feature_select": 0xFFFF_FFFF, "driver_feature_select": 0xFFFF_FFFF,
+               "driver_features": (1 << 64) - 1, "config_vector": 0xFFFF, "queue_select": 0xFFFF,
+               "config_generation": 0xFF}
+    _QUEUE_LIMITS = {"size": 0xFFFF, "vector": 0xFFFF, "enabled": 1, "desc": (1 << 64) - 1,
+                     "driver": (1 << 64) - 1, "device": (1 << 64) - 1}
+
     def restore(self, state):
+        """Take `snapshot()`'s values; StateError (nothing changed) for one its register could not hold."""
+        def checked(value, limit, what):
+            if type(value) not in (int, bool) or not 0 <= value <= limit:
+                raise StateError(f"saved transport register {what}={value!r} is outside 0..{limit:#x}")
+            return int(value)
         queues = state["queues"]
         if len(queues) != len(self.queues):
             raise StateError(f"{len(queues)} queues in the saved transport, the device has {len(self.queues)}")
-        for name in ("status", "device_feature_select", "driver_feature_select", "driver_features",
-                     "config_vector", "queue_select", "config_generation"):
-            setattr(self, name, int(state[name]))
-        for q, s in zip(self.queues, queues):
-            for k in _QUEUE_STATE:
-                setattr(q, k, s[k])
-            if not 1 <= q.size <= q.max_size:
-                raise StateError(f"saved queue size {q.size} is outside 1..{q.max_size}")
+        regs = {name: checked(state[name], limit, name) for name, limit in self._LIMITS.items()}
+        saved = [{k: checked(s[k], limit, f"queue {i} {k}") for k, limit in self._QUEUE_LIMITS.items()}
+                 for i, s in enumerate(queues)]
+        for q, s in zip(self.queues, saved):
+            if not 1 <= s["size"] <= q.max_size:
+                raise StateError(f"saved queue size {s['size']} is outside 1..{q.max_size}")
+        for name, value in regs.items():
+            setattr(self, name, value)
+        for q, s in zip(self.queues, saved):
+            for k, value in s.items():
+                setattr(q, k, bool(value) if k == "enabled" else value)
         self.resetting = False

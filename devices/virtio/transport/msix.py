@@ -23,7 +23,7 @@ import os
 import select
 import struct
 
-from pyhv.proto.errors import StateError
+from pyhv.proto.errors import StateError, state_bytes
 
 ENTRY = 16
 CTRL_ENABLE, CTRL_MASKALL = 0x8000, 0x4000
@@ -134,7 +134,7 @@ class MsixTable:
         return {"table": bytes(self.table), "control": self.control, "pending": pending}
 
     def restore(self, state):
-        table = bytes(state["table"])
+        table = state_bytes(state["table"], "MSI-X table")
         if len(table) != len(self.table):
             raise StateError(f"MSI-X table of {len(table)} bytes, the device has {len(self.table)}")
         self.table[:] = table

@@ -65,7 +65,7 @@ from pyhv.devices.virtio.device import NO_VECTOR, VIRTIO_F_VERSION_1, TransportE
 from pyhv.devices.virtio.queue import QueueConfigError
 from pyhv.devices.virtio.transport import common_config as cc
 from pyhv.devices.virtio.transport.msix import CTRL_ENABLE, CTRL_MASKALL, ENTRY, MsixTable
-from pyhv.proto.errors import StateError
+from pyhv.proto.errors import StateError, state_bytes
 
 VIRTIO_PCI_VENDOR = 0x1AF4
 VIRTIO_PCI_DEVICE_BASE = 0x1040
@@ -308,7 +308,7 @@ class VirtioPciDevice(PciFunction, TransportEvents):
         """Registers from `snapshot()`; the backend's state is the device manager's to restore (it may be remote)."""
         with self._lock:
             self.common.restore(state["common"])
-            self._config = bytes(state["config"])[:DEVICE_MAX]
+            self._config = state_bytes(state["config"], "virtio config")[:DEVICE_MAX]
             self.isr = int(state["isr"]) & 3
         super().restore(state["pci"])             # decoding: the notify ioeventfds follow BAR 0
         with self._lock:

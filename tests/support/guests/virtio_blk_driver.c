@@ -5,7 +5,7 @@
  * Finds 1AF4:1042 on bus 0 (config mechanism #1), walks the capabilities for
  * common/notify/device config, negotiates VERSION_1 (+FLUSH, RO if offered),
  * sets up queue 0 (16 entries), then:
- *   2. GET_ID: the id starts with "pyhv-";
+ *   2. GET_ID: the id starts with "pyhv-" (then, built with -DPAUSE_AFTER_ID_MS=N, waits N ms);
  *   3. reads sectors 0..NSECT-1 in one request and checks the pattern the test
  *      wrote into the image: byte j of sector s is (s * 7 + j) & 0xFF;
  *   4. an out-of-range read (sector = capacity) gets VIRTIO_BLK_S_IOERR, an
@@ -142,6 +142,10 @@ long guest_main(long index, long count, long tsc_khz)
     if (request(8, 0, (u64)idbuf, 20, 1) != 0) return 2;
     if (idbuf[0] != 'p' || idbuf[1] != 'y' || idbuf[2] != 'h' || idbuf[3] != 'v' || idbuf[4] != '-') return 2;
     puts_("id ok\n");
+#ifdef PAUSE_AFTER_ID_MS                            /* a test kills the device's service meanwhile */
+    for (u64 end = rdtsc() + (u64)tsc_khz * PAUSE_AFTER_ID_MS; rdtsc() < end; )
+        __asm__ volatile("pause");
+#endif
 
     /* step 3: read NSECT sectors in one request and check the pattern */
     volatile u8 *big = (volatile u8 *)BIG;

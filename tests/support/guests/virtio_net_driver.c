@@ -7,7 +7,9 @@
  * payload was a HELLO it answers "ACK from <its MAC>" (unicast to the sender)
  * and exits 0 after 300 ms (so the answer leaves before the VM ends); an ACK
  * ends it at once with 0.  No answer within 60 s: exit 3.  Other frames are
- * counted and ignored.
+ * counted and ignored.  Built with -DCHATTER it never ends by itself: it
+ * prints "got ..." for every HELLO from another MAC and goes on (so a test can
+ * see frames flow for as long as it likes: the guest's --timeout ends it).
  */
 #include "virtio_guest.h"
 
@@ -94,7 +96,10 @@ long guest_main(long index, long count, long tsc_khz)
 
     u64 ms = tsc_khz > 0 ? (u64)tsc_khz : 1000000;
     u64 start = rdtsc(), next_hello = start, ignored = 0;
-    while (rdtsc() - start < 60000 * ms) {
+#ifndef CHATTER
+#define CHATTER 0
+#endif
+    while (CHATTER || rdtsc() - start < 60000 * ms) {
         if (rdtsc() >= next_hello) {
             if (send(broadcast, "HELLO")) { puts_("tx stuck\n"); return 2; }
             next_hello = rdtsc() + 300 * ms;
@@ -112,6 +117,7 @@ long guest_main(long index, long count, long tsc_khz)
             long plen = 0;
             while (plen < n - 14 && payload[plen]) plen++;
             puts_("got "); putn((const char *)payload, plen); puts_("\n");
+            if (CHATTER) { post_rx((u16)id); vq_kick(&nic, &rx); continue; }
             if (starts_with(payload, plen, "HELLO")) {
                 if (send(f + 6, "ACK")) { puts_("tx stuck\n"); return 2; }
                 u64 t = rdtsc();
