@@ -16,6 +16,7 @@ import pytest
 from hv import GUESTS, Supervisor, hvctl, wait_for
 
 from pyhv.vcpu_worker import syscall_hook
+from pyhv.vcpu_worker._kvm import lib
 from pyhv.vcpu_worker.kvm import Kvm
 
 ROUNDS = 200
@@ -80,6 +81,25 @@ def test_an_unmodified_kernel_s_user_space_makes_system_calls(build_guest, tmp_p
     exits = [v["exits"] for v in stats["vcpus"]]
     assert all(e.get("DEBUG", 0) >= ROUNDS for e in exits)
     assert "EMULATION_FIXUP" not in str(exits)
+
+
+def test_the_exits_the_hook_answers_in_c_are_traced_like_other_c_exits(build_guest, tmp_path, hook_needed):
+    """--trace records every KVM_RUN return: the hook's breakpoint exits too, flagged as answered in C."""
+    if not hook_needed:
+        pytest.skip("this host's SYSCALL leaves ring 3: no hook, no breakpoint exits")
+    from pyhv.proto import trace
+    trace_path = tmp_path / "exits.trace"
+    r, stats = run(kernel(build_guest, ROUNDS=ROUNDS), tmp_path, "--trace", trace_path, vcpus=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    hook = stats["syscall_hook"]
+    t = trace.read(trace_path)
+    debug = [(flags, addr) for v in range(t.vcpus) for _, addr, _, _, reason, _, flags, _, _ in t.iter_records(v)
+             if reason == lib.KVM_EXIT_DEBUG]
+    assert len(debug) == sum(v["exits"].get("DEBUG", 0) for v in stats["vcpus"])
+    in_c = [addr for flags, addr in debug if flags & lib.HV_TRACE_IN_C]
+    assert len(in_c) == hook["syscalls"] + hook["faults"] >= 2 * ROUNDS
+    # at the #PF entry: the first one, then the one the guest rewrites its gate to (the hook re-arms)
+    assert {v["handler"] for v in hook["vcpus"]} <= {f"0x{a:x}" for a in in_c} and len(set(in_c)) == 2
 
 
 def test_without_the_hook_the_first_system_call_is_lost(build_guest, tmp_path, hook_needed):
