@@ -75,14 +75,15 @@ def hvctl_run(args, image, timeout=300):
 class Timed:
     """One child run: stdout chunks with their arrival times (seconds after just before exec)."""
 
-    def __init__(self, cmd, stop_at=None):
-        """With `stop_at`, the child is ended once that byte string has arrived (its status is then ignored)."""
+    def __init__(self, cmd, stop_at=None, env=None):
+        """With `stop_at`, the child is ended once that byte string has arrived (its status is then ignored);
+        `env` adds to the children's environment."""
         self.cmd = cmd
         self.chunks = []
         seen = b""
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env=CHILD_ENV)
+                             env={**CHILD_ENV, **(env or {})})
         fd = p.stdout.fileno()
         while True:
             data = os.read(fd, 65536)

@@ -10,6 +10,7 @@ ARTEFACTS = (("own/vmlinux", "our kernel (ELF): boots to user space in about a m
              ("own/bzImage", "the same kernel as a bzImage"),
              ("initramfs.cpio", "busybox initramfs; its /init reads pyhv.run=CMD from the command line"),
              ("stock/vmlinuz", "Debian's cloud kernel, unmodified"),
+             ("stock-initramfs.cpio", "the busybox initramfs plus the stock kernel's virtio modules, which init loads"),
              ("busybox", "static busybox"))
 
 

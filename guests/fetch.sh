@@ -9,12 +9,16 @@
 #   own/bzImage         the same kernel as a bzImage
 #   own/config          its final .config; own/KEY the hash it was built from
 #   initramfs.cpio      uncompressed newc: busybox + guests/linux/init.sh as /init
+#   stock-initramfs.cpio the same plus the stock kernel's own virtio modules
+#                       (virtio_pci, virtio_blk, virtio_net, virtio_console,
+#                       virtio_rng and what they depend on), loaded by init
 #
-# Our kernel is Debian's linux-source-6.1 with guests/linux/syscall-hook.patch,
-# configured as `make tinyconfig` + guests/linux/pyhv.config.  Every step
-# prints one line and is skipped when its outputs exist; the kernel is keyed
-# on a hash of the source version, the config fragment and the patch, so
-# changing either rebuilds it.  Needs root for apt-get (installs only missing
+# Our kernel is Debian's linux-source-6.1 as it comes, no patch of ours,
+# configured as `make tinyconfig` + guests/linux/pyhv.config (on nested hosts
+# the VMM makes its system calls work: vcpu_worker/syscall_hook.py).  Every
+# step prints one line and is skipped when its outputs exist; the kernel is
+# keyed on a hash of the source version and the config fragment, so changing
+# either rebuilds it.  Needs root for apt-get (installs only missing
 # build tools).  Environment: HV_ARTEFACTS, HV_JOBS (default nproc + 1),
 # HV_FETCH_FORCE=1 (rebuild our kernel and the initramfs).
 set -euo pipefail
@@ -24,8 +28,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 A=${HV_ARTEFACTS:-/var/cache/pyhv}
 JOBS=${HV_JOBS:-$(( $(nproc) + 1 ))}
 FRAGMENT=$HERE/linux/pyhv.config
-PATCH=$HERE/linux/syscall-hook.patch
 INIT=$HERE/linux/init.sh
+STOCK_MODULES="virtio_pci virtio_blk virtio_net virtio_console virtio_rng"
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 FROM_SCRATCH_UNITS=1340     # kbuild lines of a build from scratch (tinyconfig + pyhv.config), for progress
@@ -94,8 +98,8 @@ else
 	cp "$vmlinuz" "$tmp/out/vmlinuz"
 	cp "$tmp"/boot/config-* "$tmp/out/config" 2>/dev/null || true
 	echo "$real $(dpkg-deb -f "$deb" Version)" > "$tmp/out/VERSION"
-	# The modules tree is not kept: booting the stock kernel with an initramfs
-	# needs none of them, and loading modules through the emulator is slow.
+	# The modules tree is not kept: the virtio modules go into
+	# stock-initramfs.cpio (below), straight from the package.
 	rm -rf "$A/stock"
 	mv "$tmp/out" "$A/stock"
 	rm -rf "$tmp"
@@ -142,14 +146,14 @@ check_config() {
 
 src_deb=$(download linux-source-6.1)
 src_ver=$(dpkg-deb -f "$src_deb" Version)
-key=$(cat <(echo "linux-source-6.1 $src_ver") "$FRAGMENT" "$PATCH" | sha256sum | cut -c1-16)
+key=$(cat <(echo "linux-source-6.1 $src_ver unpatched") "$FRAGMENT" | sha256sum | cut -c1-16)
 if [ -z "${HV_FETCH_FORCE:-}" ] && [ "$(cat "$A/own/KEY" 2>/dev/null)" = "$key" ] \
 		&& [ -s "$A/own/vmlinux" ] && [ -s "$A/own/bzImage" ]; then
 	step "own kernel: cached (linux-source-6.1 $src_ver, key $key)"
 else
-	# One unpacked tree per source version, reused across config and patch
-	# changes: the patch it carries is kept beside it, reverted and replaced
-	# when ours changes (kbuild then rebuilds only what the patch touches).
+	# One unpacked tree per source version, reused across config changes.  A
+	# tree that still carries a patch from an older fetch.sh (kept beside it as
+	# applied.patch) gets it reverted: our kernel is Debian's source as it comes.
 	tree=$A/linux/$src_ver
 	if [ ! -e "$tree/.pyhv-unpacked" ]; then
 		rm -rf "$A/linux"
@@ -161,18 +165,11 @@ else
 		mv "$tree/linux-source-6.1" "$tree/src"
 		touch "$tree/.pyhv-unpacked"
 	fi
-	if ! cmp -s "$PATCH" "$tree/applied.patch"; then
-		if [ -e "$tree/applied.patch" ]; then
-			step "own kernel: reverting the previously applied patch"
-			patch -d "$tree/src" -p1 -R --batch --quiet < "$tree/applied.patch" \
-				|| { rm -rf "$A/linux"; die "could not revert $tree/applied.patch; removed the tree, run again"; }
-			rm -f "$tree/applied.patch"
-		fi
-		step "own kernel: applying $(basename "$PATCH")"
-		patch -d "$tree/src" -p1 --batch --forward --dry-run < "$PATCH" > "$tree/patch.log" 2>&1 \
-			|| { cat "$tree/patch.log" >&2; die "$PATCH does not apply to linux-source-6.1 $src_ver"; }
-		patch -d "$tree/src" -p1 --batch --forward --quiet < "$PATCH" || die "applying $PATCH failed"
-		cp "$PATCH" "$tree/applied.patch"
+	if [ -e "$tree/applied.patch" ]; then
+		step "own kernel: reverting the patch an older fetch.sh applied"
+		patch -d "$tree/src" -p1 -R --batch --quiet < "$tree/applied.patch" \
+			|| { rm -rf "$A/linux"; die "could not revert $tree/applied.patch; removed the tree, run again"; }
+		rm -f "$tree/applied.patch" "$tree/patch.log"
 	fi
 	build=$tree/build
 	mkdir -p "$build"
@@ -210,6 +207,27 @@ if [ -z "${HV_FETCH_FORCE:-}" ] && [ "$(cat "$A/initramfs.KEY" 2>/dev/null)" = "
 else
 	step "initramfs: $("$PY" "$HERE/initramfs.py" "$A/initramfs.cpio" --busybox "$A/busybox" --init "$INIT")"
 	echo "$ikey" > "$A/initramfs.KEY"
+fi
+
+# --- the stock kernel's initramfs: the same, plus its own virtio modules ----------------------------------
+stock_deb=$(download "$(cut -d' ' -f1 "$A/stock/VERSION")")
+skey=$(cat "$HERE/initramfs.py" "$INIT" "$A/busybox" <(echo "$(basename "$stock_deb") $STOCK_MODULES") \
+	| sha256sum | cut -c1-16)
+if [ -z "${HV_FETCH_FORCE:-}" ] && [ "$(cat "$A/stock-initramfs.KEY" 2>/dev/null)" = "$skey" ] \
+		&& [ -s "$A/stock-initramfs.cpio" ]; then
+	step "stock initramfs: cached"
+else
+	tmp=$(mktemp -d "$A/.stockmod.XXXXXX")
+	dpkg-deb --fsys-tarfile "$stock_deb" | tar -x -C "$tmp" --wildcards './lib/modules/*' \
+		|| die "no lib/modules in $stock_deb"
+	tree=$(find "$tmp/lib/modules" -mindepth 1 -maxdepth 1 -type d | head -n 1)
+	[ -n "$tree" ] || die "no lib/modules/RELEASE in $stock_deb"
+	margs=()
+	for m in $STOCK_MODULES; do margs+=(--module "$m"); done
+	step "stock initramfs: $("$PY" "$HERE/initramfs.py" "$A/stock-initramfs.cpio" --busybox "$A/busybox" \
+		--init "$INIT" --modules "$tree" "${margs[@]}")" || die "building the stock initramfs failed"
+	rm -rf "$tmp"
+	echo "$skey" > "$A/stock-initramfs.KEY"
 fi
 
 step "done in $(elapsed): artefacts in $A"

@@ -23,11 +23,18 @@ As a library:
 As a script, a busybox-based initramfs:
 
     python3 guests/initramfs.py OUT --busybox PATH --init SCRIPT \\
-        [--file HOSTPATH:GUESTPATH[:MODE]]... [--applet NAME]...
+        [--file HOSTPATH:GUESTPATH[:MODE]]... [--applet NAME]... \\
+        [--modules LIB_MODULES_RELEASE_DIR --module NAME...]
+
+With --modules, the named kernel modules and every module they depend on
+(read from each .ko's own .modinfo, so no depmod is needed) go to
+/lib/modules/RELEASE/..., and /etc/pyhv-modules lists them in load order
+for guests/linux/init.sh to insmod.
 """
 import argparse
 import os
 import stat
+import struct
 import sys
 
 NEWC_MAGIC = b"070701"
@@ -39,8 +46,8 @@ BLOCK = 512                 # archives are padded to a multiple of this, as cpio
 # plus the everyday tools one wants on a console.
 DEFAULT_APPLETS = (
     "sh", "ash", "cat", "cttyhack", "cut", "date", "devmem", "dmesg", "echo",
-    "env", "false", "free", "grep", "head", "hostname", "init", "ip", "ifconfig",
-    "kill", "ln", "ls", "mkdir", "mknod", "mount", "mv", "nproc", "poweroff",
+    "env", "false", "free", "grep", "head", "hostname", "init", "insmod", "ip", "ifconfig",
+    "kill", "ln", "ls", "lsmod", "md5sum", "mkdir", "mknod", "mount", "mv", "nproc", "ping", "poweroff",
     "printf", "ps", "reboot", "rm", "sed", "seq", "setsid", "sleep", "sort",
     "stat", "sync", "tail", "test", "[", "time", "timeout", "touch", "tr",
     "true", "umount", "uname", "uptime", "wc", "xargs",
@@ -209,6 +216,84 @@ def busybox_initramfs(busybox, init, files=(), applets=DEFAULT_APPLETS):
     return a
 
 
+# --- kernel modules ------------------------------------------------------------------
+
+MODULES_LIST = "etc/pyhv-modules"       # init.sh loads these, one path a line, in order
+
+
+def modinfo(path):
+    """{key: [values]} from a kernel module's .modinfo section (an ELF64 little-endian .ko)."""
+    with open(path, "rb") as f:
+        elf = f.read()
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        raise SpecError(f"{path}: not a 64-bit little-endian ELF kernel module")
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+
+    def section(i):
+        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", elf, shoff + i * shentsize)
+        return name, offset, size
+
+    _, stroff, _ = section(shstrndx)
+    for i in range(shnum):
+        name, offset, size = section(i)
+        if elf[stroff + name:elf.index(b"\0", stroff + name)] == b".modinfo":
+            info = {}
+            for item in elf[offset:offset + size].split(b"\0"):
+                key, eq, value = item.decode(errors="replace").partition("=")
+                if eq:
+                    info.setdefault(key, []).append(value)
+            return info
+    raise SpecError(f"{path}: no .modinfo section")
+
+
+def module_closure(tree, names):
+    """[path relative to `tree`] of modules `names` and all they depend on, each after its dependencies.
+
+    tree: a kernel package's lib/modules/RELEASE directory.
+    """
+    index, depends = {}, {}
+    for root, _, files in os.walk(tree):
+        for leaf in files:
+            if leaf.endswith(".ko"):
+                path = os.path.join(root, leaf)
+                info = modinfo(path)
+                name = info.get("name", [leaf[:-3].replace("-", "_")])[0]
+                index[name] = os.path.relpath(path, tree)
+                depends[name] = [d for d in ",".join(info.get("depends", [])).split(",") if d]
+    order, seen = [], set()
+
+    def visit(name, chain):
+        name = name.replace("-", "_")
+        if name in seen:
+            return
+        if name not in index:
+            raise SpecError(f"module {name} (needed by {' <- '.join(chain) or 'the command line'}) is not in {tree}")
+        if name in chain:
+            raise SpecError(f"modules depend on each other in a circle: {' -> '.join(chain + [name])}")
+        for dep in depends[name]:
+            visit(dep, chain + [name])
+        seen.add(name)
+        order.append(index[name])
+
+    for name in names:
+        visit(name, [])
+    return order
+
+
+def add_modules(archive, tree, names):
+    """Put modules `names` with their dependencies from `tree` (lib/modules/RELEASE) into `archive`, and their
+    load order into /etc/pyhv-modules; returns the guest paths in that order."""
+    release = os.path.basename(os.path.normpath(tree))
+    paths = []
+    for rel in module_closure(tree, names):
+        guest = f"lib/modules/{release}/{rel}"
+        archive.file_from_host(guest, os.path.join(tree, rel), mode=0o644)
+        paths.append("/" + guest)
+    archive.file(MODULES_LIST, "".join(p + "\n" for p in paths))
+    return paths
+
+
 def parse_file_spec(spec):
     """'HOSTPATH:GUESTPATH[:MODE]' -> (hostpath, guestpath, mode or None); MODE is octal."""
     parts = spec.split(":")
@@ -235,11 +320,18 @@ def main(argv=None):
                    help="add a file (MODE in octal; default: the host file's permissions); repeatable")
     p.add_argument("--applet", action="append", default=None, metavar="NAME",
                    help="link /bin/NAME to busybox (repeatable; replaces the default list)")
+    p.add_argument("--modules", metavar="DIR", help="a kernel's lib/modules/RELEASE directory, for --module")
+    p.add_argument("--module", action="append", default=[], metavar="NAME",
+                   help="add this module and its dependencies from --modules, loaded by init (repeatable)")
     args = p.parse_args(argv)
+    if bool(args.modules) != bool(args.module):
+        p.error("--modules and --module go together")
     try:
         files = [parse_file_spec(s) for s in args.file]
         applets = DEFAULT_APPLETS if args.applet is None else tuple(["sh"] + args.applet)
         archive = busybox_initramfs(args.busybox, args.init, files, tuple(dict.fromkeys(applets)))
+        if args.modules:
+            add_modules(archive, args.modules, args.module)
         size = archive.write(args.out)
     except (SpecError, OSError) as e:
         print(f"initramfs.py: {e}", file=sys.stderr)

@@ -28,6 +28,18 @@ def default_dir():
     return f"/tmp/pyhv-{os.getuid()}"
 
 
+def host_facts_file():
+    """Where facts probed about this host's KVM are kept until the next boot (vcpu_worker/syscall_hook.py).
+
+    /run/pyhv (a tmpfs, empty after a reboot) when we may write there, else a file of our own in the temp dir;
+    the contents name the boot and kernel they were measured on.
+    """
+    if os.geteuid() == 0 or os.access("/run/pyhv", os.W_OK):
+        return "/run/pyhv/host-facts.json"
+    import tempfile
+    return os.path.join(tempfile.gettempdir(), f"pyhv-{os.getuid()}-host-facts.json")
+
+
 def child_env():
     """os.environ with this pyhv first on PYTHONPATH, so `python -m pyhv....` in a child runs this very code."""
     env = dict(os.environ)

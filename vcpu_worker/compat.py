@@ -4,7 +4,9 @@
 (kvm_pvm) and guest kernel code goes through KVM's instruction emulator:
 CPUID bits the emulator can't back are cleared where KVM honours that,
 Linux gets kernel arguments that steer it away from the rest, and
-instructions that still fail are fixed up by the VMM (vcpu_worker.fixups).
+instructions that still fail are fixed up by the VMM (vcpu_worker.fixups),
+and where the host's SYSCALL stays in ring 3 (probed once per host boot)
+the VMM finishes guest system calls itself (vcpu_worker.syscall_hook).
 `none` passes the host's CPUID through and adds nothing.  The facts behind
 each entry are in docs/kvm-notes.md and ../shared/docs/kvm-on-these-machines.md.
 """
@@ -31,12 +33,13 @@ NESTED_KERNEL_ARGS = (
 
 
 class Profile:
-    def __init__(self, name, cpuid_masks, kernel_args, fixups, pass_tsc_khz=False):
+    def __init__(self, name, cpuid_masks, kernel_args, fixups, pass_tsc_khz=False, syscall_hook=False):
         self.name = name
         self.cpuid_masks = cpuid_masks
         self.kernel_args = kernel_args
         self.fixups = fixups
         self.pass_tsc_khz = pass_tsc_khz
+        self.syscall_hook = syscall_hook        # where the host needs it (vcpu_worker.syscall_hook.needed)
 
     def kernel_cmdline(self, cmdline, tsc_khz=0):
         """`cmdline` plus this profile's arguments, keeping any the user already set (by key).
@@ -54,16 +57,22 @@ class Profile:
         return " ".join(words + extra)
 
     def describe(self):
-        """For `hvctl info`: what this profile changes."""
+        """For `hvctl info`: what this profile changes (the SYSCALL hook as this host's probe decided, if it ran)."""
+        hook = "off"
+        if self.syscall_hook:
+            from pyhv.vcpu_worker.syscall_hook import describe_host
+            hook = describe_host()
         return {"name": self.name,
                 "cpuid_masks": [f"leaf 0x{leaf:x} {reg}[{bit}]: {why}" for leaf, _, reg, bit, why in self.cpuid_masks],
                 "kernel_args": list(self.kernel_args),
                 "fixups": list(self.fixups),
+                "syscall_hook": hook,
                 "tsc_early_khz": self.pass_tsc_khz}
 
 
 PROFILES = {
-    "nested": Profile("nested", NESTED_CPUID_MASKS, NESTED_KERNEL_ARGS, ("int3", "fwait", "mxcsr"), pass_tsc_khz=True),
+    "nested": Profile("nested", NESTED_CPUID_MASKS, NESTED_KERNEL_ARGS, ("int3", "fwait", "mxcsr"), pass_tsc_khz=True,
+                      syscall_hook=True),
     "none": Profile("none", (), (), ()),
 }
 

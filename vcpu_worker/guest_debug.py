@@ -11,6 +11,14 @@ fired (`on_exit`).  An owner reserves a slot for good with `reserve`; the
 GDB stub takes whatever `free_slots` leaves it (DR1-DR3 when DR0 is
 reserved, all four otherwise).
 
+A debug exit that none of the breakpoints or the single-step KVM held for
+this vCPU explains is the guest's own (its DR0-DR7, TF, int1): it goes to
+the attached debugger if there is one (`set_debugger`; the GDB stub while a
+client is connected), else to the guest as the #DB the CPU would have
+raised (`deliver_to_guest`), never a VM failure.  One that our setup
+explains but whose owner has let go (a step ending after GDB detached)
+runs on.
+
 An owner implements `on_debug(ctx, event)` -> None (run on) or an Outcome,
 and, to claim software breakpoints, `on_software_breakpoint(ctx, rip)` ->
 NOT_MINE, None or an Outcome.  `apply` must run while the vCPU is outside
@@ -25,6 +33,8 @@ SLOTS = 4
 DR6_BS = 1 << 14               # single-step (KVM reports DR6 with the B bits and BS active-high)
 DR7_FIXED = 1 << 10            # DR7 bit 10 reads as 1
 DR7_GE = 1 << 9
+DR6_B = 0xF                    # B0-B3: which slot matched
+DR6_FIXED = 0xFFFF0FF0         # DR6's bits that read as 1 (Linux's DR6_RESERVED)
 RW_BITS = {"x": 0, "w": 1, "rw": 3}       # DR7 R/W: execute, write, read or write (2 is I/O, unused)
 LEN_BITS = {1: 0, 2: 1, 8: 2, 4: 3}       # DR7 LEN
 BP_VECTOR, DB_VECTOR = 3, 1
@@ -70,7 +80,10 @@ class GuestDebug:
         self.reserved = {}                # slot index -> owner
         self.steppers = []                # owners that asked for single-step
         self.sw_owner = None              # the owner of software breakpoints (int3 it planted)
-        self.unclaimed = 0                # debug exits nobody asked for (run on)
+        self.unclaimed = 0                # debug exits our setup explains but nobody wants now (run on)
+        self.delivered = 0                # the guest's own debug exits, given back to it as #DB
+        self.debugger = None              # an owner that takes the guest's own debug exits while `attached()`
+        self._step_asked = False          # single-step asked for since KVM last held a setup without it
         self._lock = threading.Lock()
         self._applied = (0, (0,) * 8)     # a new vCPU has guest debugging off
 
@@ -106,6 +119,7 @@ class GuestDebug:
         with self._lock:
             if on and owner not in self.steppers:
                 self.steppers.append(owner)
+                self._step_asked = True
             elif not on and owner in self.steppers:
                 self.steppers.remove(owner)
 
@@ -115,6 +129,11 @@ class GuestDebug:
                 self.sw_owner = owner
             elif self.sw_owner is owner:
                 self.sw_owner = None
+
+    def set_debugger(self, owner):
+        """`owner.on_debug` gets the debug exits nobody's breakpoint explains whenever `owner.attached()`."""
+        with self._lock:
+            self.debugger = owner
 
     def clear(self, owner):
         """Drop everything `owner` set (slots, step, software breakpoints); its reservations stay."""
@@ -158,6 +177,9 @@ class GuestDebug:
             arg.arch.debugreg[i] = v
         ioctl(self.vcpu.fd, "KVM_SET_GUEST_DEBUG", arg)
         self._applied = (control, regs)
+        if not control & lib.KVM_GUESTDBG_SINGLESTEP:
+            with self._lock:
+                self._step_asked = bool(self.steppers)
         self.vcpu.state.stepping = 1 if control & lib.KVM_GUESTDBG_SINGLESTEP else 0
 
     # -- exits ----------------------------------------------------------------------------------------------
@@ -178,9 +200,40 @@ class GuestDebug:
             outcome = owner.on_debug(ctx, DebugEvent(exception, pc, dr6, mine, step and owner in self.steppers))
             if outcome is not None:
                 return outcome
-        if not owners:
+        if owners:
+            return None
+        if self.explains(dr6):
             self.unclaimed += 1                   # e.g. a step that ended after its owner let go: run on
+            return None
+        debugger = self.debugger
+        if debugger is not None and debugger.attached():
+            return debugger.on_debug(ctx, DebugEvent(exception, pc, dr6, [], bool(dr6 & DR6_BS)))
+        self.deliver_to_guest(dr6)
         return None
+
+    def explains(self, dr6):
+        """Whether a setup of ours (the one KVM held when this vCPU last ran, or one asked for since) can have
+        caused this DR6: a single-step, or a slot's B bit."""
+        control, regs = self._applied
+        if dr6 & DR6_BS and (self._step_asked or control & lib.KVM_GUESTDBG_SINGLESTEP):
+            return True
+        return any(dr6 & (1 << i) and (self.slots[i] is not None or regs[7] & (3 << (2 * i))) for i in range(SLOTS))
+
+    def deliver_to_guest(self, dr6):
+        """The guest's own debug exception: set its DR6 as the CPU would and inject #DB."""
+        regs = ffi.new("struct kvm_debugregs *")
+        ioctl(self.vcpu.fd, "KVM_GET_DEBUGREGS", regs)
+        regs.dr6 = (regs.dr6 & ~(DR6_B | DR6_BS)) | (dr6 & ~DR6_FIXED & 0xFFFFFFFF) | DR6_FIXED
+        ioctl(self.vcpu.fd, "KVM_SET_DEBUGREGS", regs)
+        events = ffi.new("struct kvm_vcpu_events *")
+        ioctl(self.vcpu.fd, "KVM_GET_VCPU_EVENTS", events)
+        events.exception.injected = 1
+        events.exception.nr = DB_VECTOR
+        events.exception.has_error_code = 0
+        events.exception.error_code = 0
+        events.exception.pending = 0
+        ioctl(self.vcpu.fd, "KVM_SET_VCPU_EVENTS", events)
+        self.delivered += 1
 
     def step_completed(self, ctx):
         """A stepped instruction finished without a debug exit (see hv_kvm.c's hv_complete_alone): a step event."""

@@ -286,6 +286,7 @@ class Vcpu:
         run = lib.hv_map_run(fd, vm.kvm.vcpu_mmap_size)
         if run == ffi.NULL:
             raise KvmError("mmap(kvm_run)", ffi.errno)
+        self._run_map = run
         self.run = ffi.cast("struct kvm_run *", run)
         self.state = ffi.new("struct hv_vcpu *")
         self.state.fd = fd
@@ -416,4 +417,8 @@ class Vcpu:
         }
 
     def close(self):
+        """The fd and the kvm_run mapping (which would otherwise keep the whole VM alive)."""
+        if self._run_map is not None:
+            lib.hv_unmap_run(self._run_map, self.vm.kvm.vcpu_mmap_size)
+            self._run_map = None
         os.close(self.fd)

@@ -15,7 +15,7 @@ import time
 
 from pyhv.devices.guest_memory import GuestMemory, ram_regions
 from pyhv.proto.errors import EXIT_OK, EXIT_STOPPED, HvError, StateError, VmFailure
-from pyhv.vcpu_worker import boot, compat, cpuid
+from pyhv.vcpu_worker import boot, compat, cpuid, syscall_hook
 from pyhv.vcpu_worker._kvm import ffi, lib
 from pyhv.vcpu_worker.boot import layout
 from pyhv.vcpu_worker.bus import MmioBus, PioBus
@@ -61,6 +61,11 @@ class Machine:
             self.vm.create_irqchip()
             self.vm.create_pit()
             self.router = KvmIrqRouter(self.vm)
+            self.host_facts = syscall_hook.host_facts(self.kvm) if self.profile.syscall_hook else None
+            self.hooked = (self.host_facts is not None and syscall_hook.needed(self.host_facts)
+                           and os.environ.get("HV_SYSCALL_HOOK") != "off")   # off: for a kernel with its own fix
+            if self.hooked:
+                syscall_hook.watch_syscall_msrs(self.vm)
         except (KvmError, KvmUnavailable, OSError) as e:
             raise VmFailure(f"cannot create the VM: {e}") from None
         self.pio = PioBus()
@@ -92,12 +97,15 @@ class Machine:
         host = int(ffi.cast("uintptr_t", self._host_buf))
         for gpa, size, offset in ram_regions(self.config.mem_bytes):
             self.vm.add_memory(gpa, host + offset, size)
+        self._ram = syscall_hook.guest_ram(self.mem, host)        # the C loop's view of the same mapping
 
     def _create_vcpus(self, entry):
         n = self.config.vcpus
         try:
             supported = self.kvm.supported_cpuid()
-            self.vcpus = []
+            self.vcpus, self.guest_debug, self.hooks = [], [], []
+            block_irq = block_irq_supported(self.kvm)
+            group = syscall_hook.HookGroup(self._kick_one)
             for i in range(n):
                 vcpu = self.vm.create_vcpu(i)
                 vcpu.state.port_action = self.pio.action_ptr
@@ -105,8 +113,10 @@ class Machine:
                 if entry is not None:
                     boot.setup_vcpu(vcpu, i, n, self.config.boot, entry)
                 self.vcpus.append(vcpu)
-            block_irq = block_irq_supported(self.kvm)
-            self.guest_debug = [GuestDebug(v, block_irq) for v in self.vcpus]
+                self.guest_debug.append(GuestDebug(vcpu, block_irq))
+                # Armed by the vCPU's own LSTAR write (an MSR exit), or from restored state in _load_state.
+                self.hooks.append(syscall_hook.SyscallHook(vcpu, self.guest_debug[i], self.mem, self._ram, group)
+                                  if self.hooked else None)
         except KvmError as e:
             raise VmFailure(f"cannot create the vCPUs: {e}") from None
 
@@ -130,6 +140,9 @@ class Machine:
             self.vm.load_state(state.vm)
             for vcpu, saved in zip(self.vcpus, state.vcpus, strict=True):
                 vcpu.load_state(saved)
+            for hook in self.hooks:          # KVM keeps no guest-debug state in a snapshot: arm from the guest's
+                if hook is not None:
+                    hook.arm()
         except KvmError as e:
             raise VmFailure(f"cannot restore the guest's state: {e}") from None
         except (KeyError, TypeError, ValueError, OverflowError) as e:
@@ -148,9 +161,10 @@ class Machine:
             for v in self.vcpus:
                 v.kick_prepare()
         self.threads = [VcpuThread(v, ExitContext(v, self.pio.lookup, self.mmio.lookup, self.mem,
-                                                  self.profile.fixups, self.fixup_counts, self.on_kick, debug),
+                                                  self.profile.fixups, self.fixup_counts, self.on_kick,
+                                                  self.guest_debug[i], self.hooks[i]),
                                    self.config.pin, self.finish)
-                        for v, debug in zip(self.vcpus, self.guest_debug)]
+                        for i, v in enumerate(self.vcpus)]
         for t in self.threads:
             t.start()
 
@@ -274,9 +288,17 @@ class Machine:
         for t in self.threads:
             if indices is not None and t.vcpu.index not in indices:
                 continue
-            t.vcpu.kick_prepare()
-            if t.ident and t.is_alive():
-                lib.hv_kick_thread(t.ident, KICK_SIGNAL)  # ESRCH if it just ended: harmless
+            self._kick_thread(t)
+
+    def _kick_one(self, index):
+        if index < len(self.threads):
+            self._kick_thread(self.threads[index])
+
+    @staticmethod
+    def _kick_thread(t):
+        t.vcpu.kick_prepare()
+        if t.ident and t.is_alive():
+            lib.hv_kick_thread(t.ident, KICK_SIGNAL)  # ESRCH if it just ended: harmless
 
     def feed_console(self, data):
         self.devices.feed_console(data)
@@ -309,6 +331,14 @@ class Machine:
             "mmio_unclaimed": sum(v["mmio_unclaimed"] for v in vcpus),
             "fixups": dict(self.fixup_counts),
             "compat": self.profile.describe(),
+            "syscall_hook": self.hook_stats(),
             **({"gdb": self.debugger.status()} if self.debugger is not None else {}),
             **({"trace": self.tracer.status()} if self.tracer is not None else {}),
         }
+
+    def hook_stats(self):
+        """The SYSCALL hook on this guest: per vCPU, and the sums (None if it is off)."""
+        if not self.hooked:
+            return None
+        per = [h.counters() for h in self.hooks]
+        return {"vcpus": per, **{k: sum(p[k] for p in per) for k in ("syscalls", "faults", "rearms", "steps")}}

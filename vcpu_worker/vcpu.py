@@ -42,11 +42,12 @@ class ExitContext:
     """What handling one vCPU's exits needs; `on_kick(ctx)` answers a kick (park, sample) and may end the loop.
 
     `debug` is the vCPU's GuestDebug (vcpu_worker/guest_debug.py): whoever set a breakpoint or step gets its
-    debug exits, and an int3 it planted is its own, not the guest's."""
+    debug exits, and an int3 it planted is its own, not the guest's.  `hook` is its SyscallHook or None."""
     __slots__ = ("vcpu", "pio_lookup", "mmio_lookup", "mem", "fixups", "fixup_counts", "on_kick", "mmio_unclaimed",
-                 "debug")
+                 "debug", "hook")
 
-    def __init__(self, vcpu, pio_lookup, mmio_lookup, mem, fixups=(), fixup_counts=None, on_kick=None, debug=None):
+    def __init__(self, vcpu, pio_lookup, mmio_lookup, mem, fixups=(), fixup_counts=None, on_kick=None, debug=None,
+                 hook=None):
         self.vcpu = vcpu
         self.pio_lookup = pio_lookup
         self.mmio_lookup = mmio_lookup
@@ -56,6 +57,7 @@ class ExitContext:
         self.on_kick = on_kick
         self.mmio_unclaimed = 0
         self.debug = debug
+        self.hook = hook
 
 
 def _io(e, ctx):
@@ -101,6 +103,8 @@ def _guest_exit(e, ctx):
 def _interrupted(e, ctx):
     # Clear the kick first: a stop that lands after this still finds immediate_exit set on the next KVM_RUN.
     ctx.vcpu.kick_clear()
+    if ctx.hook is not None:
+        ctx.hook.on_kick()
     return ctx.on_kick(ctx) if ctx.on_kick is not None else None
 
 
@@ -150,7 +154,8 @@ def _internal_error(e, ctx):
 
 
 def _debug(e, ctx):
-    """A breakpoint, watchpoint or single-step someone asked for (vcpu_worker/guest_debug.py hands it to them)."""
+    """A KVM_EXIT_DEBUG the C loop did not take: to the owner whose slot or step fired (the SYSCALL hook, the GDB
+    stub), else to an attached debugger, else to the guest as its own #DB (vcpu_worker/guest_debug.py)."""
     if ctx.debug is None:
         return _unknown(e, ctx)
     return ctx.debug.on_exit(e, ctx)
@@ -162,6 +167,23 @@ def _fail_entry(e, ctx):
 
 def _run_failed(e, ctx):
     return Outcome(EXIT_VM_FAILED, f"vCPU {ctx.vcpu.index}: KVM_RUN failed: {os.strerror(e.err)}")
+
+
+def _wrmsr(e, ctx):
+    """The guest wrote an MSR the SYSCALL hook watches (STAR, LSTAR, FMASK): the hook writes it and re-arms."""
+    ok = ctx.hook is not None and e.suberror == lib.KVM_MSR_EXIT_REASON_FILTER and ctx.hook.on_wrmsr(e.data[0], e.data[1])
+    lib.hv_set_msr_error(ctx.vcpu.run, 0 if ok else 1)       # refused: the guest gets the #GP the CPU would give
+    return None
+
+
+def _hook(e, ctx):
+    """HV_EXIT_HOOK: the SYSCALL hook needs Python (re-arm, a single-step, a frame it cannot read)."""
+    why = ctx.hook.on_hook_exit(e.suberror, e.data[0])
+    if why is not None:
+        return _failed(ctx, why)
+    if e.suberror == lib.HV_HOOK_REARM:       # the exit that showed the change, as the loop would have gone on
+        return handle_exit(lib.hv_finish_exit(ctx.vcpu.state, e), e, ctx)
+    return None
 
 
 def _unknown(e, ctx):
@@ -182,6 +204,9 @@ HANDLERS = {
     lib.KVM_EXIT_FAIL_ENTRY: _fail_entry,
     lib.HV_EXIT_ERRNO: _run_failed,
     lib.HV_EXIT_STEP_DONE: _step_done,
+    lib.HV_EXIT_ABSORBED: _ignore,
+    lib.KVM_EXIT_X86_WRMSR: _wrmsr,
+    lib.HV_EXIT_HOOK: _hook,
 }
 
 

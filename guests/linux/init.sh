@@ -28,6 +28,14 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 read -r cmdline </proc/cmdline
 has() { case " $cmdline " in *" $1 "*) return 0;; esac; return 1; }
 
+# Kernel modules the image carries (initramfs.py --modules), dependencies first.
+if [ -s /etc/pyhv-modules ]; then
+	while read -r m; do
+		insmod "$m" || echo "pyhv-init: insmod $m failed"
+	done </etc/pyhv-modules
+	echo "pyhv-init: modules loaded"
+fi
+
 if has pyhv.kmsg && [ -w /dev/kmsg ]; then
 	exec >/dev/kmsg 2>&1
 fi

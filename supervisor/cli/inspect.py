@@ -42,6 +42,7 @@ def cmd_info(args):
             *(("device", p.describe()) for p in c.plugins),
             ("compat", compat["name"]),
             *((f"  {kind}", item) for kind in ("cpuid_masks", "kernel_args", "fixups") for item in compat[kind]),
+            ("  syscall_hook", compat["syscall_hook"]),
             *(("device", _device_line(name, d)) for name, d in g.devices.items())]
     for k, v in rows:
         print(f"{k + ':':13} {v}")

@@ -73,7 +73,7 @@ def test_wheel_in_a_fresh_venv_without_the_source(tmp_path, source_copy, hello):
     r = sh(bin_ / "hvctl", "--version", cwd=tmp_path)
     assert r.stdout.startswith("hvctl (pyhv) ")
     # The guest-artefact fetcher ships in the wheel: with the artefacts cached it finds them all current
-    # (the kernel's key hashes the config fragment and patch, so the wheel's copies must be the same).
+    # (the kernel's key hashes the config fragment, so the wheel's copy must be the same).
     cache = pathlib.Path(os.environ.get("HV_ARTEFACTS", "/var/cache/pyhv"))
     if (cache / "own" / "KEY").exists():
         r = sh(bin_ / "hvctl", "guests", "fetch", cwd=tmp_path)

@@ -353,10 +353,11 @@ def test_info_lists_the_compatibility_profile(sup, build_guest):
     nested = sup.info("c1")["compat_profile"]
     assert nested["name"] == "nested" and nested["kernel_args"] == list(NESTED_KERNEL_ARGS)
     assert any("CX16" in m for m in nested["cpuid_masks"]) and "int3" in nested["fixups"]
+    assert nested["syscall_hook"].startswith(("on", "off", "unavailable"))    # as this host's probe found
     assert sup.info("c2")["compat_profile"] == {"name": "none", "cpuid_masks": [], "kernel_args": [], "fixups": [],
-                                               "tsc_early_khz": False}
+                                               "syscall_hook": "off", "tsc_early_khz": False}
     text = sup.hvctl("info", "c1", check=0).stdout
-    assert "compat:" in text and "noxsave" in text
+    assert "compat:" in text and "noxsave" in text and "syscall_hook:" in text
 
 
 def test_service_requests_from_anyone_but_the_guests_worker_are_refused(sup, build_guest):

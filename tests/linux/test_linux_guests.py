@@ -1,15 +1,19 @@
-"""Full Linux boots (slow): our kernel runs busybox user space on 2 vCPUs with virtio devices; Debian's stock kernel reaches init.
+"""Full Linux boots (slow): our kernel and Debian's stock kernel, neither patched, run busybox user space on 2 vCPUs with virtio devices.
 
 Artefacts come from guests/fetch.sh (idempotent; cached in $HV_ARTEFACTS,
 default /var/cache/pyhv).  Guest kernel code is emulated on nested hosts,
-so each boot takes one to several minutes.
+so each boot takes one to several minutes (the stock kernel about fifteen),
+and their system calls go through the VMM's SYSCALL hook there.
 """
 import hashlib
 import os
 import pathlib
+import re
 import select
 import shutil
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -21,16 +25,12 @@ pytestmark = pytest.mark.slow
 ARTEFACTS = pathlib.Path(os.environ.get("HV_ARTEFACTS", "/var/cache/pyhv"))
 
 
-def _is_nested_kvm():
-    return pathlib.Path("/sys/module/kvm_pvm").exists()
-
-
 @pytest.fixture(scope="session")
 def artefacts():
     r = subprocess.run(HVCTL + ["guests", "fetch"], capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, f"hvctl guests fetch failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     paths = {"own": ARTEFACTS / "own" / "vmlinux", "stock": ARTEFACTS / "stock" / "vmlinuz",
-             "initrd": ARTEFACTS / "initramfs.cpio"}
+             "initrd": ARTEFACTS / "initramfs.cpio", "stock_initrd": ARTEFACTS / "stock-initramfs.cpio"}
     for p in paths.values():
         assert p.exists(), f"{p} missing after guests/fetch.sh"
     return paths
@@ -134,30 +134,123 @@ def test_own_kernel_pings_the_host_through_a_tap(artefacts):
         subprocess.run(["ip", "link", "del", tap], capture_output=True)
 
 
-STOCK_BOOT_CAP = 1800      # seconds; it got there inside this in CI (2026-11-24), not inside 10 min
+STOCK_BOOT_CAP = 1800      # s; Run /init came inside this in CI (2026-11-24) and at 11-16 min here (2026-12-07)
+STOCK_DEVICES_CAP = 2700   # s to the end of the devices script: its modules alone take ~9 min more under emulation
+
+
+def _is_nested_kvm():
+    return pathlib.Path("/sys/module/kvm_pvm").exists()
 
 
 @pytest.mark.xfail(_is_nested_kvm(), strict=False,
-                   reason="nested kvm_pvm host: the stock kernel reaches Run /init with both CPUs only after many "
-                          "minutes (ftrace's record check, trace eval maps, BTF parsing and the W+X check all run "
-                          "through KVM's emulator); allowed to miss its 30-min cap on a slower day")
-def test_stock_debian_kernel_reaches_init_with_two_cpus(artefacts):
-    # Its user space cannot make system calls on nested hosts (no hook), so the test stops at Run /init.
-    # Both CPUs come from the ACPI MADT (Debian's cloud kernel has no MP-table parser).
+                   reason="nested kvm_pvm host: the stock kernel reaches Run /init only after many minutes of "
+                          "emulated ring 0 (ftrace's record check, BTF, the W+X check); allowed to miss its 30-min "
+                          "cap on a loaded day")
+def test_stock_debian_kernel_runs_user_space_on_two_cpus(artefacts):
+    """Debian's cloud kernel, unmodified, on 2 vCPUs: init's command runs in user space (on nested hosts its
+    system calls are the VMM's SYSCALL hook's) and `reboot -f` ends the VM with status 0."""
+    # Both CPUs come from the ACPI MADT (Debian's cloud kernel has no MP-table parser); without mitigations=off
+    # nowatchdog its periodic tick livelocked under load here (docs/kvm-notes.md, "Debian's stock kernel").
     status, out = boot_until(["--kernel", artefacts["stock"], "--initrd", artefacts["initrd"], "--vcpus", 2,
-                              "--cmdline", "console=ttyS0", "--timeout", STOCK_BOOT_CAP + 60],
-                             marker=b"Run /init as init process", timeout=STOCK_BOOT_CAP)
+                              "--timeout", STOCK_BOOT_CAP + 60,
+                              "--cmdline", 'console=ttyS0 mitigations=off nowatchdog pyhv.run="uname -r"'],
+                             timeout=STOCK_BOOT_CAP)
     text = out.decode(errors="replace")
-    assert "smp: Brought up 1 node, 2 CPUs" in text
-    assert "Run /init as init process" in text
+    tail = text[-4000:]
+    assert "smp: Brought up 1 node, 2 CPUs" in text, tail
+    assert "Run /init as init process" in text, tail
+    assert "pyhv-init: 2 cpus" in text, tail
+    assert re.search(r"^6\.1\.\d+-\d+-cloud-amd64\s*$", text, re.M), tail     # `uname -r`, from user space
+    assert "segfault" not in text and status == 0, tail                # reboot -f
 
 
-@pytest.mark.skipif(_is_nested_kvm(), reason="nested kvm_pvm host: the stock kernel's user space cannot make "
-                    "system calls here (SYSCALL stays in ring 3 and the stock kernel has no hook)")
-def test_stock_debian_kernel_runs_user_space_with_its_modules(artefacts):
-    status, out = boot_until(["--kernel", artefacts["stock"], "--initrd", artefacts["initrd"], "--vcpus", 2,
-                              "--rng", "--timeout", 600, "--cmdline", 'console=ttyS0 pyhv.run="uname -r"'], timeout=700)
-    assert b"pyhv-init: 2 cpus" in out and status == 0
+class SocketReader(threading.Thread):
+    """Everything that arrives on a unix socket (the virtio console's), read from when it can connect."""
+
+    def __init__(self, path):
+        super().__init__(daemon=True)
+        self.path, self.data, self.stop = path, bytearray(), threading.Event()
+        self.start()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(self.path))
+                    s.settimeout(1)
+                    while not self.stop.is_set():
+                        try:
+                            chunk = s.recv(4096)
+                        except socket.timeout:
+                            continue
+                        if not chunk:
+                            break
+                        self.data += chunk
+            except OSError:
+                time.sleep(0.5)
+
+
+@pytest.mark.skipif(os.environ.get("HV_STOCK_DEVICES") != "1",
+                    reason="about 40 minutes on nested hosts, beyond CI's budget: HV_STOCK_DEVICES=1 runs it")
+def test_stock_debian_kernel_runs_user_space_with_its_own_modules(artefacts, tmp_path):
+    """Debian's cloud kernel, unmodified, on 2 vCPUs: init loads its own virtio modules (stock-initramfs.cpio), and
+    one boot (~15 minutes to Run /init on nested hosts) checks SMP, the disk, the network (pings our kernel on the
+    same switch), the hwrng and the virtio console, then reboots.  On nested hosts its system calls are the VMM's
+    SYSCALL hook's (vcpu_worker/syscall_hook.py)."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(1 << 20))
+    digest = hashlib.md5(disk.read_bytes()).hexdigest()
+    env = {**os.environ, "HV_RUNTIME_DIR": str(tmp_path)}
+    script = ("ip link set eth0 up; ip addr add 10.0.6.2/24 dev eth0; md5sum /dev/vda; "
+              "echo rng=$(head -c 64 /dev/hwrng | wc -c) $(cat /sys/class/misc/hw_random/rng_current); "
+              "echo stock-hvc-$((6*7)) >/dev/hvc0; uname -r; "
+              f"{_ping_until('10.0.6.1', 300)}; for i in $(seq 40); do ls /bin >/dev/null; done; echo stock-done")
+    cmd = [*HVCTL, "run", "--kernel", str(artefacts["stock"]), "--initrd", str(artefacts["stock_initrd"]),
+           "--vcpus", "2", "--disk", str(disk), "--rng", "--vconsole", "--net", "switch:stocknet",
+           "--timeout", str(STOCK_DEVICES_CAP),
+           # without these its periodic tick livelocked under load here (docs/kvm-notes.md, "Debian's stock kernel")
+           "--cmdline", f'console=ttyS0 mitigations=off nowatchdog pyhv.run="{script}"']
+    stock = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    peer = hvc = None
+    out = bytearray()
+    try:
+        deadline = time.monotonic() + STOCK_DEVICES_CAP + 60
+        while time.monotonic() < deadline:
+            chunk = os.read(stock.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            out += chunk
+            if hvc is None and b"virtio console on " in out:
+                line = out[out.index(b"virtio console on "):].split(b"\n", 1)[0]
+                hvc = SocketReader(line[len(b"virtio console on "):].decode().strip())
+            if peer is None and b"Run /init as init process" in out:
+                # the other end of the ping, started now so that it does not slow the long boot
+                peer = subprocess.Popen(
+                    [*HVCTL, "run", "--kernel", str(artefacts["own"]), "--initrd", str(artefacts["initrd"]),
+                     "--net", "switch:stocknet", "--timeout", "1500",
+                     "--cmdline", 'console=ttyS0 ip=10.0.6.1::::peer:eth0:off pyhv.run="sleep 1400"'],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        status = stock.wait(timeout=60)
+    finally:
+        for p in (stock, peer):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        if hvc is not None:
+            hvc.stop.set()
+    text = out.decode(errors="replace")
+    tail = text[-4000:]
+    assert "smp: Brought up 1 node, 2 CPUs" in text, tail
+    assert "Run /init as init process" in text, tail
+    assert "pyhv-init: modules loaded" in text and "pyhv-init: insmod" not in text, tail
+    assert "pyhv-init: 2 cpus" in text, tail
+    assert f"{digest}  /dev/vda" in text, tail                 # virtio_blk, loaded by init
+    assert "rng=64 virtio_rng" in text, tail                    # virtio_rng, /dev/hwrng
+    assert "ping-ok 10.0.6.1" in text, tail                     # virtio_net through the switch
+    assert b"stock-hvc-42" in (hvc.data if hvc is not None else b""), tail   # virtio_console, /dev/hvc0
+    assert "6.1.0-" in text and "cloud-amd64" in text, tail
+    assert "segfault" not in text and "stock-done" in text, tail
+    assert status == 0, tail                                   # reboot -f
 
 
 def test_own_kernel_mounts_an_ext2_root_on_virtio_blk_and_writes_to_it(artefacts, tmp_path):

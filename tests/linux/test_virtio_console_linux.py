@@ -19,15 +19,16 @@ def connect(path, timeout=5):
     return s
 
 
-# --- a Linux guest writes to /dev/hvc0 (needs the whole patch) -----------------------------
+# --- a Linux guest writes to /dev/hvc0 ---------------------------------------------------------
 
-KERNEL = pathlib.Path("/var/cache/pyhv/own/vmlinux")
-INITRAMFS = pathlib.Path("/var/cache/pyhv/initramfs.cpio")
+ARTEFACTS = pathlib.Path(os.environ.get("HV_ARTEFACTS", "/var/cache/pyhv"))
+KERNEL = ARTEFACTS / "own" / "vmlinux"
+INITRAMFS = ARTEFACTS / "initramfs.cpio"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (KERNEL.exists() and INITRAMFS.exists()),
-                    reason="needs the guest kernel + initramfs in /var/cache/pyhv (bash guests/fetch.sh)")
+                    reason="needs the guest kernel + initramfs in $HV_ARTEFACTS (bash guests/fetch.sh)")
 def test_linux_guest_writes_to_hvc0(tmp_path):
     stats = tmp_path / "stats.json"
     env = dict(os.environ)

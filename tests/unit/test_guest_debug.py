@@ -99,3 +99,21 @@ def test_software_breakpoints_are_the_owners_or_the_guests():
     d.set_software_breakpoints(o, True)
     assert d.software_breakpoint(None, 0x1000) == "stopped"
     assert d.software_breakpoint(None, 0x2000) is NOT_MINE         # the guest's own int3
+
+
+def test_the_guest_s_own_debug_exits_go_to_an_attached_debugger_else_to_the_guest():
+    d, hook, gdb = GuestDebug(Vcpu()), Owner("hook"), Owner("gdb")
+    delivered = []
+    d.deliver_to_guest = delivered.append
+    d.reserve(0, hook)
+    d.set_slot(hook, 0x100)
+    gdb.attached = lambda: gdb.on
+    gdb.on = False
+    d.set_debugger(gdb)
+    assert d.on_exit(debug_exit(1, 0x300, 0xFFFF0FF0 | 0b1000), ctx=None) is None     # B3: the guest's own DR3
+    assert delivered == [0xFFFF0FF8] and gdb.events == []
+    gdb.on = True                                                                      # a GDB client connected
+    d.on_exit(debug_exit(1, 0x304, 0xFFFF0FF0 | DR6_BS), ctx=None)                      # the guest's own TF
+    assert len(delivered) == 1 and [(e.pc, e.step, e.slots) for e in gdb.events] == [(0x304, True, [])]
+    d.on_exit(debug_exit(1, 0x100, 0xFFFF0FF1), ctx=None)                               # the hook's DR0
+    assert len(hook.events) == 1 and len(gdb.events) == 1 and len(delivered) == 1

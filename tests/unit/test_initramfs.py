@@ -231,3 +231,43 @@ def test_cpio_extracts_it(tmp_path):
     if os.geteuid() == 0:
         st = os.lstat(dest / "dev/console")
         assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (5, 1)
+
+
+def fake_module(path, **modinfo):
+    """A minimal ELF64 object with a .modinfo section, as a .ko has (key=value strings, NUL-separated)."""
+    import struct
+    info = b"".join(f"{k}={v}".encode() + b"\0" for k, v in modinfo.items())
+    shstr = b"\0.modinfo\0.shstrtab\0"
+    data_off, str_off = 64, 64 + len(info)
+    shoff = (str_off + len(shstr) + 7) & ~7
+    header = b"\x7fELF\x02\x01\x01" + b"\0" * 9 + struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0,
+                                                               64, 3, 2)
+    sections = [bytes(64),
+                struct.pack("<IIQQQQIIQQ", 1, 1, 0, 0, data_off, len(info), 0, 0, 1, 0),
+                struct.pack("<IIQQQQIIQQ", 10, 3, 0, 0, str_off, len(shstr), 0, 0, 1, 0)]
+    body = header + info + shstr
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body + bytes(shoff - len(body)) + b"".join(sections))
+
+
+def test_modules_come_with_their_dependencies_first(tmp_path):
+    tree = tmp_path / "lib" / "modules" / "6.1.0-test"
+    fake_module(tree / "kernel/drivers/virtio/virtio.ko", name="virtio", depends="")
+    fake_module(tree / "kernel/drivers/virtio/virtio_ring.ko", name="virtio_ring", depends="")
+    fake_module(tree / "kernel/drivers/net/virtio_net.ko", name="virtio_net", depends="virtio_ring,virtio,net_failover")
+    fake_module(tree / "kernel/drivers/net/net_failover.ko", name="net_failover", depends="failover")
+    fake_module(tree / "kernel/net/core/failover.ko", name="failover", depends="")
+    fake_module(tree / "kernel/drivers/char/hw_random/virtio-rng.ko", name="virtio_rng", depends="virtio,virtio_ring")
+    order = initramfs.module_closure(str(tree), ["virtio_net", "virtio-rng"])
+    assert order == ["kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/virtio/virtio.ko",
+                     "kernel/net/core/failover.ko", "kernel/drivers/net/net_failover.ko",
+                     "kernel/drivers/net/virtio_net.ko", "kernel/drivers/char/hw_random/virtio-rng.ko"]
+    a = initramfs.Archive()
+    paths = initramfs.add_modules(a, str(tree), ["virtio_rng"])
+    assert paths == ["/lib/modules/6.1.0-test/kernel/drivers/virtio/virtio.ko",
+                     "/lib/modules/6.1.0-test/kernel/drivers/virtio/virtio_ring.ko",
+                     "/lib/modules/6.1.0-test/kernel/drivers/char/hw_random/virtio-rng.ko"]
+    listed = {r["name"]: r["data"] for r in parse(a.to_bytes())}["etc/pyhv-modules"]
+    assert listed.decode().split() == paths
+    with pytest.raises(initramfs.SpecError, match="virtio_scsi"):
+        initramfs.module_closure(str(tree), ["virtio_scsi"])

@@ -43,6 +43,11 @@ void *hv_map_run(int vcpu_fd, long size)
     return p == MAP_FAILED ? NULL : p;
 }
 
+void hv_unmap_run(void *run, long size)
+{
+    munmap(run, (size_t)size);
+}
+
 long hv_irq_line(int vm_fd, uint32_t irq, uint32_t level)
 {
     struct kvm_irq_level l;
@@ -116,6 +121,12 @@ static void hv_fill_exit(struct hv_vcpu *v, struct hv_exit *e)
         e->data[1] = run->debug.arch.dr6;
         e->data[2] = run->debug.arch.dr7;
         break;
+    case KVM_EXIT_X86_WRMSR:        /* suberror: KVM's reason; data: index, value */
+        e->suberror = run->msr.reason;
+        e->ndata = 2;
+        e->data[0] = run->msr.index;
+        e->data[1] = run->msr.data;
+        break;
     default:
         break;
     }
@@ -162,7 +173,33 @@ static void hv_complete_alone(struct hv_vcpu *v)
     __atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
 }
 
-static void hv_trace_exit(struct hv_vcpu *v, uint64_t t0, uint64_t t1, long r);
+static void hv_trace_exit(struct hv_vcpu *v, uint64_t t0, uint64_t t1, long r, int in_c);
+
+
+static int hv_hook_exit(struct hv_vcpu *v, struct hv_exit *e, long r);
+#define HV_HOOK_PASS 0          /* not the hook's: the loop goes on with the exit */
+#define HV_HOOK_RESUME 1        /* handled: run the guest again */
+#define HV_HOOK_PYTHON 2        /* e says what Python must do (HV_EXIT_HOOK) */
+
+/* The rest of an exit after KVM_RUN: answered in C (HV_EXIT_ABSORBED), or filled in for Python. */
+uint32_t hv_finish_exit(struct hv_vcpu *v, struct hv_exit *e)
+{
+    uint32_t reason = v->run->exit_reason;
+    if (reason == KVM_EXIT_IO) {
+        int fast = hv_fast_io(v, e);
+        if (fast == 1) {
+            if (v->stepping)
+                hv_complete_alone(v);
+            return HV_EXIT_ABSORBED;
+        }
+        if (fast == 2)
+            return e->reason;
+    }
+    if (v->stepping && (reason == KVM_EXIT_IO || reason == KVM_EXIT_MMIO))
+        hv_complete_alone(v);
+    hv_fill_exit(v, e);
+    return e->reason;
+}
 
 /* Run the vCPU until an exit Python must see.  Returns e->reason. */
 uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e)
@@ -175,10 +212,17 @@ uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e)
         uint64_t t1 = hv_now_ns();
         v->ns_in_guest += t1 - t0;
         v->last_return_ns = t1;
-        if (__builtin_expect(v->trace != NULL, 0))
-            hv_trace_exit(v, t0, t1, r);
         int completing = v->step_io;
         v->step_io = 0;
+        int hooked = HV_HOOK_PASS;
+        if (v->hook != NULL)                    /* the SYSCALL hook: its own section below */
+            hooked = hv_hook_exit(v, e, r);
+        if (__builtin_expect(v->trace != NULL, 0))
+            hv_trace_exit(v, t0, t1, r, hooked == HV_HOOK_RESUME);
+        if (hooked == HV_HOOK_RESUME)
+            continue;
+        if (hooked == HV_HOOK_PYTHON)
+            return e->reason;
         if (r < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 v->exits[KVM_EXIT_INTR]++;
@@ -192,20 +236,9 @@ uint32_t hv_vcpu_run(struct hv_vcpu *v, struct hv_exit *e)
         uint32_t reason = v->run->exit_reason;
         if (reason < HV_NR_REASONS)
             v->exits[reason]++;
-        if (reason == KVM_EXIT_IO) {
-            int fast = hv_fast_io(v, e);
-            if (fast == 1) {
-                if (v->stepping)
-                    hv_complete_alone(v);
-                continue;
-            }
-            if (fast == 2)
-                return e->reason;
-        }
-        if (v->stepping && (reason == KVM_EXIT_IO || reason == KVM_EXIT_MMIO))
-            hv_complete_alone(v);
-        hv_fill_exit(v, e);
-        return e->reason;
+        uint32_t out = hv_finish_exit(v, e);
+        if (out != HV_EXIT_ABSORBED)
+            return out;
     }
 }
 
@@ -237,6 +270,201 @@ int hv_kick_thread(unsigned long thread, int sig)
     return -pthread_kill((pthread_t)thread, sig);
 }
 
+/* Answer a KVM_EXIT_X86_WRMSR: 0 done (the VMM wrote the MSR), 1 the guest gets #GP. */
+void hv_set_msr_error(struct kvm_run *run, uint8_t error)
+{
+    run->msr.error = error;
+}
+
+/* --- The SYSCALL hook (declared in hv_kvm.h; armed by vcpu_worker/syscall_hook.py) -----------
+ * Everything here reads guest state from the kvm_run sync-regs area (KVM fills it on every exit
+ * of a watched vCPU) and guest RAM through this process's mapping: no ioctl on the way.  Guest
+ * memory is untrusted: every address is checked against the RAM ranges, page-table entries and
+ * the frame are read once.
+ */
+#define HV_PTE_P 1ull
+#define HV_PTE_PS (1ull << 7)
+#define HV_PTE_ADDR 0x000ffffffffff000ull
+#define HV_CR4_LA57 (1ull << 12)
+#define HV_EFER_SCE 1ull
+#define HV_RFLAGS_FIXED 0x2ull
+#define HV_RFLAGS_IF 0x200ull
+#define HV_RFLAGS_RF 0x10000ull
+/* What a user RFLAGS can hold (CF PF AF ZF SF TF DF OF AC ID): R11 is cut to these, so a forged
+ * R11 cannot carry IOPL, NT, RF or VM into the kernel's SYSRET. */
+#define HV_RFLAGS_USER 0x240dd5ull
+
+static uint8_t *hv_gpa_ptr(const struct hv_guest_ram *ram, uint64_t gpa, uint64_t len)
+{
+    for (uint32_t i = 0; i < ram->n && i < HV_GUEST_RAM_MAX; i++) {
+        if (gpa >= ram->gpa[i] && gpa - ram->gpa[i] < ram->size[i] && len <= ram->size[i] - (gpa - ram->gpa[i]))
+            return ram->host[i] + (gpa - ram->gpa[i]);
+    }
+    return NULL;
+}
+
+static uint64_t hv_guest_u64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, (const void *)p, sizeof v);     /* one read of guest memory the guest may be changing */
+    return v;
+}
+
+/* Guest-virtual to guest-physical through the guest's own long-mode page tables (4 or 5 levels,
+ * 1 GiB and 2 MiB pages).  0, or -1 if it is not mapped or a table is outside guest RAM. */
+int hv_guest_walk(const struct hv_guest_ram *ram, uint64_t cr3, uint64_t cr4, uint64_t va, uint64_t *gpa)
+{
+    uint64_t table = cr3 & HV_PTE_ADDR;
+    for (int level = (cr4 & HV_CR4_LA57) ? 5 : 4; level >= 1; level--) {
+        int shift = 12 + 9 * (level - 1);
+        const uint8_t *p = hv_gpa_ptr(ram, table + ((va >> shift) & 511) * 8, 8);
+        if (p == NULL)
+            return -1;
+        uint64_t pte = hv_guest_u64(p);
+        if (!(pte & HV_PTE_P))
+            return -1;
+        if (level == 1 || ((level == 2 || level == 3) && (pte & HV_PTE_PS))) {
+            uint64_t offset = (1ull << shift) - 1;
+            *gpa = ((pte & HV_PTE_ADDR) & ~offset) | (va & offset);
+            return 0;
+        }
+        table = pte & HV_PTE_ADDR;
+    }
+    return -1;
+}
+
+static int hv_guest_read_u64(const struct hv_guest_ram *ram, const struct kvm_sregs *s, uint64_t va, uint64_t *out)
+{
+    uint64_t gpa;
+    const uint8_t *p;
+    if ((va & 7) || hv_guest_walk(ram, s->cr3, s->cr4, va, &gpa) || (p = hv_gpa_ptr(ram, gpa, 8)) == NULL)
+        return -1;
+    *out = hv_guest_u64(p);
+    return 0;
+}
+
+/* Did the guest move its IDT or rewrite the #PF gate since Python armed from them? */
+static int hv_hook_idt_changed(const struct hv_syscall_hook *h, const struct kvm_sregs *s)
+{
+    if (s->idt.base != h->idt_base || s->idt.limit != h->idt_limit)
+        return 1;
+    const uint8_t *gate = hv_gpa_ptr(h->ram, h->gate_gpa, 16);
+    return gate != NULL && memcmp((const void *)gate, h->gate, 16) != 0;
+}
+
+static void hv_set_flat_segment(struct kvm_segment *seg, uint16_t selector, int code)
+{
+    memset(seg, 0, sizeof *seg);
+    seg->selector = selector;
+    seg->limit = 0xffffffff;
+    seg->type = code ? 11 : 3;        /* execute/read accessed; read/write accessed */
+    seg->present = 1;
+    seg->s = 1;
+    seg->l = code ? 1 : 0;
+    seg->db = code ? 0 : 1;
+    seg->g = 1;
+}
+
+/* Registers the hook left for KVM to load that a KVM_RUN returning early (a kick) did not take: load
+ * them now, so that Python (pause, snapshot, a fix-up) never reads a vCPU behind them. */
+static void hv_flush_sync_regs(struct hv_vcpu *v)
+{
+    struct kvm_run *run = v->run;
+    int saved = errno;                  /* KVM_RUN's, which the loop reads next */
+    if (run->kvm_dirty_regs & KVM_SYNC_X86_SREGS)
+        ioctl(v->fd, KVM_SET_SREGS, &run->s.regs.sregs);
+    if (run->kvm_dirty_regs & KVM_SYNC_X86_REGS)
+        ioctl(v->fd, KVM_SET_REGS, &run->s.regs.regs);
+    run->kvm_dirty_regs = 0;
+    errno = saved;
+}
+
+static int hv_hook_fault(struct hv_vcpu *v, struct hv_exit *e);
+
+/* The loop's one call, after every KVM_RUN of a watched vCPU (r: its result).  PASS: the loop goes on
+ * with the exit; RESUME: handled, run again; PYTHON: e says what Python must do.  Exits it keeps from
+ * the loop it counts itself. */
+static int hv_hook_exit(struct hv_vcpu *v, struct hv_exit *e, long r)
+{
+    struct hv_syscall_hook *h = v->hook;
+    struct kvm_run *run = v->run;
+    if (run->kvm_dirty_regs)
+        hv_flush_sync_regs(v);
+    if (r < 0 || !h->watching || (run->kvm_valid_regs & (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS))
+            != (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS))
+        return HV_HOOK_PASS;
+    struct kvm_sregs *s = &run->s.regs.sregs;
+    if (hv_hook_idt_changed(h, s)) {
+        h->rearms++;
+        if (run->exit_reason < HV_NR_REASONS)
+            v->exits[run->exit_reason]++;
+        e->reason = HV_EXIT_HOOK;              /* the exit itself: hv_finish_exit() once re-armed */
+        e->suberror = HV_HOOK_REARM;
+        return HV_HOOK_PYTHON;
+    }
+    if (!h->armed || run->exit_reason != KVM_EXIT_DEBUG || run->debug.arch.pc != h->handler
+            || !(run->debug.arch.dr6 & 1) || s->cs.dpl != 0)
+        return HV_HOOK_PASS;                        /* not DR0 at the entry: Python passes it on */
+    v->exits[KVM_EXIT_DEBUG]++;
+    return hv_hook_fault(v, e);
+}
+
+/* KVM_EXIT_DEBUG at the #PF entry: a system call to finish, or a fault to resume past the breakpoint. */
+static int hv_hook_fault(struct hv_vcpu *v, struct hv_exit *e)
+{
+    struct hv_syscall_hook *h = v->hook;
+    struct kvm_run *run = v->run;
+    struct kvm_regs *r = &run->s.regs.regs;
+    struct kvm_sregs *s = &run->s.regs.sregs;
+
+    /* The frame the CPU pushed for the #PF: error code, RIP, CS, RFLAGS, RSP, SS. */
+    uint64_t f[6];
+    for (int i = 0; i < 6; i++) {
+        if (hv_guest_read_u64(h->ram, s, r->rsp + 8 * (uint64_t)i, &f[i])) {
+            e->reason = HV_EXIT_HOOK;
+            e->suberror = HV_HOOK_NO_FRAME;
+            e->ndata = 1;
+            e->data[0] = r->rsp;
+            return HV_HOOK_PYTHON;
+        }
+    }
+    if ((f[2] & 3) == 3 && f[1] == h->lstar && (s->efer & HV_EFER_SCE)) {
+        /* A user-mode fault at LSTAR: the SYSCALL that stayed in ring 3.  RCX (return address) and
+         * R11 (user flags) are already what SYSCALL sets; do the rest and drop the frame.  (Without
+         * EFER.SCE the guest gets the fault: a CPU would have raised #UD, never reached LSTAR.) */
+        uint64_t r11 = (r->r11 & HV_RFLAGS_USER) | HV_RFLAGS_IF | HV_RFLAGS_FIXED;
+        uint16_t cs = (uint16_t)(h->star >> 32);
+        r->r11 = r11;
+        r->rflags = (r11 & ~h->fmask & ~HV_RFLAGS_RF) | HV_RFLAGS_FIXED;
+        r->rip = h->lstar;
+        r->rsp = f[4];
+        hv_set_flat_segment(&s->cs, cs & 0xfffc, 1);
+        hv_set_flat_segment(&s->ss, (uint16_t)(cs + 8), 0);
+        run->kvm_dirty_regs |= KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS;
+        h->syscalls++;
+        return HV_HOOK_RESUME;
+    }
+    /* Any other fault goes to the guest's handler: resume past its first instruction (doing what
+     * it does to RFLAGS), so DR0 does not fire again.  One C cannot skip is single-stepped. */
+    const uint8_t *insn = hv_gpa_ptr(h->ram, h->insn_gpa, h->skip_len ? h->skip_len : 1);
+    if (h->skip_len == 0 || insn == NULL || memcmp((const void *)insn, h->insn, h->skip_len) != 0) {
+        e->reason = HV_EXIT_HOOK;
+        e->suberror = HV_HOOK_STEP;
+        return HV_HOOK_PYTHON;
+    }
+    r->rip += h->skip_len;
+    r->rflags = (r->rflags & ~h->skip_clear) | h->skip_set;
+    run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+    h->faults++;
+    return HV_HOOK_RESUME;
+}
+
+/* Start (h) or stop (NULL) the hook on this vCPU: KVM then fills the sync-regs area on every exit. */
+void hv_hook_attach(struct hv_vcpu *v, struct hv_syscall_hook *h)
+{
+    v->hook = h;
+    v->run->kvm_valid_regs = h != NULL ? (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS) : 0;
+}
 
 /* ---- Exit tracing: hv_trace_* ---------------------------------------------
  *
@@ -407,7 +635,8 @@ static inline void hv_trace_put(struct hv_trace_ring *r, const struct hv_trace_r
 }
 
 /* The loop's one call site: the exit KVM_RUN just returned (r < 0: it failed with errno). */
-static void __attribute__((noinline)) hv_trace_exit(struct hv_vcpu *v, uint64_t t0, uint64_t t1, long r)
+static void __attribute__((noinline)) hv_trace_exit(struct hv_vcpu *v, uint64_t t0, uint64_t t1, long r,
+                                                     int in_c)
 {
     int saved_errno = errno;
     struct kvm_run *run = v->run;
@@ -456,9 +685,17 @@ static void __attribute__((noinline)) hv_trace_exit(struct hv_vcpu *v, uint64_t 
         case KVM_EXIT_SYSTEM_EVENT:
             rec.addr = run->system_event.type;
             break;
+        case KVM_EXIT_DEBUG:
+            rec.addr = run->debug.arch.pc;
+            break;
+        case KVM_EXIT_X86_WRMSR:
+            rec.addr = run->msr.index;
+            break;
         default:
             break;
         }
+        if (in_c)                   /* the SYSCALL hook answered it (a system call or a fault resumed) */
+            rec.flags |= HV_TRACE_IN_C;
     }
     hv_trace_put(v->trace, &rec);
     errno = saved_errno;

@@ -21,6 +21,8 @@
 #define HV_EXIT_ERRNO 1001
 /* A single-stepped instruction that exited to user space has completed. */
 #define HV_EXIT_STEP_DONE 1002
+#define HV_EXIT_HOOK 1003       /* the SYSCALL hook needs Python: e->suberror says why (HV_HOOK_*) */
+#define HV_EXIT_ABSORBED 1004   /* hv_finish_exit(): the exit was answered in C */
 
 /* Exit tracing (hv_kvm.c's hv_trace_* section; the file format is docs/trace-format.md).
  * Record flags: WRITE = an OUT or an MMIO write; IN_C = answered by the C loop, never
@@ -42,11 +44,15 @@ struct hv_exit {
     uint64_t mmio_addr;
     uint32_t mmio_len, mmio_write;
     char *mmio_data;
-    /* KVM_EXIT_INTERNAL_ERROR / FAIL_ENTRY / SYSTEM_EVENT / DEBUG */
+    /* KVM_EXIT_INTERNAL_ERROR / FAIL_ENTRY / SYSTEM_EVENT; KVM_EXIT_DEBUG (suberror: the exception;
+     * data: pc, dr6, dr7); KVM_EXIT_X86_WRMSR (suberror: KVM's reason, data: index, value);
+     * HV_EXIT_HOOK (suberror: HV_HOOK_*) */
     uint32_t suberror, ndata;
     uint64_t data[16];
     uint64_t exit_value;
 };
+
+struct hv_syscall_hook;
 
 /* One VM exit as the trace file holds it: 32 bytes, little-endian, no padding. */
 struct hv_trace_rec {
@@ -87,11 +93,13 @@ struct hv_vcpu {
     uint8_t stepping;               /* single-stepping (guest_debug.py): see hv_vcpu_run */
     uint8_t step_io;                /* this KVM_RUN only completes a stepped I/O instruction */
     struct hv_trace_ring *trace;    /* NULL: not tracing (the loop's only cost then is this test) */
+    struct hv_syscall_hook *hook;   /* NULL unless the SYSCALL hook watches this vCPU */
 };
 
 long hv_ioctl(int fd, unsigned long req, void *arg);
 long hv_ioctl_int(int fd, unsigned long req, unsigned long arg);
 void *hv_map_run(int vcpu_fd, long size);
+void hv_unmap_run(void *run, long size);
 long hv_irq_line(int vm_fd, uint32_t irq, uint32_t level);
 long hv_get_supported_cpuid(int kvm_fd, struct kvm_cpuid_entry2 *out, int max);
 long hv_set_cpuid(int vcpu_fd, const struct kvm_cpuid_entry2 *ents, int n);
@@ -110,6 +118,47 @@ int hv_trace_error(struct hv_tracer *t);
 void hv_trace_free(struct hv_tracer *t);
 void hv_trace_fill(struct hv_trace_ring *r, const struct hv_trace_rec *rec, uint64_t n);
 uint32_t hv_crc32(uint32_t crc, const void *buf, size_t len);
+void hv_set_msr_error(struct kvm_run *run, uint8_t error);
+uint32_t hv_finish_exit(struct hv_vcpu *v, struct hv_exit *e);
 long hv_lz4_legacy_decompress(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap);
+
+
+/* --- The SYSCALL hook (vcpu_worker/syscall_hook.py) ----------------------------------------
+ * On nested (kvm_pvm) hosts a ring-3 SYSCALL jumps to LSTAR but stays in ring 3 and faults.
+ * A hardware breakpoint (DR0) on the guest's #PF entry makes KVM_RUN return there; the C loop
+ * turns a user-mode fault at LSTAR into the SYSCALL the CPU should have made and resumes any
+ * other fault past the entry's first instruction.  Python arms it (syscall_hook.py).
+ */
+#define HV_HOOK_REARM 1         /* the guest changed its IDT: re-arm, then hv_finish_exit() */
+#define HV_HOOK_STEP 2          /* a fault to resume, but C cannot skip the entry's first instruction */
+#define HV_HOOK_NO_FRAME 3      /* the exception frame is not in guest RAM (data[0]: rsp) */
+#define HV_GUEST_RAM_MAX 4
+
+struct hv_guest_ram {           /* guest-physical ranges and where this process maps them */
+    uint32_t n;
+    uint64_t gpa[HV_GUEST_RAM_MAX];
+    uint64_t size[HV_GUEST_RAM_MAX];
+    uint8_t *host[HV_GUEST_RAM_MAX];
+};
+
+struct hv_syscall_hook {
+    uint32_t watching;          /* sync regs on; check the IDT on every exit */
+    uint32_t armed;             /* DR0 is on `handler`: handle KVM_EXIT_DEBUG there */
+    uint64_t handler;           /* guest-virtual #PF entry (IDT vector 14) */
+    uint64_t lstar, star, fmask;
+    uint32_t skip_len;          /* the entry's first instruction: 0 if C cannot skip it */
+    uint64_t skip_clear, skip_set;   /* RFLAGS bits it clears / sets (cld, clac, ...) */
+    uint64_t insn_gpa;          /* where its bytes are, to see that they are still those */
+    uint8_t insn[16];
+    uint64_t idt_base;          /* the IDT armed from, and the #PF gate's bytes */
+    uint32_t idt_limit;
+    uint64_t gate_gpa;
+    uint8_t gate[16];
+    const struct hv_guest_ram *ram;
+    uint64_t syscalls, faults, rearms;   /* counters */
+};
+
+int hv_guest_walk(const struct hv_guest_ram *ram, uint64_t cr3, uint64_t cr4, uint64_t va, uint64_t *gpa);
+void hv_hook_attach(struct hv_vcpu *v, struct hv_syscall_hook *h);
 
 #endif

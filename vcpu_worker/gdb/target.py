@@ -66,6 +66,8 @@ class MachineTarget:
         self.sw_breakpoints = {}       # guest-virtual address -> (guest-physical address, original byte)
         self.hw_breakpoints = {}       # (Z type, address, length) -> {vCPU index: slot}
         self.on_stop = None            # the session's: Stop -> True if the vCPU should park for it
+        for debug in self.debug:       # the guest's own debug exceptions stop here while a client is attached
+            debug.set_debugger(self)
 
     @property
     def count(self):
@@ -313,6 +315,9 @@ class MachineTarget:
         else:
             stop = Stop(index, SIGTRAP)
         return self._stopped(ctx, stop)
+
+    def attached(self):
+        return self.on_stop is not None
 
     def on_software_breakpoint(self, ctx, rip):
         entry = self.sw_breakpoints.get(rip)
