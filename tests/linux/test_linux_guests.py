@@ -8,7 +8,6 @@ and their system calls go through the VMM's SYSCALL hook there.
 import hashlib
 import os
 import pathlib
-import re
 import select
 import shutil
 import socket
@@ -19,6 +18,7 @@ import time
 import pytest
 
 from hv import HVCTL, REPO, Supervisor
+from pyhv.proto.errors import EXIT_TIMEOUT
 
 pytestmark = pytest.mark.slow
 
@@ -134,34 +134,11 @@ def test_own_kernel_pings_the_host_through_a_tap(artefacts):
         subprocess.run(["ip", "link", "del", tap], capture_output=True)
 
 
-STOCK_BOOT_CAP = 1800      # s; Run /init came inside this in CI (2026-11-24) and at 11-16 min here (2026-12-07)
-STOCK_DEVICES_CAP = 2700   # s to the end of the devices script: its modules alone take ~9 min more under emulation
+STOCK_CAP = 1800           # s; CI's 90 minutes cannot give one boot more (Run /init came at 11-16 min here, 2026-12-07)
 
 
 def _is_nested_kvm():
     return pathlib.Path("/sys/module/kvm_pvm").exists()
-
-
-@pytest.mark.xfail(_is_nested_kvm(), strict=False,
-                   reason="nested kvm_pvm host: the stock kernel reaches Run /init only after many minutes of "
-                          "emulated ring 0 (ftrace's record check, BTF, the W+X check); allowed to miss its 30-min "
-                          "cap on a loaded day")
-def test_stock_debian_kernel_runs_user_space_on_two_cpus(artefacts):
-    """Debian's cloud kernel, unmodified, on 2 vCPUs: init's command runs in user space (on nested hosts its
-    system calls are the VMM's SYSCALL hook's) and `reboot -f` ends the VM with status 0."""
-    # Both CPUs come from the ACPI MADT (Debian's cloud kernel has no MP-table parser); without mitigations=off
-    # nowatchdog its periodic tick livelocked under load here (docs/kvm-notes.md, "Debian's stock kernel").
-    status, out = boot_until(["--kernel", artefacts["stock"], "--initrd", artefacts["initrd"], "--vcpus", 2,
-                              "--timeout", STOCK_BOOT_CAP + 60,
-                              "--cmdline", 'console=ttyS0 mitigations=off nowatchdog pyhv.run="uname -r"'],
-                             timeout=STOCK_BOOT_CAP)
-    text = out.decode(errors="replace")
-    tail = text[-4000:]
-    assert "smp: Brought up 1 node, 2 CPUs" in text, tail
-    assert "Run /init as init process" in text, tail
-    assert "pyhv-init: 2 cpus" in text, tail
-    assert re.search(r"^6\.1\.\d+-\d+-cloud-amd64\s*$", text, re.M), tail     # `uname -r`, from user space
-    assert "segfault" not in text and status == 0, tail                # reboot -f
 
 
 class SocketReader(threading.Thread):
@@ -190,8 +167,10 @@ class SocketReader(threading.Thread):
                 time.sleep(0.5)
 
 
-@pytest.mark.skipif(os.environ.get("HV_STOCK_DEVICES") != "1",
-                    reason="about 40 minutes on nested hosts, beyond CI's budget: HV_STOCK_DEVICES=1 runs it")
+MILESTONES = ("Linux version", "smp: Brought up", "Run /init as init process", "pyhv-init: modules loaded",
+              "pyhv-init: 2 cpus", "ping-ok", "stock-done")
+
+
 def test_stock_debian_kernel_runs_user_space_with_its_own_modules(artefacts, tmp_path):
     """Debian's cloud kernel, unmodified, on 2 vCPUs: init loads its own virtio modules (stock-initramfs.cpio), and
     one boot (~15 minutes to Run /init on nested hosts) checks SMP, the disk, the network (pings our kernel on the
@@ -207,14 +186,14 @@ def test_stock_debian_kernel_runs_user_space_with_its_own_modules(artefacts, tmp
               f"{_ping_until('10.0.6.1', 300)}; for i in $(seq 40); do ls /bin >/dev/null; done; echo stock-done")
     cmd = [*HVCTL, "run", "--kernel", str(artefacts["stock"]), "--initrd", str(artefacts["stock_initrd"]),
            "--vcpus", "2", "--disk", str(disk), "--rng", "--vconsole", "--net", "switch:stocknet",
-           "--timeout", str(STOCK_DEVICES_CAP),
+           "--timeout", str(STOCK_CAP),
            # without these its periodic tick livelocked under load here (docs/kvm-notes.md, "Debian's stock kernel")
            "--cmdline", f'console=ttyS0 mitigations=off nowatchdog pyhv.run="{script}"']
     stock = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     peer = hvc = None
     out = bytearray()
     try:
-        deadline = time.monotonic() + STOCK_DEVICES_CAP + 60
+        deadline = time.monotonic() + STOCK_CAP + 60
         while time.monotonic() < deadline:
             chunk = os.read(stock.stdout.fileno(), 65536)
             if not chunk:
@@ -240,6 +219,10 @@ def test_stock_debian_kernel_runs_user_space_with_its_own_modules(artefacts, tmp
             hvc.stop.set()
     text = out.decode(errors="replace")
     tail = text[-4000:]
+    if status == EXIT_TIMEOUT and "segfault" not in text and _is_nested_kvm():
+        # Only the time cap is forgiven, and only where guest ring 0 is emulated; anything wrong before it fails.
+        pytest.xfail(f"nested kvm_pvm host: not through its script within {STOCK_CAP} s (emulated ring 0); "
+                     f"it got to: {[m for m in MILESTONES if m in text][-1:]}")
     assert "smp: Brought up 1 node, 2 CPUs" in text, tail
     assert "Run /init as init process" in text, tail
     assert "pyhv-init: modules loaded" in text and "pyhv-init: insmod" not in text, tail
