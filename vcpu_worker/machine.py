@@ -53,6 +53,11 @@ class Machine:
         try:
             self.kvm = Kvm()
             self.vm = self.kvm.create_vm()
+            self.host_facts = syscall_hook.host_facts(self.kvm) if self.profile.syscall_hook else None
+            self.hooked = (self.host_facts is not None and syscall_hook.needed(self.host_facts)
+                           and os.environ.get("HV_SYSCALL_HOOK") != "off")   # off: for a kernel with its own fix
+            if self.hooked:             # first: once the irqchip exists, KVM_X86_SET_MSR_FILTER waits ~15 ms here
+                syscall_hook.watch_syscall_msrs(self.vm)
             self.mem_fd = mem_fd
             self.mem = GuestMemory(mem_fd, config.mem_bytes)
             self._map_memory()
@@ -61,11 +66,6 @@ class Machine:
             self.vm.create_irqchip()
             self.vm.create_pit()
             self.router = KvmIrqRouter(self.vm)
-            self.host_facts = syscall_hook.host_facts(self.kvm) if self.profile.syscall_hook else None
-            self.hooked = (self.host_facts is not None and syscall_hook.needed(self.host_facts)
-                           and os.environ.get("HV_SYSCALL_HOOK") != "off")   # off: for a kernel with its own fix
-            if self.hooked:
-                syscall_hook.watch_syscall_msrs(self.vm)
         except (KvmError, KvmUnavailable, OSError) as e:
             raise VmFailure(f"cannot create the VM: {e}") from None
         self.pio = PioBus()
