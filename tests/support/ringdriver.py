@@ -17,6 +17,25 @@ DESC, AVAIL, USED = 0x10000, 0x11000, 0x12000
 F_NEXT, F_WRITE = 1, 2
 
 
+class FakePort:
+    """A virtio-net model's host port that keeps what the device sends."""
+
+    def __init__(self):
+        self.sent = []
+
+    def start(self):
+        pass
+
+    def send(self, frame):
+        self.sent.append(bytes(frame))
+
+    def counters(self):
+        return {"backend": "fake"}
+
+    def close(self):
+        pass
+
+
 class RingDriver:
     def __init__(self, mem, size=8, rings=(DESC, AVAIL, USED)):
         self.mem, self.size, self.avail, self.used_seen, self.free = mem, size, 0, 0, 0

@@ -17,7 +17,7 @@ from pyhv.proto import runtime, switch as wire
 from pyhv.proto.errors import UserError
 from pyhv.proto.guest import parse_mac
 from pyhv.vcpu_worker.launchers import switch_command
-from ringdriver import RXBUF, RXTX_RAM as RAM, RxTxGuest
+from ringdriver import RXBUF, RXTX_RAM as RAM, FakePort, RxTxGuest
 
 MAC_A, MAC_B = bytes.fromhex("525400000001"), bytes.fromhex("525400000002")
 ETHERTYPE = b"\x88\xb5"
@@ -25,23 +25,6 @@ ETHERTYPE = b"\x88\xb5"
 
 def eth(dst, src, payload):
     return dst + src + ETHERTYPE + payload
-
-
-class FakePort:
-    def __init__(self):
-        self.sent = []
-
-    def start(self):
-        pass
-
-    def send(self, frame):
-        self.sent.append(bytes(frame))
-
-    def counters(self):
-        return {"backend": "fake"}
-
-    def close(self):
-        pass
 
 
 def wait_for(pred, timeout=5.0):

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import event, example, given, strategies as st
 
 from fuzzing import ChainDriver, CanaryMemory, budget
+from ringdriver import FakePort
 from pyhv.devices.virtio.blk import SECTOR, VirtioBlk
 from pyhv.devices.virtio.console import VirtioConsole
 from pyhv.devices.virtio.net import ETH_HLEN, HDR_LEN, MAX_FRAME, VirtioNet
@@ -140,23 +141,6 @@ def frames(draw):
     return draw(st.binary(min_size=n, max_size=n))
 
 
-class Port:
-    def __init__(self):
-        self.sent = []
-
-    def start(self):
-        pass
-
-    def send(self, frame):
-        self.sent.append(bytes(frame))
-
-    def close(self):
-        pass
-
-    def counters(self):
-        return {}
-
-
 @budget(120)
 @given(tx=st.lists(st.lists(st.one_of(st.tuples(frames(), st.just(False)), st.tuples(LENGTHS, st.just(True)),
                                       st.tuples(RAW)), min_size=1, max_size=4), max_size=8),
@@ -164,7 +148,7 @@ class Port:
                                       st.tuples(RAW)), min_size=1, max_size=3), max_size=8),
        incoming=st.lists(frames(), max_size=10))
 def test_net_moves_only_whole_frames_through_any_chains(ram, tx, rx, incoming):
-    net = VirtioNet(b"\x52\x54\x00\x12\x34\x56", port=Port(), rx_backlog=8)
+    net = VirtioNet(b"\x52\x54\x00\x12\x34\x56", port=FakePort(), rx_backlog=8)
     try:
         driver, posted = post_all(ram, tx)
         used, count = run(net, 1, ram, driver)
