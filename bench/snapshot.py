@@ -14,8 +14,9 @@ whether it runs (and that its LAPIC timer survived the snapshot).
   - restore: from sending RestoreGuest to the first byte on the new guest's
     console ("first instruction": the guest prints within 1 ms of running),
     beside a cold start of the same guest (Create --start to its "T"). RAM
-    is loaded eagerly before the worker starts, so "fully loaded" is the
-    RestoreGuest reply, also shown.
+    is loaded eagerly, while the worker (the zygote's spare, when one is
+    ready) reads the snapshot's state and before it may run, so "fully
+    loaded" is the RestoreGuest reply, also shown.
   - clones: 20 and 100 guests restored from one 128 MiB snapshot at once
     (requests pipelined): seconds until every one is running, its guest-RAM
     PSS, and the MemAvailable drop per clone, beside the same number of cold

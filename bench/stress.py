@@ -542,10 +542,12 @@ def scenario(args, mode, n, mem, kill=0, rounds=ROUNDS, say=print, keep=False,
         if not _one_guest(sup, "after", warm, n, rounds, fail):
             fail("the supervisor could not run a guest after the stress")
         res["zygote_drops"] = _log_count(sup, "spawned directly")
-        # nothing left behind: the supervisor's only child now is its zygote (stray zombies are reaped)
+        # nothing left behind: the supervisor's only children now are its zygote and the zygote's spare worker
+        # (stray zombies are reaped)
         deadline = time.monotonic() + 10
         while True:
-            extra = [p for p in _children(sup.proc.pid) if p != _zygote_pid(sup.proc.pid)]
+            ours = {_zygote_pid(sup.proc.pid), *_named_children(sup.proc.pid, "hv-spare")}
+            extra = [p for p in _children(sup.proc.pid) if p not in ours]
             if not extra or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -554,7 +556,11 @@ def scenario(args, mode, n, mem, kill=0, rounds=ROUNDS, say=print, keep=False,
                  f"{[(p, (_read_stat(p) or [b'?'])[0].decode()) for p in extra]}")
     finally:
         worker_pids = _children(sup.proc.pid)
+        spares = _named_children(sup.proc.pid, "hv-spare")
         sup.stop()
+        deadline = time.monotonic() + 5      # a spare goes at EOF from its zygote, a moment after the supervisor
+        while any(_exists(p) for p in spares) and time.monotonic() < deadline:
+            time.sleep(0.02)
         left = [p for p in worker_pids if _exists(p)]
         if left:
             fail(f"processes outlived the supervisor: {left}")
@@ -605,14 +611,20 @@ def _children(ppid):
 
 def _zygote_pid(sup_pid):
     """The supervisor's zygote: its child named hv-zygote (forked workers keep the zygote's cmdline)."""
+    found = _named_children(sup_pid, "hv-zygote")
+    return found[0] if found else None
+
+
+def _named_children(sup_pid, comm):
+    out = []
     for pid in _children(sup_pid):
         try:
             with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() == "hv-zygote" and _exists(pid):
-                    return pid
+                if f.read().strip() == comm and _exists(pid):
+                    out.append(pid)
         except OSError:
             pass
-    return None
+    return out
 
 
 def _forked_marker(rundir, name):

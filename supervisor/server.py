@@ -496,9 +496,9 @@ class Server:
         validate(g.config)              # the kernel file may have gone since create
         return self._launch(g, envelope)
 
-    def _launch(self, g, envelope):
+    def _launch(self, g, envelope, prepare=None):
         """Start g's worker (its disk images locked and switches started first); the reply goes to `envelope` once
-        it exists."""
+        it exists.  `prepare`: as Spawner.start_worker's."""
         def done(error):
             g.starting = False
             paused = g.restore is not None and g.restore[1]
@@ -509,7 +509,7 @@ class Server:
                 self._reply(envelope, Error.of(InternalError(f"cannot start guest {g.name}: {error}")))
                 return
             g.set_state("paused" if paused else "running")
-            self._reply(envelope, g.info())
+            self.loop.call_soon(lambda: self._reply(envelope, g.info()))   # after the go byte: off the guest's path
 
         self.services.open_images(g)    # UserError if another guest holds one: nothing has run
         try:
@@ -522,7 +522,7 @@ class Server:
             self.services.release_images(g.name)
             raise
         g.starting = True
-        self.spawner.start_worker(g, done)      # done() now (direct spawn) or when the zygote answers
+        self.spawner.start_worker(g, done, prepare)     # done() now (direct spawn) or when the zygote answers
         self._sync_zygote()
         return None
 
@@ -552,7 +552,8 @@ class Server:
         return reply
 
     def restore(self, msg, envelope):
-        """Check the whole snapshot and load its RAM into a new memfd before the guest exists, then start it."""
+        """Check the snapshot, then start the guest: its RAM is loaded into a new memfd (and checked) while its
+        worker gets ready, before it may run; a corrupt RAM image fails the restore and forgets the guest."""
         from pyhv.devices.guest_memory import create_memfd
         from pyhv.proto import guest as guest_msgs
         from pyhv.proto.snapshot import Snapshot
@@ -573,7 +574,6 @@ class Server:
         except OSError as e:
             raise HostError(f"cannot allocate {config.mem_bytes >> 20} MiB of guest RAM: {e.strerror}") from None
         try:
-            snap.load_memory(mem_fd)
             g = self.registry.add(config)
         except BaseException:
             os.close(mem_fd)
@@ -584,7 +584,7 @@ class Server:
             g.config = private_disks(snap, config, lambda device: g.files.file(f"disk-{device}"))
             g.save()
             g.restore = (snap.path, msg.paused)
-            return self._launch(g, envelope)
+            return self._launch(g, envelope, prepare=lambda: snap.load_memory(mem_fd))
         return self._forget_on_failure(g, start)
 
     def _forget_on_failure(self, g, start):

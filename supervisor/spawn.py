@@ -122,7 +122,9 @@ class Spawner:
         self.use_zygote = zygote_enabled() if use_zygote is None else use_zygote
         self.log = log                  # where the zygote's stderr goes (None: ours)
         self.zygote = None
-        self.pending = {}               # request id -> (guest, go pipe write end, done, submitted at)
+        self.pending = {}               # request id -> (guest, go pipe write end, done, submitted at); guest None:
+        #                                 a start given up on (its worker exits at EOF on the go pipe; reap it)
+        self.given_up = set()           # pids of such workers, to reap
         self._ids = 0
         self._restarts = RestartPolicy(interval=ZYGOTE_RESTART_BACKOFF)
         self._strays_until = 0.0        # after a zygote failure: reap orphans it left us until then
@@ -171,6 +173,8 @@ class Spawner:
         self._strays_until = time.monotonic() + 5.0
         pending, self.pending = self.pending, {}
         for guest, go_w, done, _ in pending.values():
+            if guest is None:
+                continue
             os.close(go_w)              # EOF: a worker the zygote made anyway exits without running
             self.fallbacks += 1
             self._directly(guest, done)
@@ -181,6 +185,13 @@ class Spawner:
             return
         if self._strays_until and time.monotonic() < self._strays_until:
             _reap_strays(exclude={self.zygote_pid})
+        for pid in list(self.given_up):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    continue
+            except ChildProcessError:
+                pass
+            self.given_up.discard(pid)
         if self.zygote is not None:
             if not self.zygote.alive():
                 self.collect()          # what it answered before it died still counts
@@ -209,8 +220,14 @@ class Spawner:
 
     # -- workers -------------------------------------------------------------------
 
-    def start_worker(self, guest, done):
-        """Allocate the guest's RAM and start its worker; done(None or reason) when guest.proc is set (or not)."""
+    def start_worker(self, guest, done, prepare=None):
+        """Allocate the guest's RAM and start its worker; done(None or reason) when guest.proc is set (or not).
+
+        `prepare()` runs once the worker has been asked for and before it may run
+        the guest: a restore loads the guest's RAM there while the worker reads
+        the snapshot's state.  If it raises, the worker exits without running,
+        done is not called, and the exception propagates.
+        """
         for path in (guest.files.result, guest.files.console_sock, guest.files.worker_sock):
             try:
                 os.unlink(path)
@@ -225,10 +242,18 @@ class Spawner:
         if self.use_zygote and len(self.pending) >= MAX_IN_FLIGHT:
             self._wait_for_answers(MAX_IN_FLIGHT - 1)
         if self.use_zygote and self.zygote is not None and self._submit(guest, done):
+            try:
+                if prepare is not None:
+                    prepare()           # the go byte is written by collect(), from the loop, after this
+            except BaseException:
+                _, go_w, _, submitted = self.pending[self._ids]
+                self.pending[self._ids] = (None, None, None, submitted)
+                os.close(go_w)          # EOF: the worker exits without running
+                raise
             return
         if self.use_zygote:
             self.fallbacks += 1
-        self._directly(guest, done)
+        self._directly(guest, done, prepare)
 
     def _submit(self, guest, done):
         from pyhv.supervisor.zygote import WORKER_MEM_FD, ZygoteError
@@ -270,6 +295,10 @@ class Spawner:
                 continue                # an answer to a request we already gave up on
             guest, go_w, done, _ = entry
             pid = reply.get("pid")
+            if guest is None:           # its start failed after the request: the worker exits, we reap it
+                if type(pid) is int and pid > 0:
+                    self.given_up.add(pid)
+                continue
             if type(pid) is int and pid > 0:
                 guest.proc = WorkerProcess(pid, "zygote")
                 _call(done, None)           # the record says "running" with its pid: now it may run the guest
@@ -299,7 +328,7 @@ class Spawner:
             select.select([self.zygote.fileno()], [], [], min(left, 0.2))
             self.collect()
 
-    def _directly(self, guest, done):
+    def _directly(self, guest, done, prepare=None):
         """`python -m pyhv.vcpu_worker.worker` in a fresh interpreter (it waits for the go byte, as a forked one)."""
         out = err = go_r = go_w = None
         try:
@@ -320,6 +349,14 @@ class Spawner:
             for fd in (out, err, go_r):
                 if fd is not None:
                     os.close(fd)
+        if prepare is not None:
+            try:
+                prepare()
+            except BaseException:
+                os.close(go_w)          # EOF: it exits without running
+                popen.kill()
+                popen.wait()
+                raise
         guest.proc = WorkerProcess(popen.pid, "spawn", popen)
         _call(done, None)
         _go(go_w)

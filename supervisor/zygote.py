@@ -33,6 +33,13 @@ gets two workers, nor one nobody knows of), and the re-parenting.  The
 worker does not die with the supervisor (a new one adopts it); the zygote
 does (PR_SET_PDEATHSIG): a new supervisor starts its own.
 
+While no request is waiting the zygote forks one spare the same way (see
+_Spare): re-parented to the supervisor, with its VM built, it waits on a
+socket of its own; the next request and its fds are passed to it unchanged
+and answered at once with its pid, so neither the fork nor the VM's creation
+is on a guest's start path.  Requests that come while no spare is ready are
+forked as above.
+
 The zygote runs at a higher priority than workers (nice -10 where allowed):
 it is on every guest's start path and uses little CPU; a worker gets the
 zygote's original nice value back.
@@ -43,6 +50,7 @@ the zygote process (`python -m pyhv.supervisor.zygote --fd N --supervisor-pid P`
 import gc
 import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -61,6 +69,9 @@ REPLY_TIMEOUT = 5.0             # a worker's birth takes milliseconds; past this
 REPARENT_TIMEOUT = 5.0          # the worker waits this long for the middle process to exit
 ZYGOTE_NICE = -10
 ZYGOTE_COMM = "hv-zygote"       # its name in ps (/proc/PID/comm); workers are "hvw-GUEST"
+SPARE_COMM = "hv-spare"         # a worker forked ahead, until it gets its guest
+SPARE_NICE = 19                 # a spare builds its VM at the lowest priority: it never slows a guest's start
+SPARE_GIVE_UP = 3               # spares that die before they are ready, in a row: then the zygote makes no more
 
 
 class ZygoteError(RuntimeError):
@@ -207,7 +218,6 @@ class _Birth:
 
 def main(argv=None):
     import argparse
-    import selectors
     p = argparse.ArgumentParser(prog="pyhv.supervisor.zygote", description=__doc__.splitlines()[0])
     p.add_argument("--fd", type=int, required=True, help="our end of the supervisor's socketpair")
     p.add_argument("--supervisor-pid", type=int, required=True)
@@ -231,6 +241,8 @@ def main(argv=None):
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)
     _preload()
+    from pyhv.vcpu_worker import worker
+    worker.rehearse()
     gc.collect()
     gc.freeze()                              # forked workers never write to these objects' GC headers
     from pyhv.proto import sandbox
@@ -240,9 +252,17 @@ def main(argv=None):
 
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ, None)
+    spare = _Spare(sel, args.supervisor_pid, initial, nice)
     while True:
-        for key, _ in sel.select():
+        events = sel.select(0 if spare.wanted() else None)
+        if not events:                       # idle: only now fork a spare, so it never delays a request
+            spare.fork()
+            continue
+        for key, _ in events:
             birth = key.data
+            if birth is spare:
+                spare.readable()
+                continue
             if birth is None:
                 try:
                     msg, fds, flags, _ = socket.recv_fds(sock, MAX_MSG, NFDS + 1)
@@ -256,6 +276,11 @@ def main(argv=None):
                 req_id = None
                 try:
                     req_id = json.loads(msg).get("id")
+                    _request(msg, fds, flags)
+                    pid = spare.assign(msg, fds)
+                    if pid is not None:
+                        sock.send(json.dumps({"id": req_id, "pid": pid}).encode())
+                        continue
                     birth = _fork_one(msg, fds, flags, initial, nice)
                 except Exception as e:       # a bad request or a zygote bug: answer it, carry on
                     sock.send(json.dumps({"id": req_id, "error": f"{type(e).__name__}: {e}"}).encode())
@@ -294,16 +319,103 @@ def main(argv=None):
                 sock.send(json.dumps(reply).encode())
 
 
-def _fork_one(msg, fds, flags, initial, nice):
-    """Start one worker's double fork; the _Birth to follow it by."""
+def _request(msg, fds, flags):
+    """A worker request's fields (argv, cwd, name, supervisor_pid, id), checked; ValueError if malformed."""
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         raise ValueError("request or its fds were truncated")
     if len(fds) != NFDS:
         raise ValueError(f"expected {NFDS} fds, got {len(fds)}")
     req = json.loads(msg)
-    argv, cwd, name, sup_pid = req["argv"], req["cwd"], req["name"], req["supervisor_pid"]
-    if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+    if not (isinstance(req.get("argv"), list) and all(isinstance(a, str) for a in req["argv"])):
         raise ValueError("argv must be a list of strings")
+    return req
+
+
+class _Spare:
+    """The zygote's one spare worker: forked while the zygote is idle, it is re-parented to the supervisor and
+    builds a BareVm (vcpu_worker/machine.py) before any guest asks; the next request is handed to it over its
+    socket (the request and its fds, unchanged) instead of forking, and answered at once with its pid: the two
+    forks and the VM's creation, several milliseconds, are off that guest's start (a restore's first instruction
+    comes that much sooner: bench/snapshot.py).
+
+    A spare that dies before it is ready is replaced; after SPARE_GIVE_UP such deaths in a row the zygote makes
+    no more (requests are forked as before).  When the zygote goes, the spare sees EOF and exits.
+    """
+
+    def __init__(self, sel, sup_pid, initial, nice):
+        self.sel, self.sup_pid, self.initial, self.nice = sel, sup_pid, initial, nice
+        self.sock = None                # the zygote's end of the current spare's socket
+        self.pid = None                 # the spare's pid once it said it is ready
+        self.failures = 0
+
+    def wanted(self):
+        return self.sock is None and self.failures < SPARE_GIVE_UP
+
+    def fork(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        zygote_pid = os.getpid()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            middle = os.fork()
+        except OSError as e:                 # EAGAIN, ENOMEM: requests are forked as usual (or fail) meanwhile
+            ours.close()
+            theirs.close()
+            self.failures += 1
+            _log(f"cannot fork a spare worker: {e}")
+            return
+        if middle == 0:                      # the middle process: fork the spare, vanish (it is re-parented)
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
+                if os.fork() == 0:
+                    _become_spare(theirs.fileno(), self.sup_pid, zygote_pid, self.initial, self.nice)
+            finally:
+                os._exit(0)
+        theirs.close()
+        os.waitpid(middle, 0)                # it only forks: a millisecond
+        self.sock, self.pid = ours, None
+        self.sel.register(ours, selectors.EVENT_READ, self)
+
+    def readable(self):
+        """The spare says it is ready ({"ready": pid}), or it died (EOF)."""
+        try:
+            data = self.sock.recv(MAX_MSG)
+        except OSError:
+            data = b""
+        try:
+            pid = json.loads(data).get("ready") if data else None
+        except (ValueError, AttributeError):
+            pid = None
+        if type(pid) is int and pid > 0 and self.pid is None:
+            self.pid, self.failures = pid, 0
+            return
+        self.failures += self.pid is None
+        if self.failures == SPARE_GIVE_UP:
+            _log(f"{SPARE_GIVE_UP} spare workers in a row died before they were ready; forking on demand only")
+        self._drop()
+
+    def assign(self, msg, fds):
+        """Hand the request to the ready spare; its pid, or None (no spare ready, or it is gone)."""
+        if self.pid is None:
+            return None
+        pid = self.pid
+        try:
+            socket.send_fds(self.sock, [msg], list(fds))
+        except OSError:
+            pid = None                       # it died since it was ready: fork as usual
+        self._drop()
+        return pid
+
+    def _drop(self):
+        self.sel.unregister(self.sock)
+        self.sock.close()
+        self.sock, self.pid = None, None
+
+
+def _fork_one(msg, fds, flags, initial, nice):
+    """Start one worker's double fork; the _Birth to follow it by."""
+    req = _request(msg, fds, flags)
+    argv, cwd, name, sup_pid = req["argv"], req["cwd"], req["name"], req["supervisor_pid"]
     zygote_pid = os.getpid()
     pid_r, pid_w = os.pipe()
     sys.stdout.flush()
@@ -329,53 +441,9 @@ def _become_worker(fds, argv, cwd, name, sup_pid, zygote_pid, initial, nice):
     """In the forked worker: a clean process (fds, signals, session, seeds), then the worker's main. Never returns."""
     status = 1
     try:
-        mem, out, err, go_r = fds
-        # Inherited fds: keep only ours.  The zygote's socket and pipes go with the rest.
-        keep = {0, 1, 2, mem, out, err, go_r}
-        for entry in os.listdir("/proc/self/fd"):
-            fd = int(entry)
-            if fd not in keep:
-                _close(fd)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
-        null = os.open(os.devnull, os.O_RDONLY)
-        if null != 0:
-            os.dup2(null, 0)
-            os.close(null)
-        if go_r == WORKER_MEM_FD:
-            go_r = os.dup(go_r)
-        if mem != WORKER_MEM_FD:
-            os.dup2(mem, WORKER_MEM_FD)
-        for fd in {out, err, mem} - {0, 1, 2, WORKER_MEM_FD, go_r}:
-            _close(fd)
-        os.setsid()                          # no terminal Ctrl-C, no process group of the supervisor's
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, nice)
-        except OSError:
-            pass
-        signal.set_wakeup_fd(-1)
-        for s, handler in initial.items():
-            try:
-                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-            except (OSError, ValueError, TypeError):
-                pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        import random
-        random.seed()                        # (os.register_at_fork does it too; be explicit)
-        _set_comm(f"hvw-{name}")
-        os.chdir(cwd)
-        sys.argv = ["pyhv.vcpu_worker.worker"] + argv
-        if os.read(go_r, 1) != b"g":
-            os._exit(1)                      # the supervisor did not get our pid: it runs the guest elsewhere
-        os.close(go_r)
-        deadline = time.monotonic() + REPARENT_TIMEOUT
-        while os.getppid() != sup_pid:       # the middle process is exiting: then we are the supervisor's
-            if os.getppid() == 1 or time.monotonic() > deadline:
-                os._exit(1)
-            time.sleep(0.0002)
-        print(f"worker: pid {os.getpid()} forked from zygote pid {zygote_pid}", file=sys.stderr, flush=True)
-        from pyhv.vcpu_worker import worker
-        worker.main(argv)                    # os._exit()s
+        _keep_only({0, 1, 2, *fds})          # the zygote's socket and pipes go with the rest
+        _detach(initial, nice)
+        _run_worker(fds, argv, cwd, name, sup_pid, f"forked from zygote pid {zygote_pid}")
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -383,6 +451,115 @@ def _become_worker(fds, argv, cwd, name, sup_pid, zygote_pid, initial, nice):
         traceback.print_exc()
     finally:
         os._exit(status)
+
+
+def _become_spare(sock_fd, sup_pid, zygote_pid, initial, nice):
+    """In a spare (see _Spare): a clean process, re-parented, with a BareVm; then the guest's worker. Never
+    returns.  Until a request comes its stdout and stderr are the zygote's (the supervisor's log)."""
+    status = 1
+    try:
+        _keep_only({0, 1, 2, sock_fd})
+        null = os.open(os.devnull, os.O_RDONLY)
+        if sock_fd == WORKER_MEM_FD:
+            sock_fd = os.dup(sock_fd)
+        os.dup2(null, WORKER_MEM_FD)         # held for the guest's RAM: the VM's fds go above it
+        if null != WORKER_MEM_FD:
+            os.close(null)
+        _detach(initial, SPARE_NICE)
+        _set_comm(SPARE_COMM)
+        _wait_reparented(sup_pid)            # the supervisor must be our parent before the zygote gives our pid
+        from pyhv.vcpu_worker.machine import BareVm
+        try:
+            bare = BareVm(wants_hook=True)   # the default (nested) profile's; Machine replaces it for another
+        except Exception as e:
+            bare = None
+            _log(f"spare {os.getpid()}: no VM built ahead ({type(e).__name__}: {e}); its guest builds its own")
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)     # ready: a worker's priority from here on
+        except OSError:
+            pass
+        sock = socket.socket(fileno=sock_fd)
+        sock.setblocking(True)
+        sock.send(json.dumps({"ready": os.getpid()}).encode())
+        msg, fds, flags, _ = socket.recv_fds(sock, MAX_MSG, NFDS + 1)
+        sock.close()
+        if not msg:
+            os._exit(0)                      # the zygote went away: so does its spare
+        req = _request(msg, fds, flags)      # the zygote checked it; so does the process that runs it
+        _run_worker(fds, req["argv"], req["cwd"], req["name"], sup_pid,
+                    f"forked from zygote pid {zygote_pid} (a spare, its VM built ahead)", bare)
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    finally:
+        os._exit(status)
+
+
+def _keep_only(keep):
+    """Close every inherited fd not in `keep`."""
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        if fd not in keep:
+            _close(fd)
+
+
+def _detach(initial, nice):
+    """Our own session, the zygote's original priority and signal handlers, fresh random seeds."""
+    os.setsid()                              # no terminal Ctrl-C, no process group of the supervisor's
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError:
+        pass
+    signal.set_wakeup_fd(-1)
+    for s, handler in initial.items():
+        try:
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        except (OSError, ValueError, TypeError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    import random
+    random.seed()                            # (os.register_at_fork does it too; be explicit)
+
+
+def _wait_reparented(sup_pid):
+    """Until the middle process has exited and we are the supervisor's child (exit if that does not happen)."""
+    deadline = time.monotonic() + REPARENT_TIMEOUT
+    while os.getppid() != sup_pid:
+        if os.getppid() == 1 or time.monotonic() > deadline:
+            os._exit(1)
+        time.sleep(0.0002)
+
+
+def _run_worker(fds, argv, cwd, name, sup_pid, how, bare=None):
+    """The request's fds in place (RAM at WORKER_MEM_FD, logs at 1 and 2), then the worker's main, which runs the
+    guest once the supervisor's go byte comes.  Never returns."""
+    mem, out, err, go_r = fds
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    null = os.open(os.devnull, os.O_RDONLY)
+    if null != 0:
+        os.dup2(null, 0)
+        os.close(null)
+    if go_r == WORKER_MEM_FD:
+        go_r = os.dup(go_r)
+    if mem != WORKER_MEM_FD:
+        os.dup2(mem, WORKER_MEM_FD)
+    for fd in {out, err, mem} - {0, 1, 2, WORKER_MEM_FD, go_r}:
+        _close(fd)
+    _set_comm(f"hvw-{name}")
+    os.chdir(cwd)
+    sys.argv = ["pyhv.vcpu_worker.worker"] + argv
+
+    def go():
+        if os.read(go_r, 1) != b"g":
+            os._exit(1)                      # the supervisor did not get our pid: it runs the guest elsewhere
+        os.close(go_r)
+        _wait_reparented(sup_pid)
+        print(f"worker: pid {os.getpid()} {how}", file=sys.stderr, flush=True)
+    from pyhv.vcpu_worker import worker
+    worker.main(argv, bare=bare, go=go)      # os._exit()s
 
 
 def _set_comm(comm):

@@ -28,10 +28,52 @@ from pyhv.vcpu_worker.vcpu import EXIT_NAMES, ExitContext, Outcome, VcpuThread
 KICK_SIGNAL = lib.SIGUSR1
 
 
+class BareVm:
+    """A VM with all that no guest config decides: the KVM handle, the VM with its irqchip, PIT and IRQ router,
+    the SYSCALL hook's MSR filter if this host needs it, and what KVM offers (CPUID, guest-debug flags).
+
+    A spare worker (supervisor/zygote.py) builds one before any guest asks for it, which takes these ~3 ms off
+    a guest's start; Machine builds its own otherwise.
+    """
+
+    def __init__(self, wants_hook):
+        """`wants_hook`: whether the guest's compat profile may use the SYSCALL hook (then the host decides)."""
+        self.wants_hook = wants_hook
+        self.kvm = Kvm()                # KvmUnavailable (a VmFailure) as it is
+        try:
+            self.vm = self.kvm.create_vm()
+            self.host_facts = syscall_hook.host_facts(self.kvm) if wants_hook else None
+            self.hooked = (self.host_facts is not None and syscall_hook.needed(self.host_facts)
+                           and os.environ.get("HV_SYSCALL_HOOK") != "off")   # off: for a kernel with its own fix
+            if self.hooked:             # first: once the irqchip exists, KVM_X86_SET_MSR_FILTER waits ~15 ms here
+                syscall_hook.watch_syscall_msrs(self.vm)
+            self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+            self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+            self.vm.create_irqchip()
+            self.vm.create_pit()
+            self.router = KvmIrqRouter(self.vm)
+            self.supported_cpuid = self.kvm.supported_cpuid()
+            self.block_irq = block_irq_supported(self.kvm)
+        except (KvmError, OSError) as e:
+            self.close()
+            raise VmFailure(f"cannot create the VM: {e}") from None
+
+    def close(self):
+        vm = getattr(self, "vm", None)
+        if vm is not None:
+            vm.close()
+        self.kvm.close()
+
+
 class Machine:
     def __init__(self, config, mem_fd, console_out, host=None, launcher=None, in_process=False, restore=None,
-                 paused=False):
+                 paused=False, bare=None, before_devices=None):
         """`host` resolves device paths (a GuestDir or PrivateDir), `launcher` starts device services.
+
+        `bare` is a BareVm built before the guest was known (a spare worker's); it is used if it was built for
+        this guest's compat profile, else closed.  `before_devices()` is called once the VM, its RAM mapping
+        and its vCPUs exist, before any device is built or any state is loaded: until then nothing outside this
+        process has been touched and nothing read from the guest's RAM (the worker waits there for its go byte).
 
         With `restore` (a MachineState, proto/snapshot.py) the guest continues from it instead of booting: its RAM
         must already be in `mem_fd`.  With `paused` no vCPU runs until resume().
@@ -50,35 +92,32 @@ class Machine:
         self._sampling, self._samples = set(), {}   # sample_positions(): vCPUs still to answer, answers
         self.threads = []
         self.tracer = None
+        if bare is None or bare.wants_hook != self.profile.syscall_hook:
+            if bare is not None:
+                bare.close()
+            bare = BareVm(self.profile.syscall_hook)
+        self.kvm, self.vm, self.router, self.host_facts, self.hooked = (
+            bare.kvm, bare.vm, bare.router, bare.host_facts, bare.hooked)
+        self._supported_cpuid, self._block_irq = bare.supported_cpuid, bare.block_irq
         try:
-            self.kvm = Kvm()
-            self.vm = self.kvm.create_vm()
-            self.host_facts = syscall_hook.host_facts(self.kvm) if self.profile.syscall_hook else None
-            self.hooked = (self.host_facts is not None and syscall_hook.needed(self.host_facts)
-                           and os.environ.get("HV_SYSCALL_HOOK") != "off")   # off: for a kernel with its own fix
-            if self.hooked:             # first: once the irqchip exists, KVM_X86_SET_MSR_FILTER waits ~15 ms here
-                syscall_hook.watch_syscall_msrs(self.vm)
             self.mem_fd = mem_fd
             self.mem = GuestMemory(mem_fd, config.mem_bytes)
             self._map_memory()
-            self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
-            self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
-            self.vm.create_irqchip()
-            self.vm.create_pit()
-            self.router = KvmIrqRouter(self.vm)
-        except (KvmError, KvmUnavailable, OSError) as e:
+        except (KvmError, OSError) as e:
             raise VmFailure(f"cannot create the VM: {e}") from None
         self.pio = PioBus()
         self.mmio = MmioBus()
         # bad images before any service
         entry = None if restore else boot.load(config, self.mem, self.profile, self.vm.tsc_khz())
+        self._create_vcpus(entry)
+        if before_devices is not None:
+            before_devices()
         self.devices = DeviceManager(
             config, self.mem, self.router, self.pio, self.mmio, console_out,
             on_reset=lambda: self.finish(Outcome(EXIT_OK, "guest reset (i8042)")),
             on_exit=lambda v: self.finish(Outcome(v, f"guest wrote {v} to the debug page")),
             host=host, launcher=launcher, in_process=in_process)
         try:
-            self._create_vcpus(entry)
             if restore is not None:
                 self._load_state(restore)
             if config.gdb:
@@ -102,9 +141,8 @@ class Machine:
     def _create_vcpus(self, entry):
         n = self.config.vcpus
         try:
-            supported = self.kvm.supported_cpuid()
+            supported, block_irq = self._supported_cpuid, self._block_irq
             self.vcpus, self.guest_debug, self.hooks = [], [], []
-            block_irq = block_irq_supported(self.kvm)
             group = syscall_hook.HookGroup(self._kick_one)
             for i in range(n):
                 vcpu = self.vm.create_vcpu(i)

@@ -16,6 +16,7 @@ until a request, the guest's end or its timeout; a ConsoleHost serves
 """
 import argparse
 import base64
+import functools
 import json
 import os
 import sys
@@ -54,7 +55,9 @@ def _wait_for_go(fd):
         os._exit(1)
 
 
-def _parse(argv):
+@functools.cache
+def _parser():
+    """Built once (in the zygote, by rehearse()): building it is most of the ~1 ms that parsing costs."""
     p = argparse.ArgumentParser(prog="pyhv.vcpu_worker.worker", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="GuestConfig message, msgpack in base64")
@@ -64,13 +67,24 @@ def _parse(argv):
     p.add_argument("--go-fd", type=int, help="run the guest once a byte arrives on this pipe (EOF: exit)")
     p.add_argument("--restore", metavar="DIR", help="continue from this snapshot (its RAM is already in the memfd)")
     p.add_argument("--paused", action="store_true", help="with --restore: hold the vCPUs until Resume")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv=None):
+def _parse(argv):
+    return _parser().parse_args(argv)
+
+
+def main(argv=None, bare=None, go=None):
+    """Run the guest of `argv`; never returns.
+
+    `bare`: a BareVm a spare worker built before it knew its guest
+    (vcpu_worker/machine.py).  `go()` returns once the supervisor has recorded
+    this worker (else it exits); by default that is the byte on --go-fd.  What
+    touches nothing outside this process (the arguments, the config, a
+    snapshot's state, the VM and its vCPUs) is done before it, off a restored
+    guest's path to its first instruction.
+    """
     args = _parse(argv)
-    if args.go_fd is not None:
-        _wait_for_go(args.go_fd)
     raw = base64.b64decode(args.config) if args.config else _read_fd(args.config_fd)
     try:
         config = codec.decode(raw, g.GUEST, expect=g.GuestConfig)
@@ -78,7 +92,20 @@ def main(argv=None):
         print(f"worker: bad config: {e}", file=sys.stderr, flush=True)
         os._exit(1)
     guest = runtime.RuntimeDir(args.runtime_dir).guest(config.name)
-    status, reason = serve(config, args.mem_fd, guest, args.restore, args.paused)
+    state = failed = None
+    if args.restore is not None:
+        from pyhv.proto.snapshot import Snapshot
+        try:
+            state = Snapshot(args.restore, handover=True).state     # its RAM: in the memfd by the go byte
+        except HvError as e:
+            failed = e
+    if go is None:
+        go = (lambda: _wait_for_go(args.go_fd)) if args.go_fd is not None else (lambda: None)
+    if failed is not None:
+        go()
+        status, reason = failed.exit_status, str(failed)
+    else:
+        status, reason = serve(config, args.mem_fd, guest, state, args.paused, bare, go)
     write_result(guest.result, status, reason)
     print(f"worker: guest ended: {status} ({reason})", file=sys.stderr, flush=True)
     os._exit(0)        # vCPU threads may still sit in KVM_RUN
@@ -238,41 +265,55 @@ class Worker:
         return m.CtrlAltDelReply(self.machine.devices.i8042.press_ctrl_alt_del())
 
 
-def serve(config, mem_fd, guest, restore=None, paused=False):
-    """Build and run the guest (from snapshot dir `restore`, if given); returns (status, reason) once it has ended."""
+def serve(config, mem_fd, guest, state=None, paused=False, bare=None, go=lambda: None):
+    """Build and run the guest (from MachineState `state`, if given); returns (status, reason) once it has ended.
+
+    `go()` returns once the supervisor has recorded this worker (or exits): the VM, its RAM mapping and vCPUs
+    are built before it, the rest (devices, the guest's files, the state) after it.
+    """
     from pyhv.vcpu_worker.launchers import SupervisorLauncher
     from pyhv.vcpu_worker.machine import Machine
     from pyhv.vcpu_worker.vcpu import Outcome
 
-    console = None
-    feed = []                        # the machine's feed_console, once there is a machine
-    log = ConsoleLog(1, guest.console_times)            # fd 1 is the console log
+    console = log = None
+    recorded = []
 
     def console_out(data):
         log.write(data)
         if console is not None:
             console.write(data)
 
+    def before_devices():
+        nonlocal log
+        go()
+        recorded.append(True)
+        log = ConsoleLog(1, guest.console_times)        # fd 1 is the console log
+
     try:
-        console = ConsoleHost(guest.console_sock, lambda data: feed and feed[0](data))
         launcher = SupervisorLauncher(guest.runtime.services_sock, config.name, guest)
-        state = None
-        if restore is not None:
-            from pyhv.proto.snapshot import Snapshot
-            state = Snapshot(restore, handover=True).state     # RAM: already in the memfd
         machine = Machine(config, mem_fd, console_out, host=guest, launcher=launcher, restore=state,
-                          paused=paused and state is not None)
-    except HvError as e:
-        return e.exit_status, str(e)
+                          paused=paused and state is not None, bare=bare, before_devices=before_devices)
     except Exception as e:
+        if not recorded:
+            go()                    # a worker the supervisor called off says nothing, not even why it failed
+        if isinstance(e, HvError):
+            return e.exit_status, str(e)
         traceback.print_exc()
         return EXIT_VM_FAILED, f"cannot build the VM: {type(e).__name__}: {e}"
-    feed.append(machine.feed_console)
-
+    sandbox.apply("worker")          # set up: from here on the guest runs, under the worker's filter
+    machine.start()                  # before the sockets below: the guest needs neither to run (its output is
+    #                                  logged meanwhile; requests and `hvctl console` wait for the bind)
     ctx = zmq.Context()
-    rep = ctx.socket(zmq.ROUTER)            # not REP: a request may be answered later (a migration's)
-    rep.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
-    rep.bind(guest.worker_endpoint)
+    try:
+        console = ConsoleHost(guest.console_sock, machine.feed_console)
+        rep = ctx.socket(zmq.ROUTER)            # not REP: a request may be answered later (a migration's)
+        rep.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
+        rep.bind(guest.worker_endpoint)
+    except (OSError, zmq.ZMQError) as e:
+        machine.finish(Outcome(EXIT_VM_FAILED, f"cannot serve the guest's console and control sockets: {e}"))
+        if console is not None:
+            console.close()
+        return machine.outcome.status, machine.outcome.reason
     worker = Worker(machine, config, log)
     loop = worker.loop = EventLoop("worker")
     ended_r, ended_w = os.pipe2(os.O_CLOEXEC)
@@ -308,8 +349,6 @@ def serve(config, mem_fd, guest, restore=None, paused=False):
 
     loop.add_socket(rep, request)
     loop.add(ended_r, loop.stop)
-    sandbox.apply("worker")          # set up: from here on the guest runs, under the worker's filter
-    machine.start()
     arm()
     try:
         loop.run()
@@ -320,6 +359,21 @@ def serve(config, mem_fd, guest, restore=None, paused=False):
     outcome = worker.outcome or machine.wait(0)
     machine.close_trace()            # before result.json: once `hvctl wait` returns, the trace is complete
     return outcome.status, outcome.reason
+
+
+def rehearse():
+    """Run the worker's start-up code that needs no KVM, no guest and no thread once, in the zygote before it
+    forks: the argument parser is built there (most of what parsing costs), and the bytecode Python specialises
+    as it first runs is specialised once, shared by every forked worker rather than copied into each."""
+    config = g.GuestConfig(name="rehearsal", kernel="/nonexistent", boot="raw64")
+    raw = codec.encode(config, g.GUEST)
+    args = _parse(["--config", base64.b64encode(raw).decode(), "--mem-fd", "3", "--runtime-dir", "/nonexistent",
+                   "--restore", "/nonexistent", "--paused"])
+    codec.decode(base64.b64decode(args.config), g.GUEST, expect=g.GuestConfig)
+    runtime.RuntimeDir(args.runtime_dir).guest(config.name)
+    from pyhv.proto.snapshot import SNAPSHOT, MachineState      # a restore's state: its schema is cached here
+    state = MachineState(vcpus=[{"regs": b"", "msrs": [[0, 0]]}], vm={"clock": {"clock": 0}}, devices={"com1": {}})
+    codec.decode(codec.encode(state, SNAPSHOT), SNAPSHOT, expect=MachineState)
 
 
 def _read_fd(fd):

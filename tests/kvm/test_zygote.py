@@ -143,6 +143,43 @@ def test_workers_are_forked_by_the_zygote_and_are_the_supervisors_children(sup, 
         check_done(sup, f"g{i}", i)
 
 
+def spares(sup):
+    """The supervisor's children named hv-spare: the zygote's worker forked ahead of a request."""
+    out = []
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                if ppid(int(e)) == sup.proc.pid and alive(int(e)):
+                    with open(f"/proc/{e}/comm") as f:
+                        if f.read().strip() == "hv-spare":
+                            out.append(int(e))
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+def test_an_idle_zygote_keeps_a_spare_worker_with_its_vm_built_which_dies_with_it(sup, images):
+    wait_for(lambda: len(spares(sup)) == 1, timeout=20)
+    (spare,) = spares(sup)
+    vm_fds = [os.readlink(f"/proc/{spare}/fd/{fd}") for fd in os.listdir(f"/proc/{spare}/fd")]
+    assert "anon_inode:kvm-vm" in vm_fds and not any("guest-ram" in t for t in vm_fds), vm_fds
+    info = launch(sup, images, 0)
+    assert info["pids"]["worker"] == spare                  # the guest went to it: no fork on its path
+    assert f"pid {spare} forked from zygote pid {zygote_pid(sup)} (a spare, its VM built ahead)" in \
+        worker_log(info)
+    with open(f"/proc/{spare}/comm") as f:
+        assert f.read().strip() == "hvw-g0"
+    assert os.readlink(f"/proc/{spare}/fd/3").startswith("/memfd:guest-ram-g0")
+    wait_for(lambda: len(spares(sup)) == 1, timeout=20)     # and the idle zygote makes the next one
+    (after,) = spares(sup)
+    assert after != spare
+    os.kill(zygote_pid(sup), signal.SIGKILL)
+    wait_for(lambda: not alive(after), timeout=10)          # EOF on its socket: a spare has no guest to keep
+    assert alive(spare)
+    release(info)
+    check_done(sup, "g0", 0)
+
+
 def test_killed_worker_is_failed_and_the_others_finish(sup, images):
     infos = [launch(sup, images, i) for i in range(3)]
     os.kill(infos[1]["pids"]["worker"], signal.SIGKILL)
@@ -249,13 +286,17 @@ mem = os.memfd_create("guest-ram-x")
 out = os.open(os.path.join(d, "out"), os.O_WRONLY | os.O_CREAT)
 err = os.open(os.path.join(d, "err"), os.O_WRONLY | os.O_CREAT)
 go_r, go_w = os.pipe()
-z.submit(2, ["--config", "x", "--mem-fd", "3", "--control", "ipc://" + d + "/w", "--console-sock",
-             d + "/c", "--result", d + "/r", "--parent-pid", str(os.getpid())], (mem, out, err, go_r), d, "x")
+import base64
+from pyhv.proto import codec, guest
+config = base64.b64encode(codec.encode(guest.GuestConfig(name="x", kernel="/nonexistent", boot="raw64"),
+                                       guest.GUEST)).decode()
+z.submit(2, ["--config", config, "--mem-fd", "3", "--runtime-dir", d], (mem, out, err, go_r), d, "x")
 os.close(go_r)
 (a,) = answers(1)
 os.close(go_w)
 _, status = os.waitpid(a["pid"], 0)
-print(json.dumps({"id": a["id"], "exit": os.waitstatus_to_exitcode(status), "ran": os.path.exists(d + "/r"),
+print(json.dumps({"id": a["id"], "exit": os.waitstatus_to_exitcode(status),
+                  "ran": os.path.exists(d + "/guests/x/result.json"),
                   "alive": z.alive()}))
 z.close()
 """
