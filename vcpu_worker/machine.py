@@ -203,6 +203,7 @@ class Machine:
                                                   self.guest_debug[i], self.hooks[i]),
                                    self.config.pin, self.finish)
                         for i, v in enumerate(self.vcpus)]
+        self.started_at = time.time()    # the worker logs it: when a restored guest got its vCPUs back
         for t in self.threads:
             t.start()
 

@@ -314,6 +314,7 @@ def serve(config, mem_fd, guest, state=None, paused=False, bare=None, go=lambda:
         if console is not None:
             console.close()
         return machine.outcome.status, machine.outcome.reason
+    print(f"worker: vCPUs started at {machine.started_at:.6f}", file=sys.stderr, flush=True)  # bench/snapshot.py
     worker = Worker(machine, config, log)
     loop = worker.loop = EventLoop("worker")
     ended_r, ended_w = os.pipe2(os.O_CLOEXEC)
