@@ -499,7 +499,7 @@ class Server:
     def _launch(self, g, envelope, prepare=None):
         """Start g's worker (its disk images locked and switches started first); the reply goes to `envelope` once
         it exists.  `prepare`: as Spawner.start_worker's."""
-        def done(error):
+        def done(error, go=lambda: None):
             g.starting = False
             paused = g.restore is not None and g.restore[1]
             g.restore = None            # a later start boots afresh
@@ -509,7 +509,8 @@ class Server:
                 self._reply(envelope, Error.of(InternalError(f"cannot start guest {g.name}: {error}")))
                 return
             g.set_state("paused" if paused else "running")
-            self.loop.call_soon(lambda: self._reply(envelope, g.info()))   # after the go byte: off the guest's path
+            go()                        # the record holds its pid: it may run the guest; the reply comes after
+            self._reply(envelope, g.info())
 
         self.services.open_images(g)    # UserError if another guest holds one: nothing has run
         try:
