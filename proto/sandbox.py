@@ -8,8 +8,8 @@ anything a guest or a peer controls:
     supervisor  Server.serve, after binding its sockets     the union of every role below + spawning
     zygote      zygote.main, after its imports              its own calls + the worker's (it forks them)
     worker      worker.serve, after the Machine is built,   KVM ioctls, threads, eventfds, files (snapshots,
-                before the vCPUs start                      traces), sockets; no execve (services are started
-                                                            by the supervisor)
+                before the vCPUs start (its console and     traces), sockets; no execve (services are started
+                control sockets are bound after them)       by the supervisor)
     runner      `hvctl run` (vcpu_worker/runner.py), same   the worker's + spawning its services, plugins and
                 point; it is a worker that spawns           switch (so their lists too)
     service     devices/virtio/service.py, after the model  ZeroMQ, eventfds, the memfd, I/O on its given fds,

@@ -192,8 +192,9 @@ class Writer:
 class Snapshot:
     """A snapshot directory, checked: its manifest, config and state now; its RAM as `load_memory` reads it."""
 
-    def __init__(self, path, handover=False):
-        """With `handover`, also a migration's state (RAM not in the directory: `self.handover` says which)."""
+    def __init__(self, path, handover=False, state=True):
+        """With `handover`, also a migration's state (RAM not in the directory: `self.handover` says which).
+        Without `state`, its state is checked later, by read_state()."""
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path):
             raise SnapshotError(f"no snapshot at {path} (not a directory)")
@@ -229,6 +230,13 @@ class Snapshot:
             if size != entry["size"]:
                 raise SnapshotError(f"snapshot {path}: {name} is {size} bytes, the manifest says {entry['size']} "
                                     f"(truncated?)")
+        self.state = None
+        if state:
+            self.read_state()
+
+    def read_state(self):
+        """self.state: the MachineState, checked against its checksum and the guest's vCPU count."""
+        path = self.path
         data = self._read(STATE, MAX_STATE_BYTES)
         if hashlib.sha256(data).hexdigest() != self.files[STATE]["sha256"]:
             raise SnapshotError(f"snapshot {path}: {STATE} does not match its checksum (corrupt)")

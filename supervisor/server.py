@@ -499,7 +499,7 @@ class Server:
     def _launch(self, g, envelope, prepare=None):
         """Start g's worker (its disk images locked and switches started first); the reply goes to `envelope` once
         it exists.  `prepare`: as Spawner.start_worker's."""
-        def done(error):
+        def done(error, go=lambda: None):
             g.starting = False
             paused = g.restore is not None and g.restore[1]
             g.restore = None            # a later start boots afresh
@@ -509,7 +509,8 @@ class Server:
                 self._reply(envelope, Error.of(InternalError(f"cannot start guest {g.name}: {error}")))
                 return
             g.set_state("paused" if paused else "running")
-            self.loop.call_soon(lambda: self._reply(envelope, g.info()))   # after the go byte: off the guest's path
+            go()                        # the record holds its pid: it may run the guest; the reply comes after
+            self._reply(envelope, g.info())
 
         self.services.open_images(g)    # UserError if another guest holds one: nothing has run
         try:
@@ -552,15 +553,16 @@ class Server:
         return reply
 
     def restore(self, msg, envelope):
-        """Check the snapshot, then start the guest: its RAM is loaded into a new memfd (and checked) while its
-        worker gets ready, before it may run; a corrupt RAM image fails the restore and forgets the guest."""
+        """Check the snapshot's manifest and config, then start the guest: its state is checked and its RAM
+        loaded into a new memfd (and checked) while its worker gets ready, before it may run; a corrupt state or
+        RAM image fails the restore and forgets the guest."""
         from pyhv.devices.guest_memory import create_memfd
         from pyhv.proto import guest as guest_msgs
         from pyhv.proto.snapshot import Snapshot
         from pyhv.vcpu_worker.snapshot import private_disks
         if not os.path.isabs(msg.dir):
             raise UserError(f"snapshot directory {msg.dir!r} is not an absolute path")
-        snap = Snapshot(msg.dir)
+        snap = Snapshot(msg.dir, state=False)          # its state and RAM are checked while the worker gets ready
         config = snap.config.replace(name=msg.name or snap.config.name)
         guest_msgs.check(config)
         if config.name in {g.name for g in self.registry}:
@@ -584,7 +586,7 @@ class Server:
             g.config = private_disks(snap, config, lambda device: g.files.file(f"disk-{device}"))
             g.save()
             g.restore = (snap.path, msg.paused)
-            return self._launch(g, envelope, prepare=lambda: snap.load_memory(mem_fd))
+            return self._launch(g, envelope, prepare=lambda: (snap.read_state(), snap.load_memory(mem_fd)))
         return self._forget_on_failure(g, start)
 
     def _forget_on_failure(self, g, start):

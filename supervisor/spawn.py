@@ -25,7 +25,10 @@ disables the zygote: every worker is spawned directly, as before.
 
 Being a subreaper means any orphaned descendant becomes our child; workers
 start no processes, and the orphans a failed zygote may leave are reaped
-for a few seconds after it is dropped (_reap_strays).
+for a few seconds after it is dropped (_reap_strays).  The zygote's spare
+worker is our child too: the zygote tells us its pid, and we reap it if it
+dies unused (or at EOF once its zygote is gone), as we do a worker whose
+start we gave up on after asking for it.
 """
 import base64
 import json
@@ -125,6 +128,7 @@ class Spawner:
         self.pending = {}               # request id -> (guest, go pipe write end, done, submitted at); guest None:
         #                                 a start given up on (its worker exits at EOF on the go pipe; reap it)
         self.given_up = set()           # pids of such workers, to reap
+        self.spares = set()             # pids of the zygote's unused spare workers (our children), to reap
         self._ids = 0
         self._restarts = RestartPolicy(interval=ZYGOTE_RESTART_BACKOFF)
         self._strays_until = 0.0        # after a zygote failure: reap orphans it left us until then
@@ -170,6 +174,8 @@ class Spawner:
               file=sys.stderr, flush=True)
         self.zygote.close()
         self.zygote = None
+        self.given_up |= self.spares        # they exit at EOF from the zygote: reap them then
+        self.spares.clear()
         self._strays_until = time.monotonic() + 5.0
         pending, self.pending = self.pending, {}
         for guest, go_w, done, _ in pending.values():
@@ -185,13 +191,7 @@ class Spawner:
             return
         if self._strays_until and time.monotonic() < self._strays_until:
             _reap_strays(exclude={self.zygote_pid})
-        for pid in list(self.given_up):
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                    continue
-            except ChildProcessError:
-                pass
-            self.given_up.discard(pid)
+        _reap(self.given_up)
         if self.zygote is not None:
             if not self.zygote.alive():
                 self.collect()          # what it answered before it died still counts
@@ -200,6 +200,8 @@ class Spawner:
                     self._drop_zygote(sandbox.killed_by(-rc) if rc < 0 else f"exited with status {rc}")
             else:
                 self.collect()
+                if not self.pending:        # a spare the zygote is handing a request to is not reaped
+                    _reap(self.spares)
                 if self.zygote is not None and self.pending:
                     oldest = min(t for *_, t in self.pending.values())
                     if time.monotonic() > self.zygote.deadline(oldest):
@@ -290,6 +292,11 @@ class Spawner:
             self._drop_zygote(str(e))
             return
         for reply in replies:
+            if "spare" in reply:
+                if type(reply["spare"]) is int and reply["spare"] > 0:
+                    self.spares.add(reply["spare"])
+                continue
+            self.spares.discard(reply.get("pid"))      # a spare given a guest is that guest's worker now
             entry = self.pending.pop(reply.get("id"), None)
             if entry is None:
                 continue                # an answer to a request we already gave up on
@@ -301,8 +308,7 @@ class Spawner:
                 continue
             if type(pid) is int and pid > 0:
                 guest.proc = WorkerProcess(pid, "zygote")
-                _call(done, None)           # the record says "running" with its pid: now it may run the guest
-                _go(go_w)
+                _started(done, go_w)
             else:
                 os.close(go_w)
                 print(f"supervisor: zygote could not fork a worker for {guest.name}: {reply.get('error')}",
@@ -358,8 +364,7 @@ class Spawner:
                 popen.wait()
                 raise
         guest.proc = WorkerProcess(popen.pid, "spawn", popen)
-        _call(done, None)
-        _go(go_w)
+        _started(done, go_w)
 
     def close(self):
         self.drain()
@@ -377,10 +382,34 @@ def _go(go_w):
     os.close(go_w)
 
 
-def _call(done, error):
+def _reap(pids):
+    """Reap those of `pids` (our children) that have exited, and forget them."""
+    for pid in list(pids):
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                continue
+        except ChildProcessError:
+            pass
+        pids.discard(pid)
+
+
+def _started(done, go_w):
+    """The worker exists and guest.proc is set: done(None, go) records it and writes the go byte (`go`) before it
+    replies, so that the reply is off the guest's path; if done fails or forgets, the byte is written anyway."""
+    sent = []
+
+    def go():
+        if not sent:
+            sent.append(True)
+            _go(go_w)
+    _call(done, None, go)
+    go()
+
+
+def _call(done, error, *go):
     """Run a start's completion callback; a bug in it must not stop the supervisor's loop."""
     try:
-        done(error)
+        done(error, *go)
     except Exception:
         import traceback
         traceback.print_exc()

@@ -16,6 +16,8 @@ Protocol (a SOCK_SEQPACKET socketpair: the supervisor's end and ours), JSON:
                                with SCM_RIGHTS fds [guest RAM memfd, console log, worker log,
                                the read end of the supervisor's "go" pipe]
   zygote -> supervisor:        {"id", "pid": worker pid} or {"id", "error": "one line"}
+  zygote -> supervisor:        {"spare": pid} when a spare is ready (the supervisor's child: it
+                               reaps it if it dies unused)
 Requests are answered as their workers are ready, not necessarily in order:
 the zygote forks the next worker while the previous ones are still being
 born.  EOF on the socket (the supervisor went away) ends the zygote.
@@ -42,7 +44,9 @@ forked as above.
 
 The zygote runs at a higher priority than workers (nice -10 where allowed):
 it is on every guest's start path and uses little CPU; a worker gets the
-zygote's original nice value back.
+zygote's original nice value back.  A spare builds its VM at nice 19, and
+only where the zygote could raise its own priority (so the spare can take
+a worker's back when it is ready).
 
 This module is both sides: `Zygote` is the supervisor's handle; `main()` is
 the zygote process (`python -m pyhv.supervisor.zygote --fd N --supervisor-pid P`).
@@ -70,7 +74,7 @@ REPARENT_TIMEOUT = 5.0          # the worker waits this long for the middle proc
 ZYGOTE_NICE = -10
 ZYGOTE_COMM = "hv-zygote"       # its name in ps (/proc/PID/comm); workers are "hvw-GUEST"
 SPARE_COMM = "hv-spare"         # a worker forked ahead, until it gets its guest
-SPARE_NICE = 19                 # a spare builds its VM at the lowest priority: it never slows a guest's start
+SPARE_NICE = 19                 # a spare builds its VM at the lowest priority, where it can raise it again after
 SPARE_GIVE_UP = 3               # spares that die before they are ready, in a row: then the zygote makes no more
 
 
@@ -136,7 +140,7 @@ class Zygote:
             self.sock.setblocking(False)
 
     def replies(self):
-        """Every answer that has arrived, without blocking: [{"id", "pid"} or {"id", "error"}]."""
+        """Every answer that has arrived, without blocking: [{"id", "pid"}, {"id", "error"} or {"spare": pid}]."""
         out = []
         while True:
             try:
@@ -155,7 +159,7 @@ class Zygote:
                 raise ZygoteError(f"bad message {data[:80]!r}") from None
             if "ready" in msg:
                 self.ready = True
-            elif "id" in msg:
+            elif "id" in msg or "spare" in msg:
                 out.append(msg)
 
     def deadline(self, submitted):
@@ -252,7 +256,8 @@ def main(argv=None):
 
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ, None)
-    spare = _Spare(sel, args.supervisor_pid, initial, nice)
+    spare = _Spare(sel, sock, args.supervisor_pid, initial, nice,
+                   SPARE_NICE if os.getpriority(os.PRIO_PROCESS, 0) < nice else nice)   # back to `nice` needs that
     while True:
         events = sel.select(0 if spare.wanted() else None)
         if not events:                       # idle: only now fork a spare, so it never delays a request
@@ -342,8 +347,11 @@ class _Spare:
     no more (requests are forked as before).  When the zygote goes, the spare sees EOF and exits.
     """
 
-    def __init__(self, sel, sup_pid, initial, nice):
-        self.sel, self.sup_pid, self.initial, self.nice = sel, sup_pid, initial, nice
+    def __init__(self, sel, supervisor, sup_pid, initial, nice, build_nice):
+        """`supervisor`: the zygote's socket to it, told each spare's pid (the spare is its child: it reaps it);
+        `nice`: a worker's priority; `build_nice`: the spare's while it builds its VM."""
+        self.sel, self.supervisor, self.sup_pid, self.initial = sel, supervisor, sup_pid, initial
+        self.nice, self.build_nice = nice, build_nice
         self.sock = None                # the zygote's end of the current spare's socket
         self.pid = None                 # the spare's pid once it said it is ready
         self.failures = 0
@@ -352,23 +360,25 @@ class _Spare:
         return self.sock is None and self.failures < SPARE_GIVE_UP
 
     def fork(self):
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         zygote_pid = os.getpid()
         sys.stdout.flush()
         sys.stderr.flush()
+        ours = theirs = None
         try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             middle = os.fork()
-        except OSError as e:                 # EAGAIN, ENOMEM: requests are forked as usual (or fail) meanwhile
-            ours.close()
-            theirs.close()
+        except OSError as e:                 # EMFILE, EAGAIN, ENOMEM: requests are forked as usual (or fail)
+            for end in (ours, theirs):
+                if end is not None:
+                    end.close()
             self.failures += 1
             _log(f"cannot fork a spare worker: {e}")
             return
         if middle == 0:                      # the middle process: fork the spare, vanish (it is re-parented)
             try:
-                os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
                 if os.fork() == 0:
-                    _become_spare(theirs.fileno(), self.sup_pid, zygote_pid, self.initial, self.nice)
+                    _become_spare(theirs.fileno(), self.sup_pid, zygote_pid, self.initial, self.nice,
+                                  self.build_nice)
             finally:
                 os._exit(0)
         theirs.close()
@@ -388,6 +398,7 @@ class _Spare:
             pid = None
         if type(pid) is int and pid > 0 and self.pid is None:
             self.pid, self.failures = pid, 0
+            self.supervisor.send(json.dumps({"spare": pid}).encode())
             return
         self.failures += self.pid is None
         if self.failures == SPARE_GIVE_UP:
@@ -453,7 +464,7 @@ def _become_worker(fds, argv, cwd, name, sup_pid, zygote_pid, initial, nice):
         os._exit(status)
 
 
-def _become_spare(sock_fd, sup_pid, zygote_pid, initial, nice):
+def _become_spare(sock_fd, sup_pid, zygote_pid, initial, nice, build_nice):
     """In a spare (see _Spare): a clean process, re-parented, with a BareVm; then the guest's worker. Never
     returns.  Until a request comes its stdout and stderr are the zygote's (the supervisor's log)."""
     status = 1
@@ -465,12 +476,15 @@ def _become_spare(sock_fd, sup_pid, zygote_pid, initial, nice):
         os.dup2(null, WORKER_MEM_FD)         # held for the guest's RAM: the VM's fds go above it
         if null != WORKER_MEM_FD:
             os.close(null)
-        _detach(initial, SPARE_NICE)
+        _detach(initial, build_nice)
         _set_comm(SPARE_COMM)
         _wait_reparented(sup_pid)            # the supervisor must be our parent before the zygote gives our pid
         from pyhv.vcpu_worker.machine import BareVm
+        from pyhv.vcpu_worker.kvm import KvmUnavailable
         try:
             bare = BareVm(wants_hook=True)   # the default (nested) profile's; Machine replaces it for another
+        except KvmUnavailable:
+            bare = None                      # its guest's start says so
         except Exception as e:
             bare = None
             _log(f"spare {os.getpid()}: no VM built ahead ({type(e).__name__}: {e}); its guest builds its own")

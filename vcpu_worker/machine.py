@@ -71,9 +71,9 @@ class Machine:
         """`host` resolves device paths (a GuestDir or PrivateDir), `launcher` starts device services.
 
         `bare` is a BareVm built before the guest was known (a spare worker's); it is used if it was built for
-        this guest's compat profile, else closed.  `before_devices()` is called once the VM, its RAM mapping
-        and its vCPUs exist, before any device is built or any state is loaded: until then nothing outside this
-        process has been touched and nothing read from the guest's RAM (the worker waits there for its go byte).
+        this guest's compat profile, else closed.  `before_devices()` is called before anything is written to
+        the guest's RAM or done outside this process (the worker waits there for its go byte): for a restore once
+        the VM, its RAM mapping and its vCPUs exist, for a boot before its kernel is loaded.
 
         With `restore` (a MachineState, proto/snapshot.py) the guest continues from it instead of booting: its RAM
         must already be in `mem_fd`.  With `paused` no vCPU runs until resume().
@@ -107,11 +107,14 @@ class Machine:
             raise VmFailure(f"cannot create the VM: {e}") from None
         self.pio = PioBus()
         self.mmio = MmioBus()
-        # bad images before any service
-        entry = None if restore else boot.load(config, self.mem, self.profile, self.vm.tsc_khz())
-        self._create_vcpus(entry)
-        if before_devices is not None:
-            before_devices()
+        ready = before_devices or (lambda: None)
+        if restore is None:             # a boot writes its kernel into RAM: only once the worker may run the guest
+            ready()
+            entry = boot.load(config, self.mem, self.profile, self.vm.tsc_khz())   # bad images before any service
+            self._create_vcpus(entry)
+        else:
+            self._create_vcpus(None)
+            ready()
         self.devices = DeviceManager(
             config, self.mem, self.router, self.pio, self.mmio, console_out,
             on_reset=lambda: self.finish(Outcome(EXIT_OK, "guest reset (i8042)")),
@@ -203,6 +206,7 @@ class Machine:
                                                   self.guest_debug[i], self.hooks[i]),
                                    self.config.pin, self.finish)
                         for i, v in enumerate(self.vcpus)]
+        self.started_at = time.time()    # the worker logs it: when a restored guest got its vCPUs back
         for t in self.threads:
             t.start()
 

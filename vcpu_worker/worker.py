@@ -80,9 +80,10 @@ def main(argv=None, bare=None, go=None):
     `bare`: a BareVm a spare worker built before it knew its guest
     (vcpu_worker/machine.py).  `go()` returns once the supervisor has recorded
     this worker (else it exits); by default that is the byte on --go-fd.  What
-    touches nothing outside this process (the arguments, the config, a
-    snapshot's state, the VM and its vCPUs) is done before it, off a restored
-    guest's path to its first instruction.
+    touches nothing outside this process and writes nothing to guest RAM (the
+    arguments, the config, a snapshot's state, a restored guest's VM and
+    vCPUs) is done before it, off a restored guest's path to its first
+    instruction.
     """
     args = _parse(argv)
     raw = base64.b64decode(args.config) if args.config else _read_fd(args.config_fd)
@@ -268,8 +269,8 @@ class Worker:
 def serve(config, mem_fd, guest, state=None, paused=False, bare=None, go=lambda: None):
     """Build and run the guest (from MachineState `state`, if given); returns (status, reason) once it has ended.
 
-    `go()` returns once the supervisor has recorded this worker (or exits): the VM, its RAM mapping and vCPUs
-    are built before it, the rest (devices, the guest's files, the state) after it.
+    `go()` returns once the supervisor has recorded this worker (or exits): a restored guest's VM, RAM mapping
+    and vCPUs are built before it, the rest (a boot's kernel, devices, the guest's files, the state) after it.
     """
     from pyhv.vcpu_worker.launchers import SupervisorLauncher
     from pyhv.vcpu_worker.machine import Machine
@@ -314,6 +315,7 @@ def serve(config, mem_fd, guest, state=None, paused=False, bare=None, go=lambda:
         if console is not None:
             console.close()
         return machine.outcome.status, machine.outcome.reason
+    print(f"worker: vCPUs started at {machine.started_at:.6f}", file=sys.stderr, flush=True)  # bench/snapshot.py
     worker = Worker(machine, config, log)
     loop = worker.loop = EventLoop("worker")
     ended_r, ended_w = os.pipe2(os.O_CLOEXEC)

@@ -158,11 +158,22 @@ def spares(sup):
     return out
 
 
+def fd_links(pid):
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
 def test_an_idle_zygote_keeps_a_spare_worker_with_its_vm_built_which_dies_with_it(sup, images):
-    wait_for(lambda: len(spares(sup)) == 1, timeout=20)
+    wait_for(lambda: len(spares(sup)) == 1 and "anon_inode:kvm-vm" in fd_links(spares(sup)[0]), timeout=20)
     (spare,) = spares(sup)
-    vm_fds = [os.readlink(f"/proc/{spare}/fd/{fd}") for fd in os.listdir(f"/proc/{spare}/fd")]
-    assert "anon_inode:kvm-vm" in vm_fds and not any("guest-ram" in t for t in vm_fds), vm_fds
+    assert not any("guest-ram" in t for t in fd_links(spare))
+    wait_for(lambda: os.getpriority(os.PRIO_PROCESS, spare) == os.getpriority(os.PRIO_PROCESS, sup.proc.pid))
+    time.sleep(0.2)                                         # it took a worker's priority back just before "ready"
     info = launch(sup, images, 0)
     assert info["pids"]["worker"] == spare                  # the guest went to it: no fork on its path
     assert f"pid {spare} forked from zygote pid {zygote_pid(sup)} (a spare, its VM built ahead)" in \
@@ -173,8 +184,10 @@ def test_an_idle_zygote_keeps_a_spare_worker_with_its_vm_built_which_dies_with_i
     wait_for(lambda: len(spares(sup)) == 1, timeout=20)     # and the idle zygote makes the next one
     (after,) = spares(sup)
     assert after != spare
+    assert os.getpriority(os.PRIO_PROCESS, spare) == os.getpriority(os.PRIO_PROCESS, sup.proc.pid)
     os.kill(zygote_pid(sup), signal.SIGKILL)
     wait_for(lambda: not alive(after), timeout=10)          # EOF on its socket: a spare has no guest to keep
+    wait_for(lambda: not os.path.exists(f"/proc/{after}"), timeout=10)     # and the supervisor reaped it
     assert alive(spare)
     release(info)
     check_done(sup, "g0", 0)
@@ -274,7 +287,7 @@ def answers(n):
     got, deadline = [], time.monotonic() + 30
     while len(got) < n and time.monotonic() < deadline:
         select.select([z.fileno()], [], [], 1)
-        got += z.replies()
+        got += [r for r in z.replies() if "id" in r]         # not {"spare": pid}
     return got
 
 # too few fds: an error answer, and the zygote carries on
@@ -290,13 +303,17 @@ import base64
 from pyhv.proto import codec, guest
 config = base64.b64encode(codec.encode(guest.GuestConfig(name="x", kernel="/nonexistent", boot="raw64"),
                                        guest.GUEST)).decode()
+os.makedirs(d + "/guests/x")              # where it would write result.json if it ran the guest anyway
 z.submit(2, ["--config", config, "--mem-fd", "3", "--runtime-dir", d], (mem, out, err, go_r), d, "x")
 os.close(go_r)
 (a,) = answers(1)
+time.sleep(0.5)
+with open(f"/proc/{a['pid']}/stat") as f:
+    waiting = f.read().rsplit(")", 1)[1].split()[0] == "S"          # blocked on the go pipe, not gone
 os.close(go_w)
 _, status = os.waitpid(a["pid"], 0)
-print(json.dumps({"id": a["id"], "exit": os.waitstatus_to_exitcode(status),
-                  "ran": os.path.exists(d + "/guests/x/result.json"),
+print(json.dumps({"id": a["id"], "exit": os.waitstatus_to_exitcode(status), "waiting": waiting,
+                  "ran": os.path.exists(d + "/guests/x/result.json") or os.path.getsize(d + "/err") > 0,
                   "alive": z.alive()}))
 z.close()
 """
@@ -307,7 +324,7 @@ def test_zygote_answers_bad_requests_and_calls_off_unwanted_workers():
     assert r.returncode == 0, r.stderr
     bad, called_off = (json.loads(line) for line in r.stdout.splitlines())
     assert len(bad) == 1 and bad[0]["id"] == 1 and "expected 4 fds" in bad[0]["error"]
-    assert called_off == {"id": 2, "exit": 1, "ran": False, "alive": True}
+    assert called_off == {"id": 2, "exit": 1, "waiting": True, "ran": False, "alive": True}
 
 
 CPUID_APIC_IDS = r"""

@@ -243,6 +243,11 @@ class CommonConfig:
         for q, s in zip(self.queues, saved):
             if not 1 <= s["size"] <= q.max_size:
                 raise StateError(f"saved queue size {s['size']} is outside 1..{q.max_size}")
+        for what, vector in [("config", regs["config_vector"])] + [(f"queue {i}", s["vector"])
+                                                                  for i, s in enumerate(saved)]:
+            if vector != self._valid_vector(vector):     # a guest's write of it would have read back NO_VECTOR
+                raise StateError(f"saved {what} MSI-X vector {vector} is not one of the device's "
+                                 f"{self.num_vectors}")
         for name, value in regs.items():
             setattr(self, name, value)
         for q, s in zip(self.queues, saved):
