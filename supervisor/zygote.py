@@ -571,7 +571,10 @@ def _run_worker(fds, argv, cwd, name, sup_pid, how, bare=None):
             os._exit(1)                      # the supervisor did not get our pid: it runs the guest elsewhere
         os.close(go_r)
         _wait_reparented(sup_pid)
-        print(f"worker: pid {os.getpid()} {how}", file=sys.stderr, flush=True)
+        try:
+            print(f"worker: pid {os.getpid()} {how}", file=sys.stderr, flush=True)
+        except OSError:                      # a full disk must not end the guest
+            pass
     from pyhv.vcpu_worker import worker
     worker.main(argv, bare=bare, go=go)      # os._exit()s
 

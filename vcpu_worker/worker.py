@@ -38,6 +38,14 @@ PAUSE_TIMEOUT = 1.0     # below the supervisor's worker timeout
 MIGRATED_GRACE = 10.0   # after a migration out, for the supervisor's Stop
 
 
+def _log(line):
+    """A line in the worker log (stderr); a full disk must not end the guest."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 def write_result(path, status, reason):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -315,7 +323,7 @@ def serve(config, mem_fd, guest, state=None, paused=False, bare=None, go=lambda:
         if console is not None:
             console.close()
         return machine.outcome.status, machine.outcome.reason
-    print(f"worker: vCPUs started at {machine.started_at:.6f}", file=sys.stderr, flush=True)  # bench/snapshot.py
+    _log(f"worker: vCPUs started at {machine.started_at:.6f}")      # bench/snapshot.py reads it
     worker = Worker(machine, config, log)
     loop = worker.loop = EventLoop("worker")
     ended_r, ended_w = os.pipe2(os.O_CLOEXEC)

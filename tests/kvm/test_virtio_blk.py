@@ -136,7 +136,8 @@ def test_info_and_stats_right_after_a_disk_service_is_killed_answer_and_it_is_re
             for p in asked:
                 out, _ = p.communicate(timeout=30)
                 assert p.returncode == 0 and json.loads(out)
-            wait_for(lambda: sup.info("g")["devices"]["virtio-blk0"].get("restarts") == round_, 30)
+            # (a worker slow to answer on a loaded host shows as {"worker": "not responding"} for a moment)
+            wait_for(lambda: sup.info("g")["devices"].get("virtio-blk0", {}).get("restarts") == round_, 30)
             assert sup.info("g")["devices"]["virtio-blk0"]["state"] == "running"
         r = sup.hvctl("wait", "g", timeout=150)
         assert r.returncode == 100, open(log).read()
