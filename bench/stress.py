@@ -420,7 +420,7 @@ def scenario(args, mode, n, mem, kill=0, rounds=ROUNDS, say=print, keep=False,
             sup.pipe.send(m.Create(c))
         for c in configs:
             sup.pipe.send(m.Start(c.name))
-        zygote_at_start = _zygote_pid(sup.proc.pid)
+        zygote_at_start = zygote_pid(sup.proc.pid)
         for k in range(2 * n):
             r = sup.pipe.recv(120)
             if isinstance(r, m.Error):
@@ -474,7 +474,7 @@ def scenario(args, mode, n, mem, kill=0, rounds=ROUNDS, say=print, keep=False,
             res["uss_mean"] = sum(v["uss"] - v["ram_rss"] for v in vals) / len(vals)
             res["ram_touched_mean"] = sum(v["ram_rss"] for v in vals) / len(vals)
             res["pss_sampled"] = len(vals)
-        zpid = _zygote_pid(sup.proc.pid)
+        zpid = zygote_pid(sup.proc.pid)
         res["zygote_pid"] = zpid
         if zpid:
             z = memory_of([zpid]).get(zpid)
@@ -546,7 +546,7 @@ def scenario(args, mode, n, mem, kill=0, rounds=ROUNDS, say=print, keep=False,
         # (stray zombies are reaped)
         deadline = time.monotonic() + 10
         while True:
-            ours = {_zygote_pid(sup.proc.pid), *_named_children(sup.proc.pid, "hv-spare")}
+            ours = {zygote_pid(sup.proc.pid), *named_children(sup.proc.pid, "hv-spare")}
             extra = [p for p in _children(sup.proc.pid) if p not in ours]
             if not extra or time.monotonic() > deadline:
                 break
@@ -556,7 +556,7 @@ def scenario(args, mode, n, mem, kill=0, rounds=ROUNDS, say=print, keep=False,
                  f"{[(p, (_read_stat(p) or [b'?'])[0].decode()) for p in extra]}")
     finally:
         worker_pids = _children(sup.proc.pid)
-        spares = _named_children(sup.proc.pid, "hv-spare")
+        spares = named_children(sup.proc.pid, "hv-spare")
         sup.stop()
         deadline = time.monotonic() + 5      # a spare goes at EOF from its zygote, a moment after the supervisor
         while any(_exists(p) for p in spares) and time.monotonic() < deadline:
@@ -609,13 +609,14 @@ def _children(ppid):
     return [int(e) for e in os.listdir("/proc") if e.isdigit() and _parent(int(e)) == ppid]
 
 
-def _zygote_pid(sup_pid):
+def zygote_pid(sup_pid):
     """The supervisor's zygote: its child named hv-zygote (forked workers keep the zygote's cmdline)."""
-    found = _named_children(sup_pid, "hv-zygote")
+    found = named_children(sup_pid, "hv-zygote")
     return found[0] if found else None
 
 
-def _named_children(sup_pid, comm):
+def named_children(sup_pid, comm):
+    """The live children of `sup_pid` whose /proc comm is `comm` (hv-zygote, hv-spare)."""
     out = []
     for pid in _children(sup_pid):
         try:

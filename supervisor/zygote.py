@@ -448,67 +448,68 @@ def _fork_one(msg, fds, flags, initial, nice):
     return _Birth(req["id"], middle, pid_r, pidfd)
 
 
+def _forked(become):
+    """Decorate the body of a forked child: it never returns to the zygote's loop, its exit status is its
+    SystemExit's (1 for anything else, after a traceback)."""
+    def child(*args):
+        status = 1
+        try:
+            become(*args)
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    return child
+
+
+@_forked
 def _become_worker(fds, argv, cwd, name, sup_pid, zygote_pid, initial, nice):
     """In the forked worker: a clean process (fds, signals, session, seeds), then the worker's main. Never returns."""
-    status = 1
-    try:
-        _keep_only({0, 1, 2, *fds})          # the zygote's socket and pipes go with the rest
-        _detach(initial, nice)
-        _run_worker(fds, argv, cwd, name, sup_pid, f"forked from zygote pid {zygote_pid}")
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else 1
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-    finally:
-        os._exit(status)
+    _keep_only({0, 1, 2, *fds})              # the zygote's socket and pipes go with the rest
+    _detach(initial, nice)
+    _run_worker(fds, argv, cwd, name, sup_pid, f"forked from zygote pid {zygote_pid}")
 
 
+@_forked
 def _become_spare(sock_fd, sup_pid, zygote_pid, initial, nice, build_nice):
     """In a spare (see _Spare): a clean process, re-parented, with a BareVm; then the guest's worker. Never
     returns.  Until a request comes its stdout and stderr are the zygote's (the supervisor's log)."""
-    status = 1
+    _keep_only({0, 1, 2, sock_fd})
+    null = os.open(os.devnull, os.O_RDONLY)
+    if sock_fd == WORKER_MEM_FD:
+        sock_fd = os.dup(sock_fd)
+    os.dup2(null, WORKER_MEM_FD)         # held for the guest's RAM: the VM's fds go above it
+    if null != WORKER_MEM_FD:
+        os.close(null)
+    _detach(initial, build_nice)
+    _set_comm(SPARE_COMM)
+    _wait_reparented(sup_pid)            # the supervisor must be our parent before the zygote gives our pid
+    from pyhv.vcpu_worker.machine import BareVm
+    from pyhv.vcpu_worker.kvm import KvmUnavailable
     try:
-        _keep_only({0, 1, 2, sock_fd})
-        null = os.open(os.devnull, os.O_RDONLY)
-        if sock_fd == WORKER_MEM_FD:
-            sock_fd = os.dup(sock_fd)
-        os.dup2(null, WORKER_MEM_FD)         # held for the guest's RAM: the VM's fds go above it
-        if null != WORKER_MEM_FD:
-            os.close(null)
-        _detach(initial, build_nice)
-        _set_comm(SPARE_COMM)
-        _wait_reparented(sup_pid)            # the supervisor must be our parent before the zygote gives our pid
-        from pyhv.vcpu_worker.machine import BareVm
-        from pyhv.vcpu_worker.kvm import KvmUnavailable
-        try:
-            bare = BareVm(wants_hook=True)   # the default (nested) profile's; Machine replaces it for another
-        except KvmUnavailable:
-            bare = None                      # its guest's start says so
-        except Exception as e:
-            bare = None
-            _log(f"spare {os.getpid()}: no VM built ahead ({type(e).__name__}: {e}); its guest builds its own")
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, nice)     # ready: a worker's priority from here on
-        except OSError:
-            pass
-        sock = socket.socket(fileno=sock_fd)
-        sock.setblocking(True)
-        sock.send(json.dumps({"ready": os.getpid()}).encode())
-        msg, fds, flags, _ = socket.recv_fds(sock, MAX_MSG, NFDS + 1)
-        sock.close()
-        if not msg:
-            os._exit(0)                      # the zygote went away: so does its spare
-        req = _request(msg, fds, flags)      # the zygote checked it; so does the process that runs it
-        _run_worker(fds, req["argv"], req["cwd"], req["name"], sup_pid,
-                    f"forked from zygote pid {zygote_pid} (a spare, its VM built ahead)", bare)
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else 1
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-    finally:
-        os._exit(status)
+        bare = BareVm(wants_hook=True)   # the default (nested) profile's; Machine replaces it for another
+    except KvmUnavailable:
+        bare = None                      # its guest's start says so
+    except Exception as e:
+        bare = None
+        _log(f"spare {os.getpid()}: no VM built ahead ({type(e).__name__}: {e}); its guest builds its own")
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)     # ready: a worker's priority from here on
+    except OSError:
+        pass
+    sock = socket.socket(fileno=sock_fd)
+    sock.setblocking(True)
+    sock.send(json.dumps({"ready": os.getpid()}).encode())
+    msg, fds, flags, _ = socket.recv_fds(sock, MAX_MSG, NFDS + 1)
+    sock.close()
+    if not msg:
+        os._exit(0)                      # the zygote went away: so does its spare
+    req = _request(msg, fds, flags)      # the zygote checked it; so does the process that runs it
+    _run_worker(fds, req["argv"], req["cwd"], req["name"], sup_pid,
+                f"forked from zygote pid {zygote_pid} (a spare, its VM built ahead)", bare)
 
 
 def _keep_only(keep):

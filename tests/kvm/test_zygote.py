@@ -67,16 +67,7 @@ def alive(pid):
 
 def zygote_pid(sup):
     """The supervisor's live zygote: its child named hv-zygote (workers keep the zygote's cmdline)."""
-    for e in os.listdir("/proc"):
-        if e.isdigit():
-            try:
-                if ppid(int(e)) == sup.proc.pid and alive(int(e)):
-                    with open(f"/proc/{e}/comm") as f:
-                        if f.read().strip() == "hv-zygote":
-                            return int(e)
-            except (OSError, ValueError):
-                pass
-    return None
+    return stress.zygote_pid(sup.proc.pid)
 
 
 def launch(sup, images, i, name=None):
@@ -145,17 +136,7 @@ def test_workers_are_forked_by_the_zygote_and_are_the_supervisors_children(sup, 
 
 def spares(sup):
     """The supervisor's children named hv-spare: the zygote's worker forked ahead of a request."""
-    out = []
-    for e in os.listdir("/proc"):
-        if e.isdigit():
-            try:
-                if ppid(int(e)) == sup.proc.pid and alive(int(e)):
-                    with open(f"/proc/{e}/comm") as f:
-                        if f.read().strip() == "hv-spare":
-                            out.append(int(e))
-            except (OSError, ValueError):
-                pass
-    return out
+    return stress.named_children(sup.proc.pid, "hv-spare")
 
 
 def fd_links(pid):
